@@ -1,0 +1,218 @@
+"""`elmgen` command line: thin wrappers over the library; every failure the user can fix is one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+
+import torch
+
+from elmgen import __version__
+from elmgen.config import build_config, to_dict
+from elmgen.errors import ElmgenError
+
+OVERRIDES_HELP = "config overrides as key=value, e.g. train.steps=500 tokenizer.num_bits=12"
+
+
+def _common(p: argparse.ArgumentParser, config_help: str) -> None:
+    p.add_argument("--config", metavar="YAML", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
+
+
+def cmd_train_tokenizer(a) -> None:
+    from elmgen.train import TokenizerJob, train_tokenizer
+
+    base = {"data": {"source": a.data}} if a.data else {}
+    job = build_config(TokenizerJob, a.config, a.overrides, **base)
+    report = train_tokenizer(job, a.out, resume=a.resume)
+    print(json.dumps({k: v for k, v in report.items() if k != "bit_mean"}, indent=2))
+
+
+def cmd_tokenize(a) -> None:
+    from elmgen.codes import tokenize
+    from elmgen.data import DataConfig, load_dataset
+    from elmgen.tokenizer import load_tokenizer
+    from elmgen.vocab import Vocab
+
+    tokenizer, meta = load_tokenizer(a.tokenizer)
+    data = DataConfig(source=a.data or meta["data"]["source"], split=a.split, image_size=meta["image_size"],
+                      channels=meta["channels"], limit=a.limit)
+    vocab = Vocab.parse(a.vocab) if a.vocab else Vocab.split(tokenizer.cfg.num_bits, 2)
+    out = tokenize(tokenizer, meta, load_dataset(data), a.out, vocab, flip=a.flip, batch_size=a.batch_size)
+    print(json.dumps(out, indent=2))
+
+
+def cmd_train(a) -> None:
+    from elmgen.codes import CodeDataset
+    from elmgen.model import preset
+    from elmgen.train import LMJob, train_lm
+
+    meta = CodeDataset(a.codes).meta
+    model = {**preset(a.preset), "vocab": a.vocab or meta["vocab"], "grid_size": meta["grid"],
+             "num_classes": meta["num_classes"]}
+    job = build_config(LMJob, a.config, a.overrides, model=model)
+    rows = train_lm(job, a.codes, a.out, resume=a.resume)
+    if rows:
+        print(json.dumps(rows[-1]))
+
+
+def cmd_sample(a) -> None:
+    from elmgen.model import load_model
+    from elmgen.sampling import SampleConfig, check_compatible, sample_images, write_samples
+    from elmgen.tokenizer import load_tokenizer
+    from elmgen.training import resolve_device
+
+    device = resolve_device(a.device)
+    model, lm_meta = load_model(a.model, device)
+    tokenizer, tok_meta = load_tokenizer(a.tokenizer or lm_meta["codes"]["tokenizer"], device)
+    check_compatible(lm_meta, tok_meta)
+    cfg = SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, temperature=a.temperature,
+                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache)
+    num_classes = model.cfg.num_classes
+    classes = a.classes if a.classes is not None else list(range(num_classes))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ElmgenError(f"classes {bad} are out of range: the model knows classes 0..{num_classes - 1}")
+    labels = torch.tensor(classes).repeat_interleave(a.num_per_class)
+    images = sample_images(model, tokenizer, labels, cfg, batch_size=a.batch_size)
+    png, npz = write_samples(images, labels, a.out, ncols=a.num_per_class)
+    print(json.dumps({"png": str(png), "npz": str(npz), "images": len(labels), **to_dict(cfg)}))
+
+
+def cmd_model_info(a) -> None:
+    from elmgen.model import ModelConfig, count_params, preset
+
+    cfg = build_config(ModelConfig, None, a.overrides, **preset(a.preset), vocab=a.vocab, grid_size=a.grid,
+                       num_classes=a.num_classes)
+    cfg.validate()
+    info = {"preset": a.preset, "params": count_params(cfg), "n_layer": cfg.n_layer, "d_model": cfg.d_model,
+            "n_head": cfg.n_head, "vocab": cfg.vocab, "grid_size": cfg.grid_size, "num_classes": cfg.num_classes,
+            "mlp_hidden": cfg.mlp_hidden}
+    if a.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:>12}: {v:,}" if isinstance(v, int) else f"{k:>12}: {v}")
+
+
+def cmd_demo(a) -> None:
+    from elmgen.demo import DemoConfig, run_demo
+
+    cfg = build_config(DemoConfig, a.config, a.overrides)
+    if a.quick:
+        cfg = quick_demo(cfg)
+    metrics = run_demo(cfg, a.out)
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {a.out}/report.md, samples.png, samples.npz, reconstructions.png, loss.png, metrics.json")
+
+
+def quick_demo(cfg):
+    """A minutes-long smoke run of the same pipeline on a data subset (looks worse, proves the wiring)."""
+    tok, lm = cfg.tokenizer, cfg.lm
+    return replace(
+        cfg,
+        tokenizer=replace(tok, data=replace(tok.data, limit=2000), eval_images=200,
+                          train=replace(tok.train, steps=60, warmup_steps=10, save_every=60)),
+        lm=replace(lm, train=replace(lm.train, steps=40, warmup_steps=5, save_every=40)),
+        num_per_class=2,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="elmgen",
+        description="Language models for image generation: binary tokenizers, factorized vocabularies and "
+                    "autoregressive transformers (ELM, arXiv 2410.16257).",
+    )
+    p.add_argument("--version", action="version", version=f"elmgen {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("train-tokenizer", help="train a binary autoencoder (BAE) on images",
+                       description="Train a binary autoencoder; writes checkpoints, metrics.jsonl, loss.png, "
+                                   "eval.json (PSNR, bit balance, code usage) and reconstructions.png.")
+    s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("--data", help="'fashion-mnist' (default) or a folder with one sub-folder per class")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _common(s, "YAML with data/tokenizer/train sections (see configs/tokenizer-*.yaml)")
+    s.set_defaults(func=cmd_train_tokenizer)
+
+    s = sub.add_parser("tokenize", help="encode a dataset into a code folder once",
+                       description="Encode images with a trained tokenizer into codes.npy + labels.npy + meta.json. "
+                                   "LM training reads these and never runs the encoder.")
+    s.add_argument("--tokenizer", required=True, help="tokenizer run folder or checkpoint")
+    s.add_argument("--out", required=True, help="code folder to write")
+    s.add_argument("--data", help="data source (default: the one the tokenizer was trained on)")
+    s.add_argument("--split", default="train", help="train or test (default: train)")
+    s.add_argument("--vocab", help="default vocabulary split N-C with N*C = K (default: 2 sub-codes)")
+    s.add_argument("--flip", action="store_true", help="also store codes of horizontally flipped images")
+    s.add_argument("--limit", type=int, help="encode only the first N images")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("train", help="train the autoregressive transformer on a code folder",
+                       description="Train a class-conditional AR transformer on pre-tokenized codes; writes "
+                                   "checkpoints (safetensors + JSON), metrics.jsonl and loss.png.")
+    s.add_argument("--codes", required=True, help="code folder written by 'elmgen tokenize'")
+    s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("--preset", default="tiny", help="model size: micro, tiny, small, B, L, XL, XXL, 2B")
+    s.add_argument("--vocab", help="vocabulary split N-C (default: the code folder's)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _common(s, "YAML with model/train sections (see configs/lm-*.yaml)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate class-conditional images",
+                       description="Sample images with KV-cached decoding and classifier-free guidance; writes "
+                                   "samples.png (one row per class) and samples.npz (ADM layout).")
+    s.add_argument("--model", required=True, help="LM run folder or checkpoint")
+    s.add_argument("--tokenizer", help="tokenizer run folder (default: the one the LM's codes came from)")
+    s.add_argument("--out", required=True, help="folder for samples.png and samples.npz")
+    s.add_argument("--num-per-class", type=int, default=10)
+    s.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: all)")
+    s.add_argument("--batch-size", type=int, default=100)
+    s.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1 disables")
+    s.add_argument("--cfg-schedule", default="linear", choices=["constant", "linear"])
+    s.add_argument("--temperature", type=float, default=1.0, help="0 samples greedily")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely entries per sub-code (0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass per sub-code")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix each step (slow; for checks)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("model-info", help="parameter count of a preset, without allocating weights")
+    s.add_argument("preset", help="micro, tiny, small, B, L, XL, XXL or 2B")
+    s.add_argument("--vocab", default="2-12", help="vocabulary split N-C (default 2-12)")
+    s.add_argument("--grid", type=int, default=16, help="token grid side (default 16: 256 px at f=16)")
+    s.add_argument("--num-classes", type=int, default=1000)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=30")
+    s.set_defaults(func=cmd_model_info)
+
+    s = sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST, with a report",
+                       description="Train the BAE, tokenize, train an AR model (2-8 vocabulary), sample 10 "
+                                   "images per class with CFG; writes report.md, samples.png, samples.npz, "
+                                   "reconstructions.png, loss.png and metrics.json. Re-running resumes.")
+    s.add_argument("--out", default="demo", help="output folder (default: demo)")
+    s.add_argument("--quick", action="store_true", help="a short smoke run on a data subset")
+    _common(s, "YAML with tokenizer/lm/sample sections (see configs/demo.yaml)")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ElmgenError as e:
+        print(f"elmgen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("elmgen: interrupted; re-run with --resume (demo: the same command) to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Image data: Fashion-MNIST from Debian's IDX files, and class-per-folder image trees.
+
+Every dataset yields uint8 images of shape (C, S, S) and integer labels; `to_float` maps
+them to [-1, 1] for the networks and `to_uint8` maps network output back.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from elmgen.errors import ElmgenError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion-mnist"  # "fashion-mnist" or a folder with one sub-folder per class
+    split: str = "train"  # "train" or "test"; a folder uses <source>/<split> when it exists
+    image_size: int = 32  # side of the square images fed to the tokenizer
+    channels: int = 1  # 1 (grey) or 3 (RGB)
+    limit: int | None = None  # use only the first N images (quick runs, tests)
+
+
+class ImageDataset:
+    """Images as uint8 (C, S, S) tensors with labels; `images(idx)` loads a batch."""
+
+    labels: np.ndarray
+    class_names: list[str]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def images(self, idx) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FashionMNIST(ImageDataset):
+    def __init__(self, split: str, image_size: int, channels: int, root: str | None = None):
+        root = Path(root or os.environ.get("ELMGEN_FASHION_MNIST", FASHION_MNIST_DIR))
+        prefix = {"train": "train", "test": "t10k"}.get(split)
+        if prefix is None:
+            raise ElmgenError(f"unknown split {split!r} for Fashion-MNIST; use 'train' or 'test'")
+        image_file = root / f"{prefix}-images-idx3-ubyte.gz"
+        label_file = root / f"{prefix}-labels-idx1-ubyte.gz"
+        for f in (image_file, label_file):
+            if not f.is_file():
+                raise ElmgenError(
+                    f"Fashion-MNIST file missing: {f}; install it with "
+                    "'apt-get install -y dataset-fashion-mnist' or set ELMGEN_FASHION_MNIST"
+                )
+        raw = read_idx(image_file)  # (N, 28, 28)
+        if raw.ndim != 3:
+            raise ElmgenError(f"{image_file} holds arrays of shape {raw.shape}, not images")
+        self.labels = read_idx(label_file).astype(np.int64)
+        pad = max(0, (32 - raw.shape[1]) // 2)
+        arr = np.pad(raw, ((0, 0), (pad, pad), (pad, pad)))  # 28x28 -> 32x32, as the paper's f=4/8 grids need
+        tensor = torch.from_numpy(arr).unsqueeze(1)
+        if image_size != tensor.shape[-1]:
+            tensor = torch.nn.functional.interpolate(
+                tensor.float(), size=(image_size, image_size), mode="bilinear", antialias=True
+            ).round().clamp(0, 255).to(torch.uint8)
+        self._images = tensor.expand(-1, channels, -1, -1) if channels != 1 else tensor
+        self.class_names = list(FASHION_MNIST_CLASSES)
+        self.name = f"fashion-mnist/{split}"
+
+    def images(self, idx) -> torch.Tensor:
+        return self._images[torch.as_tensor(idx)].contiguous()
+
+
+class ImageFolder(ImageDataset):
+    """`root/<class>/<image>`; images are centre-cropped to a square and resized."""
+
+    def __init__(self, root: str | Path, split: str, image_size: int, channels: int):
+        root = Path(root)
+        if not root.is_dir():
+            raise ElmgenError(f"data folder not found: {root}; pass a folder with one sub-folder per class")
+        if (root / split).is_dir():
+            root = root / split
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        files, labels = [], []
+        for label, cls in enumerate(classes):
+            for f in sorted((root / cls).rglob("*")):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(f)
+                    labels.append(label)
+        if not files:
+            raise ElmgenError(
+                f"no images found in {root}; expected {root}/<class name>/<image>.png|jpg"
+            )
+        self.files = files
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = classes
+        self.image_size = image_size
+        self.mode = {1: "L", 3: "RGB"}[channels]
+        self.name = str(root)
+
+    def load(self, i: int) -> np.ndarray:
+        path = self.files[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert(self.mode)
+                img = center_crop_resize(img, self.image_size)
+                arr = np.asarray(img, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ElmgenError(f"corrupt or unreadable image {path}: {e}; remove or replace it") from None
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+    def images(self, idx) -> torch.Tensor:
+        idx = np.atleast_1d(np.asarray(idx))
+        return torch.from_numpy(np.stack([self.load(int(i)) for i in idx]))
+
+
+def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+    """ADM-style: shrink by powers of two with box filtering, resize with bicubic, then crop."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) of unsigned bytes."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ElmgenError(f"cannot read IDX file {path}: {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ElmgenError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ElmgenError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {body.size}")
+    return body.reshape(shape)
+
+
+def load_dataset(cfg: DataConfig) -> ImageDataset:
+    if cfg.channels not in (1, 3):
+        raise ElmgenError(f"data.channels must be 1 or 3, not {cfg.channels}")
+    if cfg.source == "fashion-mnist":
+        ds = FashionMNIST(cfg.split, cfg.image_size, cfg.channels)
+    else:
+        ds = ImageFolder(cfg.source, cfg.split, cfg.image_size, cfg.channels)
+    if cfg.limit is not None:
+        ds = Subset(ds, range(min(cfg.limit, len(ds))))
+    return ds
+
+
+class Subset(ImageDataset):
+    def __init__(self, base: ImageDataset, indices):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = base.labels[self.indices]
+        self.class_names = base.class_names
+        self.name = f"{base.name}[:{len(self.indices)}]"
+
+    def images(self, idx) -> torch.Tensor:
+        return self.base.images(self.indices[np.asarray(idx)])
+
+
+def to_float(images_BCHW: torch.Tensor) -> torch.Tensor:
+    return images_BCHW.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
+    return images_BCHW.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,259 @@
+"""Llama-style transformer over factorized image tokens, class-conditional, with a KV cache.
+
+Sequence layout: position 0 is the class token (the null class num_classes drives unconditional
+guidance), position p >= 1 is grid cell p-1 in raster order. Each cell carries n sub-codes; their
+embeddings are concatenated and projected to the model width, and n heads (one fused matrix)
+predict the n sub-codes of the next cell from the same hidden state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from elmgen.errors import ElmgenError
+from elmgen.vocab import Vocab
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 4
+    vocab: str = "2-8"  # n-c: n sub-codes of c bits per grid cell
+    grid_size: int = 8  # the token grid is grid_size x grid_size
+    num_classes: int = 10
+    dropout: float = 0.0  # on token embeddings, residual branches and MLP
+    class_dropout: float = 0.1  # training labels replaced by the null class (enables CFG)
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    mlp_multiple_of: int = 256  # SwiGLU hidden = smallest multiple of this >= 8*d/3
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def vocabulary(self) -> Vocab:
+        return Vocab.parse(self.vocab)
+
+    @property
+    def num_cells(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def mlp_hidden(self) -> int:
+        m = self.mlp_multiple_of
+        return m * math.ceil(int(8 * self.d_model / 3) / m)
+
+    def validate(self) -> None:
+        if self.d_model % self.n_head:
+            raise ElmgenError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.head_dim % 4:
+            raise ElmgenError(f"head dim {self.head_dim} must be divisible by 4 for 2-D RoPE")
+        self.vocabulary  # noqa: B018 - parses, raising a clear error if malformed
+
+
+# Sizes: tiny ones for this CPU, then the paper's (head dim 64).
+PRESETS: dict[str, dict] = {
+    "micro": dict(n_layer=2, d_model=64, n_head=2, dropout=0.0),
+    "tiny": dict(n_layer=4, d_model=256, n_head=4, dropout=0.0),
+    "small": dict(n_layer=8, d_model=384, n_head=6, dropout=0.0),
+    "B": dict(n_layer=12, d_model=768, n_head=12, dropout=0.1),
+    "L": dict(n_layer=24, d_model=1024, n_head=16, dropout=0.1),
+    "XL": dict(n_layer=36, d_model=1280, n_head=20, dropout=0.1),
+    "XXL": dict(n_layer=48, d_model=1536, n_head=24, dropout=0.1),
+    "2B": dict(n_layer=48, d_model=1792, n_head=28, dropout=0.1),
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ElmgenError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_2d(positions_T2: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, head_dim/2): half the rotated pairs follow the row, half the column."""
+    quarter = head_dim // 4
+    freqs = base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    angles = torch.cat([positions_T2[:, :1] * freqs, positions_T2[:, 1:] * freqs], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def sequence_positions(grid_size: int) -> torch.Tensor:
+    """(1 + L, 2) (row, col) per sequence position; the class token gets (0, 0), an identity rotation."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    cells = torch.stack([rows.flatten(), cols.flatten()], -1).double()
+    return torch.cat([torch.zeros(1, 2, dtype=torch.float64), cells])
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos_Tp: torch.Tensor, sin_Tp: torch.Tensor) -> torch.Tensor:
+    x = x_BHTd.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    out = torch.stack([x0 * cos_Tp - x1 * sin_Tp, x0 * sin_Tp + x1 * cos_Tp], dim=-1)
+    return out.flatten(-2).type_as(x_BHTd)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer: (B, H, T_max, head_dim)."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k_BHTd, v_BHTd):
+        end = start + k_BHTd.shape[2]
+        self.k[:, :, start:end] = k_BHTd
+        self.v[:, :, start:end] = v_BHTd
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x_BTd, cos, sin, start: int, cache: KVCache | None):
+        B, T, _ = x_BTd.shape
+        q, k, v = self.wqkv(x_BTd).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+        if T == 1:  # one new query may see every cached key
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            mask_TS = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.w2(self.drop(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(cfg.d_model, cfg.norm_eps), Attention(cfg)
+        self.mlp_norm, self.mlp = RMSNorm(cfg.d_model, cfg.norm_eps), SwiGLU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, start, cache):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    """Autoregressive (causal, raster order) class-conditional image-token transformer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        vocab = cfg.vocabulary
+        self.n_sub, self.vocab_size = vocab.num_subcodes, vocab.size
+        d = cfg.d_model
+        self.cls_emb = nn.Embedding(cfg.num_classes + 1, d)  # last row: the null class
+        self.tok_emb = nn.Embedding(self.n_sub * self.vocab_size, d)  # n tables stacked
+        self.tok_proj = nn.Linear(self.n_sub * d, d, bias=False)
+        self.tok_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.head = nn.Linear(d, self.n_sub * self.vocab_size, bias=False)  # n heads fused
+        self.register_buffer("sub_offsets", torch.arange(self.n_sub) * self.vocab_size, persistent=False)
+        cos, sin = rope_2d(sequence_positions(cfg.grid_size), cfg.head_dim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        nn.init.zeros_(self.head.weight)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    def embed_cells(self, sub_BTn: torch.Tensor) -> torch.Tensor:
+        emb_BTnd = self.tok_emb(sub_BTn + self.sub_offsets)
+        return self.tok_proj(emb_BTnd.flatten(2))
+
+    def _run(self, h_BTd, start: int, caches) -> torch.Tensor:
+        T = h_BTd.shape[1]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        h_BTd = self.tok_drop(h_BTd)
+        for i, block in enumerate(self.blocks):
+            h_BTd = block(h_BTd, cos, sin, start, None if caches is None else caches[i])
+        logits = self.head(self.norm(h_BTd))
+        return logits.unflatten(-1, (self.n_sub, self.vocab_size))
+
+    def forward(self, labels_B: torch.Tensor, sub_BTn: torch.Tensor, caches=None) -> torch.Tensor:
+        """Logits (B, 1+T, n, V) at the class token and the T given cells (teacher forcing)."""
+        if self.training and self.cfg.class_dropout > 0:
+            drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
+            labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
+        h_BTd = torch.cat([self.cls_emb(labels_B)[:, None], self.embed_cells(sub_BTn)], dim=1)
+        return self._run(h_BTd, 0, caches)
+
+    def decode_step(self, sub_B1n: torch.Tensor, start: int, caches) -> torch.Tensor:
+        """Logits (B, 1, n, V) after feeding one cell at sequence position `start`, using the cache."""
+        return self._run(self.embed_cells(sub_B1n), start, caches)
+
+    def new_caches(self, batch: int) -> nn.ModuleList:
+        p = self.head.weight
+        return nn.ModuleList(
+            KVCache(batch, self.cfg.n_head, self.cfg.num_cells, self.cfg.head_dim, p.dtype, p.device)
+            for _ in self.blocks
+        )
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_model(path, device="cpu") -> tuple[Transformer, dict]:
+    """A trained language model and its checkpoint config (which names its code files)."""
+    from elmgen import checkpoint
+    from elmgen.config import from_dict
+
+    meta = checkpoint.load_config(path)
+    if meta.get("kind") != "ar":
+        raise ElmgenError(f"{path} is not a language-model checkpoint (kind {meta.get('kind')!r})")
+    model = Transformer(from_dict(ModelConfig, meta["model"]))
+    checkpoint.load_weights(path, model)
+    return model.to(device).eval(), meta

@@ -1,0 +1,44 @@
+"""Pictures: image grids (PIL) and training curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def image_grid(images_NCHW: torch.Tensor, ncols: int, pad: int = 2, scale: int = 1) -> Image.Image:
+    """uint8 images (N, C, H, W) -> one PIL image, row-major, with white padding."""
+    images = images_NCHW.cpu().numpy()
+    N, C, H, W = images.shape
+    nrows = -(-N // ncols)
+    canvas = np.full((C, nrows * (H + pad) + pad, ncols * (W + pad) + pad), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncols)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        canvas[:, y:y + H, x:x + W] = img
+    out = Image.fromarray(canvas[0] if C == 1 else canvas.transpose(1, 2, 0))
+    return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
+
+
+def loss_curve(rows: list[dict], path: str | Path, title: str = "training loss", hline: float | None = None,
+               hline_label: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls="--", lw=1, label=hline_label)
+        ax.legend()
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,161 @@
+"""Sampling rules as small pure functions, and KV-cached autoregressive generation with CFG."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from elmgen.data import to_uint8
+from elmgen.errors import ElmgenError
+from elmgen.model import Transformer
+from elmgen.plots import image_grid
+from elmgen.tokenizer import BinaryAutoencoder
+from elmgen.vocab import Vocab, cells_to_bits, subcodes_to_cells
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class SampleConfig:
+    cfg_scale: float = 3.0  # 1 disables classifier-free guidance
+    cfg_schedule: str = "linear"  # "constant": s; "linear": 1 + (s - 1)(t + 1)/T
+    temperature: float = 1.0  # 0 samples greedily (argmax)
+    top_k: int = 0  # keep the k most likely entries of each sub-code vocabulary; 0 keeps all
+    top_p: float = 1.0  # keep the smallest set of entries holding this much probability
+    seed: int = 0
+    kv_cache: bool = True  # False recomputes the whole prefix at every step (for checking)
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ElmgenError(f"cfg_schedule must be one of {CFG_SCHEDULES}, not {self.cfg_schedule!r}")
+        if self.temperature < 0:
+            raise ElmgenError(f"temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ElmgenError(f"top_p must be in (0, 1], not {self.top_p}")
+        if self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
+            raise ElmgenError(f"top_k must be between 0 and the sub-code vocabulary size {vocab_size}")
+
+
+def cfg_scale_at(step: int, num_steps: int, scale: float, schedule: str) -> float:
+    """Guidance scale at decoding step `step` of `num_steps`."""
+    if schedule == "constant":
+        return scale
+    if schedule == "linear":
+        return 1.0 + (scale - 1.0) * (step + 1) / num_steps
+    raise ElmgenError(f"unknown cfg schedule {schedule!r}; use one of {CFG_SCHEDULES}")
+
+
+def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    return uncond + (cond - uncond) * scale
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k largest logits of the last dimension; the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(k, dim=-1).indices, True)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest most-likely set whose probability reaches p (nucleus); at least one entry."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_logits(logits_BnV: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per (row, sub-code) from the last dimension: (..., V) -> (...) int64."""
+    if temperature == 0:
+        return logits_BnV.argmax(-1)
+    logits = top_p_filter(top_k_filter(logits_BnV.float() / temperature, top_k), top_p)
+    probs_NV = logits.softmax(-1).flatten(0, -2)
+    return torch.multinomial(probs_NV, 1, generator=generator).view(logits.shape[:-1])
+
+
+@torch.no_grad()
+def generate(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Class-conditional raster-order generation: labels (B,) -> sub-codes (B, L, n)."""
+    cfg.validate(model.vocab_size)
+    model.eval()
+    B, L, n = labels_B.shape[0], model.cfg.num_cells, model.n_sub
+    guided = cfg.cfg_scale != 1.0
+    labels_in = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
+    out_BLn = torch.zeros(B, L, n, dtype=torch.long, device=labels_B.device)
+
+    def both(x):  # the guided batch: conditional rows, then their unconditional twins
+        return torch.cat([x, x]) if guided else x
+
+    caches = model.new_caches(labels_in.shape[0]) if cfg.kv_cache else None
+    logits = model(labels_in, both(out_BLn[:, :0]), caches)[:, -1]  # class token -> first cell
+    for t in range(L):
+        if t > 0 and caches is not None:
+            logits = model.decode_step(both(out_BLn[:, t - 1: t]), t, caches)[:, -1]
+        elif t > 0:
+            logits = model(labels_in, both(out_BLn[:, :t]))[:, -1]
+        logits = logits.float()
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = apply_cfg(cond, uncond, cfg_scale_at(t, L, cfg.cfg_scale, cfg.cfg_schedule))
+        out_BLn[:, t] = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    return out_BLn
+
+
+def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
+    """The LM must have been trained on codes of exactly this tokenizer."""
+    vocab = Vocab.parse(lm_meta["model"]["vocab"])
+    lm_grid = lm_meta["model"]["grid_size"]
+    tok_bits = tokenizer_meta["tokenizer"]["num_bits"]
+    tok_grid = tokenizer_meta["grid"]
+    if vocab.bits != tok_bits or lm_grid != tok_grid:
+        raise ElmgenError(
+            f"the LM predicts {vocab.bits}-bit codes (vocabulary {vocab}) on a {lm_grid}x{lm_grid} grid but the "
+            f"tokenizer {tokenizer_meta['path']} makes {tok_bits}-bit codes on {tok_grid}x{tok_grid}; "
+            f"pass the tokenizer the LM was trained with ({lm_meta['codes']['tokenizer']})"
+        )
+    if lm_meta["codes"]["tokenizer_fingerprint"] != tokenizer_meta["fingerprint"]:
+        raise ElmgenError(
+            f"the LM was trained on codes of tokenizer {lm_meta['codes']['tokenizer']} (weights "
+            f"{lm_meta['codes']['tokenizer_fingerprint']}), not {tokenizer_meta['path']} "
+            f"(weights {tokenizer_meta['fingerprint']}); pass the tokenizer the LM was trained with"
+        )
+
+
+@torch.no_grad()
+def sample_images(model: Transformer, tokenizer: BinaryAutoencoder, labels: torch.Tensor, cfg: SampleConfig,
+                  batch_size: int = 100, progress: bool = True) -> torch.Tensor:
+    """Class labels (N,) -> uint8 images (N, C, H, W), generated batch by batch from one seed."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    vocab, g = model.cfg.vocabulary, model.cfg.grid_size
+    out = []
+    for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
+        sub_BLn = generate(model, labels[start:start + batch_size].to(device), cfg, generator)
+        bits = cells_to_bits(subcodes_to_cells(sub_BLn, vocab), vocab.bits, g, g)
+        out.append(to_uint8(tokenizer.decode(bits.to(next(tokenizer.parameters()).device))).cpu())
+    return torch.cat(out)
+
+
+def write_samples(images_NCHW: torch.Tensor, labels_N: torch.Tensor, out_dir, ncols: int,
+                  name: str = "samples") -> tuple[Path, Path]:
+    """`name`.png (a grid, one row per `ncols` images) and an ADM-style `name`.npz (arr_0 NHWC uint8, arr_1)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
+    image_grid(images_NCHW, ncols=ncols, scale=2).save(png)
+    tmp = out_dir / f".{name}.tmp.npz"
+    np.savez(tmp, images_NCHW.permute(0, 2, 3, 1).numpy(), labels_N.numpy())
+    os.replace(tmp, npz)
+    return png, npz

@@ -1,0 +1,128 @@
+"""The two trainers: the tokenizer (reconstruction) and the language model (next-cell prediction)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from elmgen import checkpoint
+from elmgen.codes import CodeDataset
+from elmgen.config import save_yaml, to_dict
+from elmgen.data import DataConfig, load_dataset, to_float, to_uint8
+from elmgen.errors import ElmgenError
+from elmgen.evaluation import evaluate_tokenizer
+from elmgen.model import ModelConfig, Transformer
+from elmgen.plots import image_grid, loss_curve
+from elmgen.tokenizer import BinaryAutoencoder, TokenizerConfig
+from elmgen.training import TrainConfig, batch_indices, fit, is_main_process, resolve_device
+
+
+@dataclass
+class TokenizerJob:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=1e-3,
+                                                                    warmup_steps=100, weight_decay=0.0))
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    hflip: bool = False  # random horizontal flips of training images
+    eval_images: int = 2000  # held-out images for the PSNR / code-usage report
+
+
+@dataclass
+class LMJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4000, batch_size=64, lr=1e-3,
+                                                                    warmup_steps=200))
+
+
+def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train a binary autoencoder; writes checkpoints, metrics, loss.png, eval.json, reconstructions.png."""
+    out_dir = Path(out_dir)
+    dataset = load_dataset(job.data)
+    job.tokenizer.in_channels = job.data.channels
+    if job.data.image_size % job.tokenizer.downsample:
+        raise ElmgenError(f"image size {job.data.image_size} is not divisible by the tokenizer's "
+                          f"downsampling factor {job.tokenizer.downsample}")
+    device = resolve_device(job.train.device)
+    model = BinaryAutoencoder(job.tokenizer).to(device)
+    ckpt_config = {
+        "kind": "bae", "tokenizer": to_dict(job.tokenizer), "data": to_dict(job.data),
+        "image_size": job.data.image_size, "channels": job.data.channels,
+        "grid": job.data.image_size // job.tokenizer.downsample, "class_names": dataset.class_names,
+    }
+    _write_job(out_dir, job)
+
+    def step_fn(model, step):
+        idx = batch_indices(step, job.train.batch_size, len(dataset), job.train.seed)
+        x = to_float(dataset.images(idx)).to(device)
+        if job.hflip:
+            flip = torch.rand(x.shape[0], device=device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        recon, probs, _ = model(x)
+        l1 = (recon.float() - x).abs().mean()
+        l2 = (recon.float() - x).pow(2).mean()
+        return job.l1_weight * l1 + job.l2_weight * l2, {"l1": l1.item(), "l2": l2.item()}
+
+    rows = fit(model, job.train, out_dir, step_fn, ckpt_config, resume, desc="tokenizer",
+               units_per_step=job.train.batch_size, unit="img")
+    if not is_main_process():
+        return {}
+    loss_curve(rows, out_dir / "loss.png", title="tokenizer loss (L1 + L2)")
+    held_out = load_dataset(replace(job.data, split="test", limit=job.eval_images))
+    report = evaluate_tokenizer(model, held_out)
+    report["dataset"] = held_out.name
+    checkpoint.atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
+    save_reconstructions(model, held_out, out_dir / "reconstructions.png")
+    return report
+
+
+@torch.no_grad()
+def save_reconstructions(model: BinaryAutoencoder, dataset, path, n: int = 16) -> None:
+    """Top row: originals; bottom row: reconstructions from deterministic codes."""
+    device = next(model.parameters()).device
+    x = to_float(dataset.images(list(range(min(n, len(dataset)))))).to(device)
+    recon = model.decode(model.encode(x)).clamp(-1, 1)
+    image_grid(to_uint8(torch.cat([x, recon])), ncols=x.shape[0], scale=3).save(path)
+
+
+def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: bool = False) -> list[dict]:
+    """Train the AR transformer on a code folder; writes checkpoints, metrics.jsonl and loss.png."""
+    out_dir = Path(out_dir)
+    codes = CodeDataset(codes_dir)
+    meta, cfg = codes.meta, job.model
+    if cfg.grid_size != meta["grid"] or cfg.num_classes != meta["num_classes"]:
+        raise ElmgenError(f"model.grid_size={cfg.grid_size} / model.num_classes={cfg.num_classes} do not match "
+                          f"the code folder ({meta['grid']} / {meta['num_classes']}); drop those overrides")
+    vocab = cfg.vocabulary
+    if vocab.bits != meta["bits"]:
+        raise ElmgenError(f"vocabulary {vocab} has {vocab.bits} bits but {codes_dir} holds K={meta['bits']}-bit "
+                          f"codes; choose n-c with n*c = {meta['bits']}")
+    device = resolve_device(job.train.device)
+    model = Transformer(cfg).to(device)
+    ckpt_config = {"kind": "ar", "model": to_dict(cfg), "codes": {**meta, "path": str(Path(codes_dir).resolve())}}
+    _write_job(out_dir, job)
+    B = job.train.batch_size
+
+    def step_fn(model, step):
+        sub_BLn, labels_B = codes.batch(batch_indices(step, B, len(codes), job.train.seed), vocab)
+        sub_BLn, labels_B = sub_BLn.to(device), labels_B.to(device)
+        logits = model(labels_B, sub_BLn[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 2), sub_BLn.flatten()), {}
+
+    rows = fit(model, job.train, out_dir, step_fn, ckpt_config, resume, desc="LM",
+               units_per_step=B * cfg.num_cells, unit="tok")
+    if is_main_process():
+        loss_curve(rows, out_dir / "loss.png", title=f"AR loss, vocabulary {vocab}",
+                   hline=float(torch.log(torch.tensor(float(vocab.size)))), hline_label=f"ln {vocab.size} (uniform)")
+    return rows
+
+
+def _write_job(out_dir: Path, job) -> None:
+    if is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(job, out_dir / "job.yaml")

@@ -1,0 +1,198 @@
+"""The training loop shared by the tokenizer and language-model trainers.
+
+Batches are a pure function of (seed, step), and the RNG state travels in the checkpoint, so a
+resumed run reproduces the losses of an uninterrupted one exactly. Only the main process logs and
+writes, so the same loop serves a torchrun launch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from elmgen import checkpoint
+from elmgen.errors import ElmgenError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up from 0
+    lr_decay: str = "constant"  # "constant" or "cosine" (to min_lr at the last step)
+    min_lr: float = 0.0
+    weight_decay: float = 0.05  # on matrices only (not norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    seed: int = 0
+    log_every: int = 20
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+
+    def validate(self) -> None:
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ElmgenError(f"train.lr_decay must be 'constant' or 'cosine', not {self.lr_decay!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ElmgenError(f"train.precision must be 'fp32' or 'bf16', not {self.precision!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ElmgenError("train.steps and train.batch_size must be positive")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ElmgenError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> np.ndarray:
+    """Indices of the batch at `step`: consecutive slices of one shuffled permutation per epoch."""
+    start, out = step * batch_size, []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start, num_items)
+        perm = np.random.default_rng([seed, epoch]).permutation(num_items)
+        take = perm[offset: offset + batch_size - len(out)]
+        out.extend(take.tolist())
+        start += len(take)
+    return np.asarray(out, dtype=np.int64)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# A step function takes the model and the batch at a step and returns (loss, extra floats to log).
+StepFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict]]
+
+
+def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: StepFn,
+        ckpt_config: dict, resume: bool = False, desc: str = "train",
+        units_per_step: int | None = None, unit: str = "it") -> list[dict]:
+    """Train `model` for cfg.steps optimizer steps, logging to run_dir/metrics.jsonl.
+
+    `units_per_step` (tokens or images per step) turns step time into a throughput figure.
+    Returns the logged metric rows of this run (all of them, when resumed).
+    """
+    cfg.validate()
+    run_dir = Path(run_dir)
+    device = next(model.parameters()).device
+    opt = make_optimizer(model, cfg)
+    metrics_path = run_dir / "metrics.jsonl"
+    step = 0
+    if checkpoint.has_checkpoint(run_dir):
+        if not resume:
+            raise ElmgenError(
+                f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out"
+            )
+        checkpoint.load_weights(run_dir, model)
+        state = checkpoint.load_trainer_state(run_dir)
+        if state is None:
+            raise ElmgenError(f"checkpoint in {run_dir} has no trainer state to resume from")
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        step = state["step"]
+        kept = [row for row in read_metrics(metrics_path) if row["step"] <= step]
+        if is_main_process():
+            checkpoint.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    elif resume:
+        raise ElmgenError(f"nothing to resume: {run_dir} holds no checkpoint")
+    else:
+        torch.manual_seed(cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        if is_main_process():
+            state = {
+                "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            }
+            checkpoint.save_checkpoint(run_dir, step, model, ckpt_config, state, cfg.keep_checkpoints)
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True)
+    window: list[float] = []
+    extras: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    with bar:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with autocast(device, cfg.precision):
+                loss, extra = step_fn(model, step)
+            if not torch.isfinite(loss):
+                raise ElmgenError(f"loss became {loss.item()} at step {step}; lower train.lr or use fp32")
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            window.append(loss.item())
+            for k, v in extra.items():
+                extras.setdefault(k, []).append(float(v))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - t0
+                row = {"step": step, "loss": float(np.mean(window)), "lr": lr}
+                row.update({k: float(np.mean(v)) for k, v in extras.items()})
+                if units_per_step:
+                    row[f"{unit}_per_s"] = units_per_step * len(window) / elapsed
+                if is_main_process():
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "lr")})
+                window, extras, t0 = [], {}, time.perf_counter()
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save()
+    model.eval()
+    return read_metrics(metrics_path)
