@@ -33,8 +33,7 @@ def tokenize(tokenizer: BinaryAutoencoder, tokenizer_meta: dict, dataset: ImageD
              vocab: Vocab, flip: bool = False, batch_size: int = 256) -> dict:
     """Encode `dataset` (and its mirror images if `flip`) into a code folder; returns its meta."""
     K = tokenizer.cfg.num_bits
-    if vocab.bits != K:
-        raise ElmgenError(f"vocabulary {vocab} has {vocab.bits} bits but the tokenizer makes K={K}")
+    Vocab.for_bits(str(vocab), K)
     out_dir = Path(out_dir)
     device = next(tokenizer.parameters()).device
     n = len(dataset)

@@ -79,7 +79,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path) -> dict:
     metrics = {
         "tokenizer": {k: v for k, v in tok_eval.items() if k != "bit_mean"},
         "lm": {
-            "layers": cfg.lm.model.n_layer, "width": cfg.lm.model.d_model, "vocab": str(vocab), "params": count_params(cfg.lm.model),
+            "layers": cfg.lm.model.n_layer, "width": cfg.lm.model.d_model, "vocab": str(vocab),
+            "params": count_params(cfg.lm.model),
             "steps": rows[-1]["step"], "final_loss": rows[-1]["loss"], "uniform_loss": math.log(vocab.size),
             "tokens_per_s": rows[-1].get("tok_per_s"),
         },

@@ -121,7 +121,7 @@ def binarize(probs: torch.Tensor, mode: str, generator: torch.Generator | None =
         hard = torch.bernoulli(probs.detach(), generator=generator)
     else:
         hard = (probs.detach() > 0.5).to(probs.dtype)
-    return hard + probs - probs.detach()
+    return hard + (probs - probs.detach())  # exactly `hard` in value; (a + p) - p would round
 
 
 class BinaryQuantizer(nn.Module):

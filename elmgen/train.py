@@ -19,6 +19,7 @@ from elmgen.model import ModelConfig, Transformer
 from elmgen.plots import image_grid, loss_curve
 from elmgen.tokenizer import BinaryAutoencoder, TokenizerConfig
 from elmgen.training import TrainConfig, batch_indices, fit, is_main_process, resolve_device
+from elmgen.vocab import Vocab
 
 
 @dataclass
@@ -49,6 +50,7 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
         raise ElmgenError(f"image size {job.data.image_size} is not divisible by the tokenizer's "
                           f"downsampling factor {job.tokenizer.downsample}")
     device = resolve_device(job.train.device)
+    torch.manual_seed(job.train.seed)
     model = BinaryAutoencoder(job.tokenizer).to(device)
     ckpt_config = {
         "kind": "bae", "tokenizer": to_dict(job.tokenizer), "data": to_dict(job.data),
@@ -98,11 +100,9 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
     if cfg.grid_size != meta["grid"] or cfg.num_classes != meta["num_classes"]:
         raise ElmgenError(f"model.grid_size={cfg.grid_size} / model.num_classes={cfg.num_classes} do not match "
                           f"the code folder ({meta['grid']} / {meta['num_classes']}); drop those overrides")
-    vocab = cfg.vocabulary
-    if vocab.bits != meta["bits"]:
-        raise ElmgenError(f"vocabulary {vocab} has {vocab.bits} bits but {codes_dir} holds K={meta['bits']}-bit "
-                          f"codes; choose n-c with n*c = {meta['bits']}")
+    vocab = Vocab.for_bits(cfg.vocab, meta["bits"])
     device = resolve_device(job.train.device)
+    torch.manual_seed(job.train.seed)
     model = Transformer(cfg).to(device)
     ckpt_config = {"kind": "ar", "model": to_dict(cfg), "codes": {**meta, "path": str(Path(codes_dir).resolve())}}
     _write_job(out_dir, job)

@@ -117,6 +117,8 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
         units_per_step: int | None = None, unit: str = "it") -> list[dict]:
     """Train `model` for cfg.steps optimizer steps, logging to run_dir/metrics.jsonl.
 
+    Seed torch with cfg.seed before building the model: a fresh run continues from that RNG state.
+
     `units_per_step` (tokens or images per step) turns step time into a throughput figure.
     Returns the logged metric rows of this run (all of them, when resumed).
     """
@@ -145,8 +147,6 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
             checkpoint.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     elif resume:
         raise ElmgenError(f"nothing to resume: {run_dir} holds no checkpoint")
-    else:
-        torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     def save():

@@ -41,11 +41,21 @@ class Vocab:
     @classmethod
     def split(cls, bits: int, num_subcodes: int) -> Vocab:
         if num_subcodes < 1 or bits % num_subcodes:
-            raise ElmgenError(
-                f"K={bits} bits cannot be split into {num_subcodes} equal sub-codes; "
-                f"choose n among {[d for d in range(1, bits + 1) if bits % d == 0]}"
-            )
+            raise ElmgenError(f"K={bits} bits cannot be split into {num_subcodes} equal sub-codes; {_choices(bits)}")
         return cls(num_subcodes, bits // num_subcodes)
+
+    @classmethod
+    def for_bits(cls, text: str, bits: int) -> Vocab:
+        """Parse 'n-c' and check that it splits exactly the K bits of a tokenizer."""
+        vocab = cls.parse(text)
+        if vocab.bits != bits:
+            raise ElmgenError(f"vocabulary {vocab} covers {vocab.bits} bits but the codes have K={bits}: "
+                              f"n must divide K; {_choices(bits)}")
+        return vocab
+
+
+def _choices(bits: int) -> str:
+    return "use one of " + ", ".join(f"{n}-{bits // n}" for n in range(1, bits + 1) if bits % n == 0)
 
 
 def _weights(nbits: int, device) -> torch.Tensor:

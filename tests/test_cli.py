@@ -1,0 +1,105 @@
+"""The command line as a user meets it: a tiny end-to-end run, and one-line errors for bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from elmgen.cli import main
+
+TOK = ["tokenizer.base_width=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.latent_dim=16",
+       "tokenizer.num_bits=8", "train.batch_size=8", "train.log_every=2", "eval_images=20"]
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(capsys, *argv) -> str:
+    code, _, err = run(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.startswith("elmgen: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def pipeline(fake_fmnist, tmp_path, capsys):
+    """train-tokenizer -> tokenize -> train on the small Fashion-MNIST stand-in."""
+    tok, codes, lm = tmp_path / "tok", tmp_path / "codes", tmp_path / "lm"
+    assert run(capsys, "train-tokenizer", "--out", tok, "data.limit=64", "train.steps=4", *TOK)[0] == 0
+    code, out, _ = run(capsys, "tokenize", "--tokenizer", tok, "--out", codes, "--limit", 50, "--vocab", "2-4")
+    assert code == 0 and json.loads(out)["count"] == 50
+    code, out, _ = run(capsys, "train", "--codes", codes, "--out", lm, "--preset", "micro",
+                       "train.steps=3", "train.batch_size=4", "train.log_every=1")
+    assert code == 0 and json.loads(out)["step"] == 3
+    return tok, codes, lm
+
+
+def test_end_to_end(pipeline, tmp_path, capsys):
+    tok, codes, lm = pipeline
+    for name in ("metrics.jsonl", "loss.png", "eval.json", "reconstructions.png", "job.yaml"):
+        assert (tok / name).is_file(), name
+    report = json.loads((tok / "eval.json").read_text())
+    assert report["bits"] == 8 and report["grid"] == [8, 8] and 0 < report["code_usage"] <= 1
+    code, out, _ = run(capsys, "sample", "--model", lm, "--out", tmp_path / "s", "--num-per-class", 2,
+                       "--top-k", 8, "--seed", 3)
+    assert code == 0
+    data = np.load(tmp_path / "s" / "samples.npz")
+    assert data["arr_0"].shape == (20, 32, 32, 1) and data["arr_0"].dtype == np.uint8
+    assert data["arr_1"].tolist() == [c for c in range(10) for _ in range(2)]
+    grid = Image.open(tmp_path / "s" / "samples.png")
+    assert grid.height > grid.width  # 10 rows of 2
+    run(capsys, "sample", "--model", lm, "--out", tmp_path / "s2", "--num-per-class", 2, "--top-k", 8, "--seed", 3)
+    assert np.array_equal(np.load(tmp_path / "s2" / "samples.npz")["arr_0"], data["arr_0"])
+
+
+def test_lm_with_a_tokenizer_of_another_vocabulary(pipeline, tmp_path, capsys):
+    _, _, lm = pipeline
+    other = tmp_path / "tok12"
+    assert run(capsys, "train-tokenizer", "--out", other, "data.limit=16", "train.steps=1", *TOK,
+               "tokenizer.num_bits=12")[0] == 0
+    line = error_line(capsys, "sample", "--model", lm, "--tokenizer", other, "--out", tmp_path / "s")
+    assert "8-bit codes" in line and "12-bit codes" in line
+
+
+def test_k_not_divisible_by_n(pipeline, tmp_path, capsys):
+    tok, codes, _ = pipeline
+    assert "n must divide K" in error_line(capsys, "train", "--codes", codes, "--out", tmp_path / "x",
+                                           "model.vocab=3-3")  # parsed, then n*c != K
+    line = error_line(capsys, "tokenize", "--tokenizer", tok, "--out", tmp_path / "c", "--vocab", "3-2")
+    assert "covers 6 bits" in line and "K=8" in line and "2-4" in line
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    line = error_line(capsys, "train-tokenizer", "--out", tmp_path / "t", "--data", tmp_path / "nope")
+    assert "data folder not found" in line
+
+
+def test_corrupt_image_in_folder(image_folder, tmp_path, capsys):
+    (image_folder / "class_1" / "broken.png").write_bytes(b"not a png at all")
+    line = error_line(capsys, "train-tokenizer", "--out", tmp_path / "t", "--data", image_folder,
+                      "data.channels=3", "train.steps=20", "train.batch_size=18", *TOK[:4])
+    assert "broken.png" in line and "corrupt" in line
+
+
+def test_bad_config_values(tmp_path, capsys):
+    assert "invalid config" in error_line(capsys, "train-tokenizer", "--out", tmp_path / "t", "train.stepz=3")
+    assert "key=value" in error_line(capsys, "train-tokenizer", "--out", tmp_path / "t", "train.steps")
+    assert "no checkpoint found" in error_line(capsys, "sample", "--model", tmp_path / "none", "--out", tmp_path / "s")
+
+
+def test_model_info_json(capsys):
+    code, out, _ = run(capsys, "model-info", "XL", "--vocab", "2-12", "--json")
+    info = json.loads(out)
+    assert code == 0 and abs(info["params"] / 757e6 - 1) < 0.03 and info["n_layer"] == 36
+
+
+def test_every_command_has_help(capsys):
+    for command in ("train-tokenizer", "tokenize", "train", "sample", "model-info", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert "usage: elmgen " + command in capsys.readouterr().out

@@ -1,0 +1,41 @@
+from pathlib import Path
+
+import pytest
+
+from elmgen.config import build_config, from_dict, save_yaml, to_dict
+from elmgen.demo import DemoConfig
+from elmgen.errors import ElmgenError
+from elmgen.train import LMJob, TokenizerJob
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+KINDS = {"tokenizer": TokenizerJob, "lm": LMJob, "demo": DemoConfig}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cls = KINDS[path.stem.split("-")[0]]
+    assert isinstance(build_config(cls, path), cls)
+
+
+def test_configs_exist():
+    assert {p.stem.split("-")[0] for p in CONFIGS.glob("*.yaml")} == set(KINDS)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  steps: 7\ntokenizer:\n  num_bits: 12\n")
+    job = build_config(TokenizerJob, path, ["train.steps=9", "tokenizer.channel_mult=[1,2]"])
+    assert (job.train.steps, job.tokenizer.num_bits, job.tokenizer.channel_mult) == (9, 12, [1, 2])
+    with pytest.raises(ElmgenError, match="invalid config"):
+        build_config(TokenizerJob, None, ["train.steps=many"])
+
+
+def test_dict_and_yaml_round_trip(tmp_path):
+    job = build_config(LMJob, None, ["model.n_layer=3"])
+    assert from_dict(LMJob, to_dict(job)) == job
+    save_yaml(job, tmp_path / "j.yaml")
+    assert build_config(LMJob, tmp_path / "j.yaml") == job
+
+
+def test_demo_yaml_states_the_demo_defaults():
+    assert build_config(DemoConfig, CONFIGS / "demo.yaml") == DemoConfig()

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from elmgen.data import DataConfig, center_crop_resize, load_dataset, read_idx, to_float, to_uint8
+from elmgen.errors import ElmgenError
+from tests.conftest import write_idx
+
+
+def test_fashion_mnist_is_padded_to_32(fake_fmnist):
+    ds = load_dataset(DataConfig(split="test"))
+    assert len(ds) == 50 and ds.num_classes == 10 and ds.class_names[0] == "T-shirt/top"
+    x = ds.images([0, 1])
+    assert x.shape == (2, 1, 32, 32) and x.dtype == torch.uint8
+    assert x[:, :, :2].sum() == 0 and x[:, :, :, -2:].sum() == 0  # 2-pixel zero border
+    assert ds.labels[:3].tolist() == [0, 1, 2]
+    rgb = load_dataset(DataConfig(split="test", channels=3, image_size=16, limit=5))
+    assert rgb.images([4]).shape == (1, 3, 16, 16) and len(rgb) == 5
+
+
+def test_real_fashion_mnist_files_when_installed():
+    """CI installs Debian's dataset-fashion-mnist; this reads the real files."""
+    ds = load_dataset(DataConfig(split="test"))
+    assert len(ds) == 10_000 and np.bincount(ds.labels).tolist() == [1000] * 10
+    assert ds.images([0]).float().mean() > 10
+
+
+def test_idx_errors(tmp_path, monkeypatch):
+    bad = tmp_path / "x.gz"
+    write_idx(bad, np.zeros((3, 4), dtype=np.uint8))
+    bad.write_bytes(bad.read_bytes()[:-5])
+    with pytest.raises(ElmgenError):
+        read_idx(bad)
+    monkeypatch.setenv("ELMGEN_FASHION_MNIST", str(tmp_path / "missing"))
+    with pytest.raises(ElmgenError, match="apt-get install -y dataset-fashion-mnist"):
+        load_dataset(DataConfig())
+
+
+def test_image_folder(image_folder):
+    ds = load_dataset(DataConfig(source=str(image_folder), image_size=16, channels=3))
+    assert len(ds) == 18 and ds.class_names == ["class_0", "class_1", "class_2"]
+    x = ds.images(np.arange(18))
+    assert x.shape == (18, 3, 16, 16)
+    dominant = x.float().mean((2, 3)).argmax(1)
+    assert torch.equal(dominant, torch.as_tensor(ds.labels))  # class c is mostly colour channel c
+    grey = load_dataset(DataConfig(source=str(image_folder), image_size=8, channels=1))
+    assert grey.images([0]).shape == (1, 1, 8, 8)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(ElmgenError, match="not found"):
+        load_dataset(DataConfig(source=str(tmp_path / "none")))
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(ElmgenError, match="no images"):
+        load_dataset(DataConfig(source=str(tmp_path / "empty")))
+
+
+def test_center_crop_keeps_the_middle():
+    arr = np.zeros((40, 100), dtype=np.uint8)
+    arr[:, 30:70] = 255  # the central 40x40 square is white
+    out = np.asarray(center_crop_resize(Image.fromarray(arr), 20))
+    assert out.shape == (20, 20) and out.mean() > 250
+
+
+def test_float_round_trip():
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert torch.equal(to_uint8(to_float(x)), x)
+    assert to_float(x).min() == -1 and to_float(x).max() == 1

@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import torch
+
+import elmgen.train
+from elmgen import checkpoint
+from elmgen.codes import CodeDataset, tokenize
+from elmgen.data import DataConfig, load_dataset
+from elmgen.errors import ElmgenError
+from elmgen.model import ModelConfig, preset
+from elmgen.tokenizer import TokenizerConfig, load_tokenizer
+from elmgen.train import LMJob, TokenizerJob, train_lm, train_tokenizer
+from elmgen.training import TrainConfig, batch_indices, lr_at, make_optimizer, read_metrics
+from elmgen.vocab import Vocab
+
+TOKENIZER = dict(base_width=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=16, num_bits=8)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, lr_decay="cosine", min_lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(50, TrainConfig(lr=0.3)) == 0.3
+
+
+def test_batches_cover_each_epoch_once():
+    seen = np.concatenate([batch_indices(s, 8, 20, seed=3) for s in range(5)])  # 40 = two epochs
+    assert sorted(seen[:20]) == list(range(20)) and sorted(seen[20:]) == list(range(20))
+    assert not np.array_equal(seen[:20], seen[20:])
+
+
+def test_weight_decay_only_on_matrices():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.05)).param_groups
+    assert [p.shape for p in decay["params"]] == [(4, 4)] and decay["weight_decay"] == 0.05
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.fixture
+def trained_tokenizer(fake_fmnist, tmp_path):
+    job = TokenizerJob(data=DataConfig(limit=64), eval_images=20,
+                       tokenizer=TokenizerConfig(**TOKENIZER),
+                       train=TrainConfig(steps=4, batch_size=8, lr=1e-3, log_every=2, save_every=4))
+    train_tokenizer(job, tmp_path / "tok")
+    return tmp_path / "tok"
+
+
+@pytest.fixture
+def codes(trained_tokenizer, tmp_path):
+    tok, meta = load_tokenizer(trained_tokenizer)
+    ds = load_dataset(DataConfig(limit=40))
+    tokenize(tok, meta, ds, tmp_path / "codes", Vocab.split(8, 2), flip=True)
+    return tmp_path / "codes"
+
+
+def test_tokenize_writes_codes_with_flipped_copies(codes, trained_tokenizer):
+    data = CodeDataset(codes)
+    assert len(data) == 80 and data.codes.shape == (80, 64) and data.codes.dtype == np.uint16
+    assert data.meta["bits"] == 8 and data.meta["grid"] == 8 and data.meta["flip"]
+    assert data.meta["tokenizer_fingerprint"] == checkpoint.fingerprint(trained_tokenizer)
+    assert np.array_equal(data.labels[:40], data.labels[40:])
+    sub, labels = data.batch(np.array([3, 0]), Vocab.parse("4-2"))
+    assert sub.shape == (2, 64, 4) and sub.max() < 4 and labels.tolist() == [3, 0]
+
+
+def lm_job(steps: int, save_every: int) -> LMJob:
+    return LMJob(model=ModelConfig(**{**preset("micro"), "dropout": 0.1}, vocab="2-4", grid_size=8,
+                                   num_classes=10),
+                 train=TrainConfig(steps=steps, batch_size=4, lr=3e-3, warmup_steps=2, lr_decay="cosine",
+                                   log_every=1, save_every=save_every))
+
+
+def test_resume_reproduces_an_uninterrupted_run(codes, tmp_path, monkeypatch):
+    straight = train_lm(lm_job(8, 100), codes, tmp_path / "a")
+
+    real_batch_indices = elmgen.train.batch_indices
+
+    def crash_at_step_6(step, *args):
+        if step == 6:
+            raise KeyboardInterrupt  # killed after the step-4 checkpoint and two more logged steps
+        return real_batch_indices(step, *args)
+
+    monkeypatch.setattr(elmgen.train, "batch_indices", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(lm_job(8, 4), codes, tmp_path / "b")
+    monkeypatch.setattr(elmgen.train, "batch_indices", real_batch_indices)
+    assert len(read_metrics(tmp_path / "b" / "metrics.jsonl")) == 6
+    resumed = train_lm(lm_job(8, 4), codes, tmp_path / "b", resume=True)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    a = checkpoint.resolve(tmp_path / "a") / checkpoint.WEIGHTS
+    b = checkpoint.resolve(tmp_path / "b") / checkpoint.WEIGHTS
+    assert a.read_bytes() == b.read_bytes()
+    assert (tmp_path / "b" / "loss.png").is_file()
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(codes, tmp_path):
+    train_lm(lm_job(2, 2), codes, tmp_path / "run")
+    with pytest.raises(ElmgenError, match="--resume"):
+        train_lm(lm_job(2, 2), codes, tmp_path / "run")
+    with pytest.raises(ElmgenError, match="nothing to resume"):
+        train_lm(lm_job(2, 2), codes, tmp_path / "other", resume=True)
+
+
+def test_vocab_must_match_code_bits(codes, tmp_path):
+    job = lm_job(2, 2)
+    job.model.vocab = "2-8"
+    with pytest.raises(ElmgenError, match="K=8"):
+        train_lm(job, codes, tmp_path / "run")
+
+
+def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    for step in (1, 2, 3):
+        checkpoint.save_checkpoint(tmp_path, step, model, {"kind": "x"}, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_00000002", "step_00000003"]
+    assert checkpoint.resolve(tmp_path).name == "step_00000003"
+    assert checkpoint.load_config(tmp_path) == {"kind": "x", "step": 3}
