@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
-
-import torch
 
 from elmgen import __version__
 from elmgen.config import build_config, to_dict
@@ -60,7 +59,14 @@ def cmd_train(a) -> None:
 
 def cmd_sample(a) -> None:
     from elmgen.model import load_model
-    from elmgen.sampling import SampleConfig, check_compatible, sample_images, write_samples
+    from elmgen.sampling import (
+        SampleConfig,
+        check_compatible,
+        class_balanced,
+        image_seeds,
+        sample_images,
+        write_samples,
+    )
     from elmgen.tokenizer import load_tokenizer
     from elmgen.training import resolve_device
 
@@ -75,9 +81,15 @@ def cmd_sample(a) -> None:
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise ElmgenError(f"classes {bad} are out of range: the model knows classes 0..{num_classes - 1}")
-    labels = torch.tensor(classes).repeat_interleave(a.num_per_class)
-    images = sample_images(model, tokenizer, labels, cfg, batch_size=a.batch_size)
-    png, npz = write_samples(images, labels, a.out, ncols=a.num_per_class)
+    if not 0 <= a.rank < a.world_size:
+        raise ElmgenError(f"--rank {a.rank} must be in [0, --world-size {a.world_size})")
+    labels, index_in_class = class_balanced(classes, a.num_per_class)
+    seeds = image_seeds(cfg.seed, labels, index_in_class)
+    # Shard r of w takes every w-th image; seeds are per image, so shards never repeat one.
+    labels, seeds = labels[a.rank::a.world_size], seeds[a.rank::a.world_size]
+    images = sample_images(model, tokenizer, labels, seeds, cfg, batch_size=a.batch_size)
+    name = "samples" if a.world_size == 1 else f"samples_rank{a.rank:05d}"
+    png, npz = write_samples(images, labels, seeds, a.out, ncols=a.num_per_class, name=name)
     print(json.dumps({"png": str(png), "npz": str(npz), "images": len(labels), **to_dict(cfg)}))
 
 
@@ -179,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix each step (slow; for checks)")
     s.add_argument("--device", default="auto")
+    s.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
+                   help="this shard's index (default: $RANK or 0); writes samples_rankNNNNN.npz")
+    s.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                   help="number of shards (default: $WORLD_SIZE or 1)")
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("model-info", help="parameter count of a preset, without allocating weights")

@@ -8,15 +8,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from elmgen import checkpoint
 from elmgen.codes import tokenize
 from elmgen.config import save_yaml, to_dict
 from elmgen.data import load_dataset
 from elmgen.model import ModelConfig, count_params, load_model, preset
 from elmgen.plots import loss_curve
-from elmgen.sampling import SampleConfig, sample_images, write_samples
+from elmgen.sampling import SampleConfig, class_balanced, image_seeds, sample_images, write_samples
 from elmgen.tokenizer import TokenizerConfig, load_tokenizer
 from elmgen.train import LMJob, TokenizerJob, train_lm, train_tokenizer
 from elmgen.training import TrainConfig, read_metrics
@@ -71,9 +69,10 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path) -> dict:
     timings["lm"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    labels = torch.arange(len(tok_meta["class_names"])).repeat_interleave(cfg.num_per_class)
-    images = sample_images(model, tokenizer, labels, cfg.sample)
-    write_samples(images, labels, out, ncols=cfg.num_per_class)
+    labels, index_in_class = class_balanced(list(range(len(tok_meta["class_names"]))), cfg.num_per_class)
+    seeds = image_seeds(cfg.sample.seed, labels, index_in_class)
+    images = sample_images(model, tokenizer, labels, seeds, cfg.sample)
+    write_samples(images, labels, seeds, out, ncols=cfg.num_per_class)
     timings["sample"] = time.perf_counter() - t
 
     metrics = {

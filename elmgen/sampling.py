@@ -75,22 +75,38 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample_logits(logits_BnV: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per (row, sub-code) from the last dimension: (..., V) -> (...) int64."""
+                  uniforms_Bn: torch.Tensor) -> torch.Tensor:
+    """One draw per (row, sub-code) from the last dimension: (..., V) -> (...) int64.
+
+    Draws by inverting the CDF at the given uniforms, so each image's randomness is its own
+    (seeded per image) and independent of the batch it is generated in.
+    """
     if temperature == 0:
         return logits_BnV.argmax(-1)
     logits = top_p_filter(top_k_filter(logits_BnV.float() / temperature, top_k), top_p)
-    probs_NV = logits.softmax(-1).flatten(0, -2)
-    return torch.multinomial(probs_NV, 1, generator=generator).view(logits.shape[:-1])
+    cdf = logits.softmax(-1).cumsum(-1)
+    target = (uniforms_Bn.to(cdf) * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
+
+
+def image_seeds(base_seed: int, labels_N: torch.Tensor, index_in_class_N: torch.Tensor) -> list[int]:
+    """A distinct seed for the j-th image of class c: never repeated within a class, shard-independent."""
+    return [int(np.random.SeedSequence([base_seed, int(c), int(j)]).generate_state(1, np.uint64)[0] >> 1)
+            for c, j in zip(labels_N.tolist(), index_in_class_N.tolist(), strict=True)]
+
+
+def uniforms_for(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """(len(seeds), *shape) uniforms in [0, 1), row i drawn from its own generator seeded with seeds[i]."""
+    return torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 @torch.no_grad()
-def generate(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Class-conditional raster-order generation: labels (B,) -> sub-codes (B, L, n)."""
+def generate(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int]) -> torch.Tensor:
+    """Class-conditional raster-order generation: labels (B,) -> sub-codes (B, L, n), one seed per image."""
     cfg.validate(model.vocab_size)
     model.eval()
     B, L, n = labels_B.shape[0], model.cfg.num_cells, model.n_sub
+    uniforms_BLn = uniforms_for(seeds, (L, n)).to(labels_B.device)
     guided = cfg.cfg_scale != 1.0
     labels_in = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
     out_BLn = torch.zeros(B, L, n, dtype=torch.long, device=labels_B.device)
@@ -109,7 +125,7 @@ def generate(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig,
         if guided:
             cond, uncond = logits.chunk(2)
             logits = apply_cfg(cond, uncond, cfg_scale_at(t, L, cfg.cfg_scale, cfg.cfg_schedule))
-        out_BLn[:, t] = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        out_BLn[:, t] = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms_BLn[:, t])
     return out_BLn
 
 
@@ -133,29 +149,36 @@ def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
         )
 
 
+def class_balanced(classes: list[int], num_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (N,) and each image's index within its class, class by class."""
+    labels = torch.tensor(classes).repeat_interleave(num_per_class)
+    return labels, torch.arange(num_per_class).repeat(len(classes))
+
+
 @torch.no_grad()
-def sample_images(model: Transformer, tokenizer: BinaryAutoencoder, labels: torch.Tensor, cfg: SampleConfig,
-                  batch_size: int = 100, progress: bool = True) -> torch.Tensor:
-    """Class labels (N,) -> uint8 images (N, C, H, W), generated batch by batch from one seed."""
+def sample_images(model: Transformer, tokenizer: BinaryAutoencoder, labels: torch.Tensor, seeds: list[int],
+                  cfg: SampleConfig, batch_size: int = 100, progress: bool = True) -> torch.Tensor:
+    """Class labels (N,) and per-image seeds -> uint8 images (N, C, H, W)."""
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     vocab, g = model.cfg.vocabulary, model.cfg.grid_size
     out = []
     for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
-        sub_BLn = generate(model, labels[start:start + batch_size].to(device), cfg, generator)
+        batch = slice(start, start + batch_size)
+        sub_BLn = generate(model, labels[batch].to(device), cfg, seeds[batch])
         bits = cells_to_bits(subcodes_to_cells(sub_BLn, vocab), vocab.bits, g, g)
         out.append(to_uint8(tokenizer.decode(bits.to(next(tokenizer.parameters()).device))).cpu())
     return torch.cat(out)
 
 
-def write_samples(images_NCHW: torch.Tensor, labels_N: torch.Tensor, out_dir, ncols: int,
+def write_samples(images_NCHW: torch.Tensor, labels_N: torch.Tensor, seeds: list[int], out_dir, ncols: int,
                   name: str = "samples") -> tuple[Path, Path]:
-    """`name`.png (a grid, one row per `ncols` images) and an ADM-style `name`.npz (arr_0 NHWC uint8, arr_1)."""
+    """`name`.png (a grid, `ncols` images a row) and an ADM-style `name`.npz (arr_0 NHWC uint8, arr_1 labels,
+    plus each image's seed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
     image_grid(images_NCHW, ncols=ncols, scale=2).save(png)
     tmp = out_dir / f".{name}.tmp.npz"
-    np.savez(tmp, images_NCHW.permute(0, 2, 3, 1).numpy(), labels_N.numpy())
+    np.savez(tmp, images_NCHW.permute(0, 2, 3, 1).numpy(), labels_N.numpy(), seeds=np.asarray(seeds, np.uint64))
     os.replace(tmp, npz)
     return png, npz

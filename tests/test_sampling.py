@@ -7,7 +7,9 @@ from elmgen.sampling import (
     SampleConfig,
     apply_cfg,
     cfg_scale_at,
+    class_balanced,
     generate,
+    image_seeds,
     sample_logits,
     top_k_filter,
     top_p_filter,
@@ -35,16 +37,35 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_filtered_draws_stay_inside_the_kept_set():
     logits = torch.randn(4, 2, 50)
-    g = torch.Generator().manual_seed(0)
     allowed = torch.isfinite(top_p_filter(top_k_filter(logits, 7), 0.6))
     for _ in range(50):
-        draw = sample_logits(logits, 1.0, 7, 0.6, g)
+        draw = sample_logits(logits, 1.0, 7, 0.6, torch.rand(4, 2))
         assert allowed.gather(-1, draw[..., None]).all()
+
+
+def test_inverse_cdf_draws_follow_the_distribution():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    draws = sample_logits(probs.log().expand(20000, 4), 1.0, 0, 1.0, torch.rand(20000))
+    freq = torch.bincount(draws, minlength=4) / 20000
+    assert freq[1] == 0 and torch.allclose(freq, probs, atol=0.015)
+    edges = sample_logits(probs.log().expand(3, 4), 1.0, 0, 1.0, torch.tensor([0.0, 0.7, 0.999999]))
+    assert edges.tolist() == [0, 2, 3]
+
+
+def test_image_seeds_never_repeat_within_a_class():
+    labels, index = class_balanced(list(range(10)), 2)
+    seeds = image_seeds(0, labels, index)
+    assert labels.tolist() == [c for c in range(10) for _ in range(2)] and index.tolist() == [0, 1] * 10
+    for c in range(10):
+        in_class = [s for s, lab in zip(seeds, labels.tolist(), strict=True) if lab == c]
+        assert len(set(in_class)) == len(in_class) == 2
+    assert image_seeds(0, labels[4:6], index[4:6]) == seeds[4:6]  # a shard gets the same seeds
+    assert image_seeds(1, labels, index) != seeds
 
 
 def test_greedy_and_cfg_rules():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
-    assert sample_logits(logits, 0.0, 0, 1.0).tolist() == [1]
+    assert sample_logits(logits, 0.0, 0, 1.0, torch.rand(1)).tolist() == [1]
     cond, uncond = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     assert apply_cfg(cond, uncond, 3.0).tolist() == [4.0, -2.0]
     assert [cfg_scale_at(t, 4, 5.0, "linear") for t in range(4)] == [2.0, 3.0, 4.0, 5.0]
@@ -70,16 +91,16 @@ def model():
 ])
 def test_kv_cache_gives_exactly_the_tokens_of_recomputation(model, cfg):
     labels = torch.tensor([0, 1, 2, 1])
-    cached = generate(model, labels, cfg, torch.Generator().manual_seed(7))
+    cached = generate(model, labels, cfg, seeds=[7, 8, 9, 10])
     cfg.kv_cache = False
-    full = generate(model, labels, cfg, torch.Generator().manual_seed(7))
+    full = generate(model, labels, cfg, seeds=[7, 8, 9, 10])
     assert cached.shape == (4, 16, 2)
     assert torch.equal(cached, full)
 
 
 def test_seed_reproduces_and_changes_samples(model):
-    cfg, labels = SampleConfig(), torch.tensor([0, 1])
-    a = generate(model, labels, cfg, torch.Generator().manual_seed(1))
-    b = generate(model, labels, cfg, torch.Generator().manual_seed(1))
-    c = generate(model, labels, cfg, torch.Generator().manual_seed(2))
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    cfg, labels = SampleConfig(), torch.tensor([0, 1, 2])
+    a = generate(model, labels, cfg, [1, 2, 3])
+    assert torch.equal(a, generate(model, labels, cfg, [1, 2, 3]))
+    assert not torch.equal(a, generate(model, labels, cfg, [4, 2, 3]))
+    assert torch.equal(a[1:], generate(model, labels[1:], cfg, [2, 3]))  # batch-independent
