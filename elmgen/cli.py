@@ -50,7 +50,7 @@ def cmd_train(a) -> None:
 
     meta = CodeDataset(a.codes).meta
     model = {**preset(a.preset), "vocab": a.vocab or meta["vocab"], "grid_size": meta["grid"],
-             "num_classes": meta["num_classes"]}
+             "num_classes": meta["num_classes"], "kind": a.kind}
     job = build_config(LMJob, a.config, a.overrides, model=model)
     rows = train_lm(job, a.codes, a.out, resume=a.resume)
     if rows:
@@ -75,7 +75,8 @@ def cmd_sample(a) -> None:
     tokenizer, tok_meta = load_tokenizer(a.tokenizer or lm_meta["codes"]["tokenizer"], device)
     check_compatible(lm_meta, tok_meta)
     cfg = SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, temperature=a.temperature,
-                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache)
+                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache, steps=a.steps,
+                       mask_noise=a.mask_noise)
     num_classes = model.cfg.num_classes
     classes = a.classes if a.classes is not None else list(range(num_classes))
     bad = [c for c in classes if not 0 <= c < num_classes]
@@ -163,19 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=256)
     s.set_defaults(func=cmd_tokenize)
 
-    s = sub.add_parser("train", help="train the autoregressive transformer on a code folder",
-                       description="Train a class-conditional AR transformer on pre-tokenized codes; writes "
+    s = sub.add_parser("train", help="train the AR or masked transformer on a code folder",
+                       description="Train a class-conditional AR or MLM transformer on pre-tokenized codes; writes "
                                    "checkpoints (safetensors + JSON), metrics.jsonl and loss.png.")
     s.add_argument("--codes", required=True, help="code folder written by 'elmgen tokenize'")
     s.add_argument("--out", required=True, help="run folder to write")
     s.add_argument("--preset", default="tiny", help="model size: micro, tiny, small, B, L, XL, XXL, 2B")
+    s.add_argument("--kind", default="ar", choices=["ar", "mlm"],
+                   help="ar: autoregressive, raster order; mlm: masked model with MaskGIT decoding")
     s.add_argument("--vocab", help="vocabulary split N-C (default: the code folder's)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     _common(s, "YAML with model/train sections (see configs/lm-*.yaml)")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate class-conditional images",
-                       description="Sample images with KV-cached decoding and classifier-free guidance; writes "
+                       description="Sample images (AR: KV-cached decoding; MLM: MaskGIT) with classifier-free "
+                                   "guidance; writes "
                                    "samples.png (one row per class) and samples.npz (ADM layout).")
     s.add_argument("--model", required=True, help="LM run folder or checkpoint")
     s.add_argument("--tokenizer", help="tokenizer run folder (default: the one the LM's codes came from)")
@@ -189,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely entries per sub-code (0: all)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass per sub-code")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix each step (slow; for checks)")
+    s.add_argument("--no-kv-cache", action="store_true", help="AR: recompute the prefix each step (slow; for checks)")
+    s.add_argument("--steps", type=int, default=10, help="MLM: MaskGIT decoding steps")
+    s.add_argument("--mask-noise", type=float, default=4.5,
+                   help="MLM: scale of the Gumbel noise on confidences (annealed to 0)")
     s.add_argument("--device", default="auto")
     s.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
                    help="this shard's index (default: $RANK or 0); writes samples_rankNNNNN.npz")

@@ -3,7 +3,11 @@
 Sequence layout: position 0 is the class token (the null class num_classes drives unconditional
 guidance), position p >= 1 is grid cell p-1 in raster order. Each cell carries n sub-codes; their
 embeddings are concatenated and projected to the model width, and n heads (one fused matrix)
-predict the n sub-codes of the next cell from the same hidden state.
+predict n sub-codes from the same hidden state.
+
+One transformer serves both model kinds: "ar" attends causally and position p predicts cell p
+(the next cell); "mlm" attends both ways, sees every cell (masked ones as a mask entry appended to
+each sub-code table) and position p >= 1 predicts cell p-1 itself.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     mlp_multiple_of: int = 256  # SwiGLU hidden = smallest multiple of this >= 8*d/3
+    kind: str = "ar"  # "ar": causal, raster order; "mlm": bidirectional over masked cells (MaskGIT)
 
     @property
     def head_dim(self) -> int:
@@ -51,6 +56,8 @@ class ModelConfig:
         return m * math.ceil(int(8 * self.d_model / 3) / m)
 
     def validate(self) -> None:
+        if self.kind not in ("ar", "mlm"):
+            raise ElmgenError(f"model.kind must be 'ar' or 'mlm', not {self.kind!r}")
         if self.d_model % self.n_head:
             raise ElmgenError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.head_dim % 4:
@@ -129,7 +136,7 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.n_head, self.head_dim, self.causal = cfg.n_head, cfg.head_dim, cfg.kind == "ar"
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
@@ -139,13 +146,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)
-        if T == 1:  # one new query may see every cached key
-            out = F.scaled_dot_product_attention(q, k, v)
-        elif start == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            mask_TS = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS)
+        if self.causal and T > 1 and start > 0:
+            raise ValueError("causal attention takes several new tokens only at the start of the sequence")
+        # Causal masking only matters between new tokens: one new query may see every cached key.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and T > 1)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -174,7 +178,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Autoregressive (causal, raster order) class-conditional image-token transformer."""
+    """Class-conditional image-token transformer, autoregressive or masked (`cfg.kind`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -182,15 +186,17 @@ class Transformer(nn.Module):
         self.cfg = cfg
         vocab = cfg.vocabulary
         self.n_sub, self.vocab_size = vocab.num_subcodes, vocab.size
+        self.mask_index = vocab.size  # MLM input entry of a masked sub-code (never predicted)
+        table = vocab.size + (cfg.kind == "mlm")
         d = cfg.d_model
         self.cls_emb = nn.Embedding(cfg.num_classes + 1, d)  # last row: the null class
-        self.tok_emb = nn.Embedding(self.n_sub * self.vocab_size, d)  # n tables stacked
+        self.tok_emb = nn.Embedding(self.n_sub * table, d)  # n tables stacked
         self.tok_proj = nn.Linear(self.n_sub * d, d, bias=False)
         self.tok_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.head = nn.Linear(d, self.n_sub * self.vocab_size, bias=False)  # n heads fused
-        self.register_buffer("sub_offsets", torch.arange(self.n_sub) * self.vocab_size, persistent=False)
+        self.register_buffer("sub_offsets", torch.arange(self.n_sub) * table, persistent=False)
         cos, sin = rope_2d(sequence_positions(cfg.grid_size), cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -220,7 +226,10 @@ class Transformer(nn.Module):
         return logits.unflatten(-1, (self.n_sub, self.vocab_size))
 
     def forward(self, labels_B: torch.Tensor, sub_BTn: torch.Tensor, caches=None) -> torch.Tensor:
-        """Logits (B, 1+T, n, V) at the class token and the T given cells (teacher forcing)."""
+        """Logits (B, 1+T, n, V) at the class token and the T given cells.
+
+        AR: T <= L-1 cells, teacher forcing. MLM: all L cells, masked sub-codes set to `mask_index`.
+        """
         if self.training and self.cfg.class_dropout > 0:
             drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
             labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
@@ -252,7 +261,7 @@ def load_model(path, device="cpu") -> tuple[Transformer, dict]:
     from elmgen.config import from_dict
 
     meta = checkpoint.load_config(path)
-    if meta.get("kind") != "ar":
+    if meta.get("kind") != "lm":
         raise ElmgenError(f"{path} is not a language-model checkpoint (kind {meta.get('kind')!r})")
     model = Transformer(from_dict(ModelConfig, meta["model"]))
     checkpoint.load_weights(path, model)

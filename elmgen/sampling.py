@@ -1,7 +1,8 @@
-"""Sampling rules as small pure functions, and KV-cached autoregressive generation with CFG."""
+"""Sampling rules as small pure functions; KV-cached AR generation and MaskGIT decoding, both with CFG."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,9 @@ class SampleConfig:
     top_k: int = 0  # keep the k most likely entries of each sub-code vocabulary; 0 keeps all
     top_p: float = 1.0  # keep the smallest set of entries holding this much probability
     seed: int = 0
-    kv_cache: bool = True  # False recomputes the whole prefix at every step (for checking)
+    kv_cache: bool = True  # AR: False recomputes the whole prefix at every step (for checking)
+    steps: int = 10  # MLM: decoding steps
+    mask_noise: float = 4.5  # MLM: Gumbel noise scale on confidences, annealed to 0 over the steps
 
     def validate(self, vocab_size: int | None = None) -> None:
         if self.cfg_schedule not in CFG_SCHEDULES:
@@ -39,6 +42,8 @@ class SampleConfig:
             raise ElmgenError(f"top_p must be in (0, 1], not {self.top_p}")
         if self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
             raise ElmgenError(f"top_k must be between 0 and the sub-code vocabulary size {vocab_size}")
+        if self.steps < 1 or self.mask_noise < 0:
+            raise ElmgenError("steps must be >= 1 and mask_noise >= 0")
 
 
 def cfg_scale_at(step: int, num_steps: int, scale: float, schedule: str) -> float:
@@ -48,6 +53,19 @@ def cfg_scale_at(step: int, num_steps: int, scale: float, schedule: str) -> floa
     if schedule == "linear":
         return 1.0 + (scale - 1.0) * (step + 1) / num_steps
     raise ElmgenError(f"unknown cfg schedule {schedule!r}; use one of {CFG_SCHEDULES}")
+
+
+def masked_fraction(progress):
+    """Cosine mask schedule: share of cells masked after `progress` in [0, 1] of decoding (float or tensor).
+    Training draws its mask ratios from the same curve at uniform progress."""
+    return torch.cos(math.pi / 2 * torch.as_tensor(progress, dtype=torch.float64))
+
+
+def cells_left_masked(step: int, num_steps: int, num_cells: int) -> int:
+    """Cells still masked after MaskGIT step `step` (0-based) of `num_steps`; 0 after the last."""
+    if step + 1 >= num_steps:
+        return 0
+    return math.floor(num_cells * float(masked_fraction((step + 1) / num_steps)) + 1e-9)
 
 
 def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -74,6 +92,13 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def shape_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution actually sampled: temperature, then top-k, then top-p."""
+    if temperature == 0:
+        return logits.float()
+    return top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+
+
 def sample_logits(logits_BnV: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   uniforms_Bn: torch.Tensor) -> torch.Tensor:
     """One draw per (row, sub-code) from the last dimension: (..., V) -> (...) int64.
@@ -83,7 +108,7 @@ def sample_logits(logits_BnV: torch.Tensor, temperature: float, top_k: int, top_
     """
     if temperature == 0:
         return logits_BnV.argmax(-1)
-    logits = top_p_filter(top_k_filter(logits_BnV.float() / temperature, top_k), top_p)
+    logits = shape_logits(logits_BnV, temperature, top_k, top_p)
     cdf = logits.softmax(-1).cumsum(-1)
     target = (uniforms_Bn.to(cdf) * cdf[..., -1]).unsqueeze(-1)
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
@@ -100,18 +125,28 @@ def uniforms_for(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-@torch.no_grad()
 def generate(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int]) -> torch.Tensor:
-    """Class-conditional raster-order generation: labels (B,) -> sub-codes (B, L, n), one seed per image."""
+    """Class-conditional generation: labels (B,) -> sub-codes (B, L, n), one seed per image."""
     cfg.validate(model.vocab_size)
     model.eval()
+    return (generate_mlm if model.cfg.kind == "mlm" else generate_ar)(model, labels_B, cfg, seeds)
+
+
+def _with_null(model: Transformer, labels_B: torch.Tensor, guided: bool) -> torch.Tensor:
+    """The guided batch: conditional rows, then the same rows with the null class."""
+    return torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
+
+
+@torch.no_grad()
+def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int]) -> torch.Tensor:
+    """Raster-order decoding, one cell per step, with a KV cache unless cfg.kv_cache is off."""
     B, L, n = labels_B.shape[0], model.cfg.num_cells, model.n_sub
     uniforms_BLn = uniforms_for(seeds, (L, n)).to(labels_B.device)
     guided = cfg.cfg_scale != 1.0
-    labels_in = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
+    labels_in = _with_null(model, labels_B, guided)
     out_BLn = torch.zeros(B, L, n, dtype=torch.long, device=labels_B.device)
 
-    def both(x):  # the guided batch: conditional rows, then their unconditional twins
+    def both(x):
         return torch.cat([x, x]) if guided else x
 
     caches = model.new_caches(labels_in.shape[0]) if cfg.kv_cache else None
@@ -147,6 +182,39 @@ def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
             f"{lm_meta['codes']['tokenizer_fingerprint']}), not {tokenizer_meta['path']} "
             f"(weights {tokenizer_meta['fingerprint']}); pass the tokenizer the LM was trained with"
         )
+
+
+@torch.no_grad()
+def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int]) -> torch.Tensor:
+    """MaskGIT: start fully masked; each step samples every masked cell, keeps the most confident
+    (log p averaged over sub-codes + annealed Gumbel noise) and re-masks the rest on a cosine schedule."""
+    B, L, n, S = labels_B.shape[0], model.cfg.num_cells, model.n_sub, cfg.steps
+    noise_BSLm = uniforms_for(seeds, (S, L, n + 1)).to(labels_B.device)  # n token draws + 1 Gumbel per cell
+    guided = cfg.cfg_scale != 1.0
+    labels_in = _with_null(model, labels_B, guided)
+    sub_BLn = torch.full((B, L, n), model.mask_index, dtype=torch.long, device=labels_B.device)
+    masked_BL = torch.ones(B, L, dtype=torch.bool, device=labels_B.device)
+    for t in range(S):
+        x = torch.cat([sub_BLn, sub_BLn]) if guided else sub_BLn
+        logits = model(labels_in, x)[:, 1:].float()
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = apply_cfg(cond, uncond, cfg_scale_at(t, S, cfg.cfg_scale, cfg.cfg_schedule))
+        draw_BLn = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, noise_BSLm[:, t, :, :n])
+        logp = shape_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p).log_softmax(-1)
+        confidence_BL = logp.gather(-1, draw_BLn[..., None]).squeeze(-1).mean(-1)
+        u = noise_BSLm[:, t, :, n].clamp(1e-20, 1 - 1e-7)
+        confidence_BL = confidence_BL + cfg.mask_noise * (1 - (t + 1) / S) * -torch.log(-torch.log(u))
+        confidence_BL = confidence_BL.masked_fill(~masked_BL, float("inf"))  # known cells are never re-masked
+        # Keep at most (still masked - 1) masked, so every step reveals at least one cell.
+        keep = min(cells_left_masked(t, S, L), int(masked_BL.sum(-1).min()) - 1)
+        still_BL = torch.zeros_like(masked_BL)
+        if keep > 0:
+            still_BL.scatter_(1, confidence_BL.topk(keep, dim=-1, largest=False).indices, True)
+        revealed_BL = masked_BL & ~still_BL
+        sub_BLn = torch.where(revealed_BL[..., None], draw_BLn, sub_BLn)
+        masked_BL = still_BL
+    return sub_BLn
 
 
 def class_balanced(classes: list[int], num_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:

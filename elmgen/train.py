@@ -17,6 +17,7 @@ from elmgen.errors import ElmgenError
 from elmgen.evaluation import evaluate_tokenizer
 from elmgen.model import ModelConfig, Transformer
 from elmgen.plots import image_grid, loss_curve
+from elmgen.sampling import masked_fraction
 from elmgen.tokenizer import BinaryAutoencoder, TokenizerConfig
 from elmgen.training import TrainConfig, batch_indices, fit, is_main_process, resolve_device
 from elmgen.vocab import Vocab
@@ -93,7 +94,7 @@ def save_reconstructions(model: BinaryAutoencoder, dataset, path, n: int = 16) -
 
 
 def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: bool = False) -> list[dict]:
-    """Train the AR transformer on a code folder; writes checkpoints, metrics.jsonl and loss.png."""
+    """Train the AR or MLM transformer on a code folder; writes checkpoints, metrics.jsonl and loss.png."""
     out_dir = Path(out_dir)
     codes = CodeDataset(codes_dir)
     meta, cfg = codes.meta, job.model
@@ -104,22 +105,41 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
     device = resolve_device(job.train.device)
     torch.manual_seed(job.train.seed)
     model = Transformer(cfg).to(device)
-    ckpt_config = {"kind": "ar", "model": to_dict(cfg), "codes": {**meta, "path": str(Path(codes_dir).resolve())}}
+    ckpt_config = {"kind": "lm", "model": to_dict(cfg), "codes": {**meta, "path": str(Path(codes_dir).resolve())}}
     _write_job(out_dir, job)
     B = job.train.batch_size
 
     def step_fn(model, step):
         sub_BLn, labels_B = codes.batch(batch_indices(step, B, len(codes), job.train.seed), vocab)
         sub_BLn, labels_B = sub_BLn.to(device), labels_B.to(device)
-        logits = model(labels_B, sub_BLn[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 2), sub_BLn.flatten()), {}
+        loss_fn = mlm_loss if cfg.kind == "mlm" else ar_loss
+        return loss_fn(model, labels_B, sub_BLn), {}
 
-    rows = fit(model, job.train, out_dir, step_fn, ckpt_config, resume, desc="LM",
+    rows = fit(model, job.train, out_dir, step_fn, ckpt_config, resume, desc=cfg.kind.upper(),
                units_per_step=B * cfg.num_cells, unit="tok")
     if is_main_process():
-        loss_curve(rows, out_dir / "loss.png", title=f"AR loss, vocabulary {vocab}",
+        loss_curve(rows, out_dir / "loss.png", title=f"{cfg.kind.upper()} loss, vocabulary {vocab}",
                    hline=float(torch.log(torch.tensor(float(vocab.size)))), hline_label=f"ln {vocab.size} (uniform)")
     return rows
+
+
+def ar_loss(model: Transformer, labels_B: torch.Tensor, sub_BLn: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over (cell, sub-code) of next-cell prediction."""
+    logits = model(labels_B, sub_BLn[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 2), sub_BLn.flatten())
+
+
+def mlm_loss(model: Transformer, labels_B: torch.Tensor, sub_BLn: torch.Tensor) -> torch.Tensor:
+    """Mask a cosine-schedule share of each sequence's cells (all sub-codes of a cell together);
+    mean cross-entropy over the masked (cell, sub-code) pairs."""
+    B, L, _ = sub_BLn.shape
+    ratio_B = masked_fraction(torch.rand(B)).float().to(sub_BLn.device)
+    num_masked_B = (ratio_B * L).ceil().clamp(1, L)
+    rank_BL = torch.rand(B, L, device=sub_BLn.device).argsort(-1).argsort(-1)  # a random order of the cells
+    masked_BL = rank_BL < num_masked_B[:, None]
+    x = sub_BLn.masked_fill(masked_BL[..., None], model.mask_index)
+    logits = model(labels_B, x)[:, 1:]
+    return F.cross_entropy(logits[masked_BL].float().flatten(0, 1), sub_BLn[masked_BL].flatten())
 
 
 def _write_job(out_dir: Path, job) -> None:

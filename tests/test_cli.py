@@ -103,3 +103,16 @@ def test_every_command_has_help(capsys):
             main([command, "--help"])
         assert exc.value.code == 0
         assert "usage: elmgen " + command in capsys.readouterr().out
+
+
+def test_mlm_trains_and_samples(pipeline, tmp_path, capsys):
+    _, codes, _ = pipeline
+    mlm = tmp_path / "mlm"
+    code, out, _ = run(capsys, "train", "--codes", codes, "--out", mlm, "--preset", "micro", "--kind", "mlm",
+                       "train.steps=3", "train.batch_size=4")
+    assert code == 0 and json.loads(out)["step"] == 3
+    code, out, _ = run(capsys, "sample", "--model", mlm, "--out", tmp_path / "s", "--num-per-class", 1,
+                       "--steps", 4, "--classes", 2, 7)
+    assert code == 0 and json.loads(out)["steps"] == 4
+    data = np.load(tmp_path / "s" / "samples.npz")
+    assert data["arr_0"].shape == (2, 32, 32, 1) and data["arr_1"].tolist() == [2, 7]
