@@ -38,7 +38,7 @@ def cmd_tokenize(a) -> None:
     tokenizer, meta = load_tokenizer(a.tokenizer)
     data = DataConfig(source=a.data or meta["data"]["source"], split=a.split, image_size=meta["image_size"],
                       channels=meta["channels"], limit=a.limit)
-    vocab = Vocab.parse(a.vocab) if a.vocab else Vocab.split(tokenizer.cfg.num_bits, 2)
+    vocab = Vocab.parse(a.vocab) if a.vocab else Vocab.split(tokenizer.code_bits, 2)
     out = tokenize(tokenizer, meta, load_dataset(data), a.out, vocab, flip=a.flip, batch_size=a.batch_size)
     print(json.dumps(out, indent=2))
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from elmgen.data import ImageDataset, to_float
 from elmgen.errors import ElmgenError
 from elmgen.tokenizer import BinaryAutoencoder
-from elmgen.vocab import Vocab, bits_to_cells, cells_to_subcodes
+from elmgen.vocab import Vocab, cells_to_subcodes
 
 
 def code_dtype(bits: int) -> np.dtype:
@@ -32,7 +32,7 @@ def code_dtype(bits: int) -> np.dtype:
 def tokenize(tokenizer: BinaryAutoencoder, tokenizer_meta: dict, dataset: ImageDataset, out_dir,
              vocab: Vocab, flip: bool = False, batch_size: int = 256) -> dict:
     """Encode `dataset` (and its mirror images if `flip`) into a code folder; returns its meta."""
-    K = tokenizer.cfg.num_bits
+    K = tokenizer.code_bits
     Vocab.for_bits(str(vocab), K)
     out_dir = Path(out_dir)
     device = next(tokenizer.parameters()).device
@@ -45,7 +45,7 @@ def tokenize(tokenizer: BinaryAutoencoder, tokenizer_meta: dict, dataset: ImageD
         x = to_float(dataset.images(idx)).to(device)
         for c in range(copies):
             view = x.flip(-1) if c else x
-            codes[c * n + idx] = bits_to_cells(tokenizer.encode(view)).cpu().numpy()
+            codes[c * n + idx] = tokenizer.encode_cells(view).cpu().numpy()
     labels = np.tile(dataset.labels, copies).astype(np.int64)
     meta = {
         "tokenizer": tokenizer_meta["path"],

@@ -16,7 +16,7 @@ from elmgen.errors import ElmgenError
 from elmgen.model import Transformer
 from elmgen.plots import image_grid
 from elmgen.tokenizer import BinaryAutoencoder
-from elmgen.vocab import Vocab, cells_to_bits, subcodes_to_cells
+from elmgen.vocab import Vocab, subcodes_to_cells
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -168,7 +168,7 @@ def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
     """The LM must have been trained on codes of exactly this tokenizer."""
     vocab = Vocab.parse(lm_meta["model"]["vocab"])
     lm_grid = lm_meta["model"]["grid_size"]
-    tok_bits = tokenizer_meta["tokenizer"]["num_bits"]
+    tok_bits = tokenizer_meta["bits"]
     tok_grid = tokenizer_meta["grid"]
     if vocab.bits != tok_bits or lm_grid != tok_grid:
         raise ElmgenError(
@@ -233,8 +233,8 @@ def sample_images(model: Transformer, tokenizer: BinaryAutoencoder, labels: torc
     for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
         batch = slice(start, start + batch_size)
         sub_BLn = generate(model, labels[batch].to(device), cfg, seeds[batch])
-        bits = cells_to_bits(subcodes_to_cells(sub_BLn, vocab), vocab.bits, g, g)
-        out.append(to_uint8(tokenizer.decode(bits.to(next(tokenizer.parameters()).device))).cpu())
+        cells_BL = subcodes_to_cells(sub_BLn, vocab).to(next(tokenizer.parameters()).device)
+        out.append(to_uint8(tokenizer.decode_cells(cells_BL, g)).cpu())
     return torch.cat(out)
 
 

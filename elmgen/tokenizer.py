@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from elmgen.errors import ElmgenError
+from elmgen.vocab import bits_to_cells, cells_to_bits
 
 
 @dataclass
@@ -156,6 +157,20 @@ class BinaryAutoencoder(nn.Module):
         if bits_BKhw.shape[1] != self.cfg.num_bits:
             raise ElmgenError(f"decoder expects {self.cfg.num_bits} bits per cell, got {bits_BKhw.shape[1]}")
         return self.decoder(self.quantizer.embed(bits_BKhw))
+
+    # The interface every tokenizer offers to the rest of elmgen: integer cell codes in raster order.
+    @property
+    def code_bits(self) -> int:
+        """Bits of one cell code (K): cell codes lie in [0, 2^K)."""
+        return self.cfg.num_bits
+
+    def encode_cells(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> (B, h*w) int64 cell codes, deterministic binarization."""
+        return bits_to_cells(self.encode(x_BCHW))
+
+    def decode_cells(self, cells_BL: torch.Tensor, grid: int) -> torch.Tensor:
+        """(B, grid*grid) cell codes -> images in about [-1, 1]."""
+        return self.decode(cells_to_bits(cells_BL, self.code_bits, grid, grid).to(self.quantizer.embed.weight))
 
     def forward(self, x_BCHW: torch.Tensor):
         """Training pass: reconstruction, bit probabilities and the (straight-through) bits."""

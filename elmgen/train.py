@@ -54,7 +54,7 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
     torch.manual_seed(job.train.seed)
     model = BinaryAutoencoder(job.tokenizer).to(device)
     ckpt_config = {
-        "kind": "bae", "tokenizer": to_dict(job.tokenizer), "data": to_dict(job.data),
+        "kind": "bae", "tokenizer": to_dict(job.tokenizer), "data": to_dict(job.data), "bits": model.code_bits,
         "image_size": job.data.image_size, "channels": job.data.channels,
         "grid": job.data.image_size // job.tokenizer.downsample, "class_names": dataset.class_names,
     }
@@ -89,7 +89,8 @@ def save_reconstructions(model: BinaryAutoencoder, dataset, path, n: int = 16) -
     """Top row: originals; bottom row: reconstructions from deterministic codes."""
     device = next(model.parameters()).device
     x = to_float(dataset.images(list(range(min(n, len(dataset)))))).to(device)
-    recon = model.decode(model.encode(x)).clamp(-1, 1)
+    grid = x.shape[-1] // model.cfg.downsample
+    recon = model.decode_cells(model.encode_cells(x), grid).clamp(-1, 1)
     image_grid(to_uint8(torch.cat([x, recon])), ncols=x.shape[0], scale=3).save(path)
 
 
