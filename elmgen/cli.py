@@ -11,6 +11,7 @@ from dataclasses import replace
 from elmgen import __version__
 from elmgen.config import build_config, to_dict
 from elmgen.errors import ElmgenError
+from elmgen.sampling import CFG_SCHEDULES
 
 OVERRIDES_HELP = "config overrides as key=value, e.g. train.steps=500 tokenizer.num_bits=12"
 
@@ -74,7 +75,8 @@ def cmd_sample(a) -> None:
     model, lm_meta = load_model(a.model, device)
     tokenizer, tok_meta = load_tokenizer(a.tokenizer or lm_meta["codes"]["tokenizer"], device)
     check_compatible(lm_meta, tok_meta)
-    cfg = SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, temperature=a.temperature,
+    cfg = SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, cfg_power=a.cfg_power,
+                       cfg_interval=a.cfg_interval, temperature=a.temperature, temperature_end=a.temperature_end,
                        top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache, steps=a.steps,
                        mask_noise=a.mask_noise)
     num_classes = model.cfg.num_classes
@@ -188,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: all)")
     s.add_argument("--batch-size", type=int, default=100)
     s.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1 disables")
-    s.add_argument("--cfg-schedule", default="linear", choices=["constant", "linear"])
+    s.add_argument("--cfg-schedule", default="linear", choices=list(CFG_SCHEDULES),
+                   help="ramp of the guidance scale over the steps (default: linear)")
+    s.add_argument("--cfg-power", type=float, default=2.0, help="exponent of the 'power' schedule")
+    s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
+                   help="guide only while the step's progress (t+1)/T is in [LO, HI]")
     s.add_argument("--temperature", type=float, default=1.0, help="0 samples greedily")
+    s.add_argument("--temperature-end", type=float, help="move the temperature linearly to this over the steps")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely entries per sub-code (0: all)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass per sub-code")
     s.add_argument("--seed", type=int, default=0)

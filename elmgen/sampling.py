@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +18,18 @@ from elmgen.plots import image_grid
 from elmgen.tokenizer import BinaryAutoencoder
 from elmgen.vocab import Vocab, subcodes_to_cells
 
-CFG_SCHEDULES = ("constant", "linear")
+CFG_SCHEDULES = ("constant", "linear", "cosine", "power")
 
 
 @dataclass
 class SampleConfig:
     cfg_scale: float = 3.0  # 1 disables classifier-free guidance
-    cfg_schedule: str = "linear"  # "constant": s; "linear": 1 + (s - 1)(t + 1)/T
+    cfg_schedule: str = "linear"  # how the scale ramps from 1 to cfg_scale with progress p = (t+1)/T:
+    #   constant: s; linear: 1 + (s-1) p; cosine: 1 + (s-1)(1 - cos(pi p))/2; power: 1 + (s-1) p^cfg_power
+    cfg_power: float = 2.0
+    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only while p is inside
     temperature: float = 1.0  # 0 samples greedily (argmax)
+    temperature_end: float | None = None  # if set, temperature moves linearly to this over the steps
     top_k: int = 0  # keep the k most likely entries of each sub-code vocabulary; 0 keeps all
     top_p: float = 1.0  # keep the smallest set of entries holding this much probability
     seed: int = 0
@@ -36,8 +40,11 @@ class SampleConfig:
     def validate(self, vocab_size: int | None = None) -> None:
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ElmgenError(f"cfg_schedule must be one of {CFG_SCHEDULES}, not {self.cfg_schedule!r}")
-        if self.temperature < 0:
-            raise ElmgenError(f"temperature must be >= 0, not {self.temperature}")
+        lo, hi = self.cfg_interval
+        if not 0 <= lo <= hi <= 1:
+            raise ElmgenError(f"cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1, not {self.cfg_interval}")
+        if self.temperature < 0 or (self.temperature_end is not None and self.temperature_end < 0):
+            raise ElmgenError("temperature and temperature_end must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ElmgenError(f"top_p must be in (0, 1], not {self.top_p}")
         if self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
@@ -46,13 +53,34 @@ class SampleConfig:
             raise ElmgenError("steps must be >= 1 and mask_noise >= 0")
 
 
-def cfg_scale_at(step: int, num_steps: int, scale: float, schedule: str) -> float:
-    """Guidance scale at decoding step `step` of `num_steps`."""
-    if schedule == "constant":
-        return scale
-    if schedule == "linear":
-        return 1.0 + (scale - 1.0) * (step + 1) / num_steps
-    raise ElmgenError(f"unknown cfg schedule {schedule!r}; use one of {CFG_SCHEDULES}")
+def cfg_scale_at(step: int, num_steps: int, scale: float, schedule: str, power: float = 2.0,
+                 interval: tuple[float, float] | list[float] = (0.0, 1.0)) -> float:
+    """Guidance scale at decoding step `step` (0-based) of `num_steps`; 1 outside the interval."""
+    progress = (step + 1) / num_steps
+    if not interval[0] <= progress <= interval[1]:
+        return 1.0
+    ramps = {
+        "constant": lambda p: 1.0,
+        "linear": lambda p: p,
+        "cosine": lambda p: (1 - math.cos(math.pi * p)) / 2,
+        "power": lambda p: p**power,
+    }
+    if schedule not in ramps:
+        raise ElmgenError(f"unknown cfg schedule {schedule!r}; use one of {CFG_SCHEDULES}")
+    return 1.0 + (scale - 1.0) * ramps[schedule](progress)
+
+
+def temperature_at(step: int, num_steps: int, start: float, end: float | None) -> float:
+    """Per-step temperature: constant, or linear from `start` at the first step to `end` at the last."""
+    if end is None or num_steps == 1:
+        return start
+    return start + (end - start) * step / (num_steps - 1)
+
+
+def _step_rules(cfg: SampleConfig, step: int, num_steps: int) -> tuple[float, float]:
+    """(guidance scale, temperature) at one decoding step."""
+    scale = cfg_scale_at(step, num_steps, cfg.cfg_scale, cfg.cfg_schedule, cfg.cfg_power, cfg.cfg_interval)
+    return scale, temperature_at(step, num_steps, cfg.temperature, cfg.temperature_end)
 
 
 def masked_fraction(progress):
@@ -157,10 +185,11 @@ def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
         elif t > 0:
             logits = model(labels_in, both(out_BLn[:, :t]))[:, -1]
         logits = logits.float()
+        scale, temperature = _step_rules(cfg, t, L)
         if guided:
             cond, uncond = logits.chunk(2)
-            logits = apply_cfg(cond, uncond, cfg_scale_at(t, L, cfg.cfg_scale, cfg.cfg_schedule))
-        out_BLn[:, t] = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniforms_BLn[:, t])
+            logits = apply_cfg(cond, uncond, scale)
+        out_BLn[:, t] = sample_logits(logits, temperature, cfg.top_k, cfg.top_p, uniforms_BLn[:, t])
     return out_BLn
 
 
@@ -197,11 +226,12 @@ def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, 
     for t in range(S):
         x = torch.cat([sub_BLn, sub_BLn]) if guided else sub_BLn
         logits = model(labels_in, x)[:, 1:].float()
+        scale, temperature = _step_rules(cfg, t, S)
         if guided:
             cond, uncond = logits.chunk(2)
-            logits = apply_cfg(cond, uncond, cfg_scale_at(t, S, cfg.cfg_scale, cfg.cfg_schedule))
-        draw_BLn = sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, noise_BSLm[:, t, :, :n])
-        logp = shape_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p).log_softmax(-1)
+            logits = apply_cfg(cond, uncond, scale)
+        draw_BLn = sample_logits(logits, temperature, cfg.top_k, cfg.top_p, noise_BSLm[:, t, :, :n])
+        logp = shape_logits(logits, temperature, cfg.top_k, cfg.top_p).log_softmax(-1)
         confidence_BL = logp.gather(-1, draw_BLn[..., None]).squeeze(-1).mean(-1)
         u = noise_BSLm[:, t, :, n].clamp(1e-20, 1 - 1e-7)
         confidence_BL = confidence_BL + cfg.mask_noise * (1 - (t + 1) / S) * -torch.log(-torch.log(u))

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from elmgen.sampling import (
     generate,
     image_seeds,
     sample_logits,
+    temperature_at,
     top_k_filter,
     top_p_filter,
 )
@@ -71,7 +74,27 @@ def test_greedy_and_cfg_rules():
     assert [cfg_scale_at(t, 4, 5.0, "linear") for t in range(4)] == [2.0, 3.0, 4.0, 5.0]
     assert cfg_scale_at(0, 4, 5.0, "constant") == 5.0
     with pytest.raises(ElmgenError):
-        SampleConfig(cfg_schedule="cosine").validate()
+        SampleConfig(cfg_schedule="exponential").validate()
+
+
+def test_more_cfg_schedules_interval_and_temperature_ramp():
+    cosine = [cfg_scale_at(t, 4, 5.0, "cosine") for t in range(4)]
+    assert cosine == pytest.approx([1 + 4 * (1 - math.cos(math.pi * p)) / 2 for p in (0.25, 0.5, 0.75, 1.0)])
+    assert cosine[1] == pytest.approx(3.0) and cosine[-1] == pytest.approx(5.0)
+    assert [cfg_scale_at(t, 4, 5.0, "power", power=2) for t in range(4)] == [1.25, 2.0, 3.25, 5.0]
+    assert [cfg_scale_at(t, 4, 5.0, "constant", interval=(0.5, 0.75)) for t in range(4)] == [1.0, 5.0, 5.0, 1.0]
+    assert [temperature_at(t, 5, 1.0, 0.2) for t in range(5)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    assert temperature_at(3, 5, 0.7, None) == 0.7
+    with pytest.raises(ElmgenError, match="cfg_interval"):
+        SampleConfig(cfg_interval=[0.8, 0.2]).validate()
+
+
+def test_guidance_outside_its_interval_is_off(model):
+    labels, seeds = torch.tensor([0, 1]), [3, 4]
+    off = generate(model, labels, SampleConfig(cfg_scale=1.0), seeds)
+    empty = generate(model, labels, SampleConfig(cfg_scale=6.0, cfg_interval=[0.0, 0.0]), seeds)
+    assert torch.equal(off, empty)
+    assert not torch.equal(off, generate(model, labels, SampleConfig(cfg_scale=6.0), seeds))
 
 
 @pytest.fixture
