@@ -25,23 +25,50 @@ def cmd_train_tokenizer(a) -> None:
     from elmgen.train import TokenizerJob, train_tokenizer
 
     base = {"data": {"source": a.data}} if a.data else {}
-    job = build_config(TokenizerJob, a.config, a.overrides, **base)
-    report = train_tokenizer(job, a.out, resume=a.resume)
-    print(json.dumps({k: v for k, v in report.items() if k != "bit_mean"}, indent=2))
+    loss = {"gan": True} if a.gan else {}
+    if a.perceptual_weights:
+        loss["perceptual_weights"] = a.perceptual_weights
+    job = build_config(TokenizerJob, a.config, a.overrides, **base, **({"loss": loss} if loss else {}))
+    print_report(train_tokenizer(job, a.out, resume=a.resume))
+
+
+def print_report(report: dict) -> None:
+    """A tokenizer report without its per-bit lists (they stay in eval.json)."""
+    print(json.dumps({k: v for k, v in report.items() if k not in ("bit_mean", "bit_entropies")}, indent=2))
 
 
 def cmd_tokenize(a) -> None:
-    from elmgen.codes import tokenize
+    from elmgen.codes import crop_source_size, tokenize
     from elmgen.data import DataConfig, load_dataset
     from elmgen.tokenizer import load_tokenizer
     from elmgen.vocab import Vocab
 
     tokenizer, meta = load_tokenizer(a.tokenizer)
+    data = DataConfig(source=a.data or meta["data"]["source"], split=a.split, channels=meta["channels"],
+                      image_size=crop_source_size(meta["image_size"], a.crop_range), limit=a.limit)
+    vocab = Vocab.parse(a.vocab) if a.vocab else tokenizer.default_vocab
+    out = tokenize(tokenizer, meta, load_dataset(data), a.out, vocab, flip=a.flip, crops=a.crops,
+                   num_crops=a.num_crops, crop_range=a.crop_range, draws=a.draws, seed=a.seed,
+                   batch_size=a.batch_size, shard_size=a.shard_size)
+    print(json.dumps({k: v for k, v in out.items() if k != "shards"}, indent=2))
+
+
+def cmd_eval_tokenizer(a) -> None:
+    from pathlib import Path
+
+    from elmgen.data import DataConfig, load_dataset
+    from elmgen.tokenizer import load_tokenizer
+    from elmgen.train import tokenizer_report
+    from elmgen.training import resolve_device
+    from elmgen.vocab import Vocab
+
+    tokenizer, meta = load_tokenizer(a.tokenizer, resolve_device(a.device))
     data = DataConfig(source=a.data or meta["data"]["source"], split=a.split, image_size=meta["image_size"],
                       channels=meta["channels"], limit=a.limit)
-    vocab = Vocab.parse(a.vocab) if a.vocab else Vocab.split(tokenizer.code_bits, 2)
-    out = tokenize(tokenizer, meta, load_dataset(data), a.out, vocab, flip=a.flip, batch_size=a.batch_size)
-    print(json.dumps(out, indent=2))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = tokenizer_report(tokenizer, load_dataset(data), out, Vocab.parse(a.vocab) if a.vocab else None)
+    print_report({**report, "tokenizer": meta["path"]})
 
 
 def cmd_train(a) -> None:
@@ -113,9 +140,10 @@ def cmd_model_info(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    from elmgen.demo import DemoConfig, run_demo
+    from elmgen.demo import run_demo
+    from elmgen.pipeline import PipelineConfig
 
-    cfg = build_config(DemoConfig, a.config, a.overrides)
+    cfg = build_config(PipelineConfig, a.config, a.overrides)
     if a.quick:
         cfg = quick_demo(cfg)
     metrics = run_demo(cfg, a.out)
@@ -144,26 +172,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"elmgen {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("train-tokenizer", help="train a binary autoencoder (BAE) on images",
-                       description="Train a binary autoencoder; writes checkpoints, metrics.jsonl, loss.png, "
-                                   "eval.json (PSNR, bit balance, code usage) and reconstructions.png.")
+    s = sub.add_parser("train-tokenizer", help="train a tokenizer (BAE, VQ or FSQ) on images",
+                       description="Train a tokenizer (tokenizer.quantizer=bae|vq|fsq); writes checkpoints (with EMA "
+                                   "weights), metrics.jsonl, loss.png, eval.json (PSNR, SSIM, code usage) and "
+                                   "reconstructions.png.")
     s.add_argument("--out", required=True, help="run folder to write")
     s.add_argument("--data", help="'fashion-mnist' (default) or a folder with one sub-folder per class")
+    s.add_argument("--gan", action="store_true",
+                   help="add the hinge PatchGAN discriminator from step loss.gan_start (sets loss.gan=true)")
+    s.add_argument("--perceptual-weights", metavar="FILE",
+                   help="VGG16 + LPIPS weights file: adds the perceptual loss (see docs/tokenizers.md)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    _common(s, "YAML with data/tokenizer/train sections (see configs/tokenizer-*.yaml)")
+    _common(s, "YAML with data/tokenizer/train/loss sections (see configs/tokenizer-*.yaml)")
     s.set_defaults(func=cmd_train_tokenizer)
 
+    s = sub.add_parser("eval-tokenizer", help="reconstruction quality and code usage of a tokenizer",
+                       description="PSNR, SSIM, code usage (of the code space, of each sub-code vocabulary, per "
+                                   "bit) and codebook perplexity on held-out images; writes eval.json and "
+                                   "reconstructions.png to --out and prints the JSON.")
+    s.add_argument("--tokenizer", required=True, help="tokenizer run folder or checkpoint")
+    s.add_argument("--out", required=True, help="folder for eval.json and reconstructions.png")
+    s.add_argument("--data", help="data source (default: the one the tokenizer was trained on)")
+    s.add_argument("--split", default="test", help="train or test (default: test)")
+    s.add_argument("--limit", type=int, help="evaluate only the first N images")
+    s.add_argument("--vocab", help="sub-code split N-C for the usage figures (default: 2-K/2 for BAE, 1-K else)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_eval_tokenizer)
+
     s = sub.add_parser("tokenize", help="encode a dataset into a code folder once",
-                       description="Encode images with a trained tokenizer into codes.npy + labels.npy + meta.json. "
-                                   "LM training reads these and never runs the encoder.")
+                       description="Encode images (and augmented views) with a trained tokenizer into sharded, "
+                                   "memory-mapped code files + labels.npy + meta.json. LM training reads these and "
+                                   "never runs the encoder. An interrupted run resumes when re-run.")
     s.add_argument("--tokenizer", required=True, help="tokenizer run folder or checkpoint")
     s.add_argument("--out", required=True, help="code folder to write")
     s.add_argument("--data", help="data source (default: the one the tokenizer was trained on)")
     s.add_argument("--split", default="train", help="train or test (default: train)")
-    s.add_argument("--vocab", help="default vocabulary split N-C with N*C = K (default: 2 sub-codes)")
+    s.add_argument("--vocab", help="default vocabulary split N-C with N*C = K (default: 2-K/2 for BAE, 1-K else)")
     s.add_argument("--flip", action="store_true", help="also store codes of horizontally flipped images")
+    s.add_argument("--crops", default="none", choices=["none", "five", "random"],
+                   help="five: four corners + centre (with --flip: LlamaGen's ten-crop); random: --num-crops each")
+    s.add_argument("--num-crops", type=int, default=1, help="random crops per image")
+    s.add_argument("--crop-range", type=float, default=1.0,
+                   help="crops are cut from images enlarged by this factor (LlamaGen: 1.1); 1 without crops")
+    s.add_argument("--draws", type=int, default=0,
+                   help="BAE: store N Bernoulli draws of every view (0: deterministic codes)")
+    s.add_argument("--seed", type=int, default=0, help="seed of random crops and draws")
     s.add_argument("--limit", type=int, help="encode only the first N images")
     s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--shard-size", type=int, default=8192, help="images per code shard (the unit of resuming)")
     s.set_defaults(func=cmd_tokenize)
 
     s = sub.add_parser("train", help="train the AR or masked transformer on a code folder",

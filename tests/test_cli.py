@@ -116,3 +116,23 @@ def test_mlm_trains_and_samples(pipeline, tmp_path, capsys):
     assert code == 0 and json.loads(out)["steps"] == 4
     data = np.load(tmp_path / "s" / "samples.npz")
     assert data["arr_0"].shape == (2, 32, 32, 1) and data["arr_1"].tolist() == [2, 7]
+
+
+def test_quick_demo_writes_every_file_and_resumes(fake_fmnist, tmp_path, capsys):
+    args = ["demo", "--quick", "--out", tmp_path / "demo", "tokenizer.tokenizer.base_width=16",
+            "tokenizer.tokenizer.num_bits=8", "tokenizer.train.batch_size=8", "lm.model.vocab=2-4",
+            "lm.model.n_layer=1", "lm.model.d_model=64", "lm.model.n_head=2", "lm.train.batch_size=8"]
+    code, out, _ = run(capsys, *args)
+    assert code == 0
+    for name in ("report.md", "samples.png", "samples.npz", "reconstructions.png", "loss.png", "metrics.json"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["lm"]["steps"] == 40 and metrics["tokenizer"]["bits"] == 8
+    assert np.load(tmp_path / "demo" / "samples.npz")["arr_0"].shape == (20, 32, 32, 1)
+    assert "![samples](samples.png)" in (tmp_path / "demo" / "report.md").read_text()
+    first = np.load(tmp_path / "demo" / "samples.npz")["arr_0"]
+    lm_weights = next((tmp_path / "demo" / "lm" / "checkpoints").glob("step_*/model.safetensors"))
+    trained_at = lm_weights.stat().st_mtime_ns
+    assert run(capsys, *args)[0] == 0  # a second run reuses every stage and samples the same images
+    assert lm_weights.stat().st_mtime_ns == trained_at
+    assert np.array_equal(np.load(tmp_path / "demo" / "samples.npz")["arr_0"], first)

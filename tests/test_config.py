@@ -3,12 +3,12 @@ from pathlib import Path
 import pytest
 
 from elmgen.config import build_config, from_dict, save_yaml, to_dict
-from elmgen.demo import DemoConfig
 from elmgen.errors import ElmgenError
+from elmgen.pipeline import PipelineConfig
 from elmgen.train import LMJob, TokenizerJob
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-KINDS = {"tokenizer": TokenizerJob, "lm": LMJob, "demo": DemoConfig}
+KINDS = {"tokenizer": TokenizerJob, "lm": LMJob, "demo": PipelineConfig}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -38,4 +38,4 @@ def test_dict_and_yaml_round_trip(tmp_path):
 
 
 def test_demo_yaml_states_the_demo_defaults():
-    assert build_config(DemoConfig, CONFIGS / "demo.yaml") == DemoConfig()
+    assert build_config(PipelineConfig, CONFIGS / "demo.yaml") == PipelineConfig()
