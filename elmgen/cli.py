@@ -151,6 +151,13 @@ def cmd_demo(a) -> None:
     print(f"wrote {a.out}/report.md, samples.png, samples.npz, reconstructions.png, loss.png, metrics.json")
 
 
+def cmd_sweep(a) -> None:
+    from elmgen.sweep import SweepConfig, run_sweep
+
+    rows = run_sweep(build_config(SweepConfig, a.config, a.overrides), a.out)
+    print(f"{len(rows)} runs; wrote {a.out}/summary.md, summary.csv and plots")
+
+
 def quick_demo(cfg):
     """A minutes-long smoke run of the same pipeline on a data subset (looks worse, proves the wiring)."""
     tok, lm = cfg.tokenizer, cfg.lm
@@ -284,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="a short smoke run on a data subset")
     _common(s, "YAML with tokenizer/lm/sample sections (see configs/demo.yaml)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sweep", help="run a grid of pipeline runs sharing common stages",
+                       description="Run every combination of the swept fields over a base pipeline config; "
+                                   "shares tokenizers, code folders and models between runs, skips finished "
+                                   "runs, writes summary.csv, summary.md and a plot per swept field.")
+    s.add_argument("config", metavar="CONFIG.yaml", help="sweep file with base, grid and/or runs (configs/sweeps/)")
+    s.add_argument("--out", required=True, help="sweep folder (re-run to resume)")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. base.lm.train.steps=100")
+    s.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 
 from elmgen import checkpoint
@@ -53,7 +53,8 @@ class StageDirs:
 
 
 def config_hash(*parts) -> str:
-    text = json.dumps([to_dict(p) for p in parts], sort_keys=True)
+    """Short hash of configs (dataclasses) or plain JSON-able values."""
+    text = json.dumps([to_dict(p) if is_dataclass(p) else p for p in parts], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
