@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from elmgen.data import to_uint8
+from elmgen.data import to_float, to_uint8
 from elmgen.errors import ElmgenError
 from elmgen.model import Transformer
 from elmgen.plots import image_grid
 from elmgen.tokenizer import BinaryAutoencoder
-from elmgen.vocab import Vocab, subcodes_to_cells
+from elmgen.vocab import Vocab, cells_to_subcodes, subcodes_to_cells
 
 CFG_SCHEDULES = ("constant", "linear", "cosine", "power")
 
@@ -89,11 +89,13 @@ def masked_fraction(progress):
     return torch.cos(math.pi / 2 * torch.as_tensor(progress, dtype=torch.float64))
 
 
-def cells_left_masked(step: int, num_steps: int, num_cells: int) -> int:
-    """Cells still masked after MaskGIT step `step` (0-based) of `num_steps`; 0 after the last."""
+def cells_left_masked(step: int, num_steps: int, num_cells):
+    """Cells still masked after MaskGIT step `step` (0-based) of `num_steps` out of `num_cells` masked
+    at the start (an int, or a tensor of per-image counts); 0 after the last step."""
     if step + 1 >= num_steps:
-        return 0
-    return math.floor(num_cells * float(masked_fraction((step + 1) / num_steps)) + 1e-9)
+        return num_cells * 0
+    left = num_cells * float(masked_fraction((step + 1) / num_steps)) + 1e-9
+    return left.floor().long() if isinstance(left, torch.Tensor) else math.floor(left)
 
 
 def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -214,15 +216,21 @@ def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
 
 
 @torch.no_grad()
-def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int]) -> torch.Tensor:
-    """MaskGIT: start fully masked; each step samples every masked cell, keeps the most confident
-    (log p averaged over sub-codes + annealed Gumbel noise) and re-masks the rest on a cosine schedule."""
+def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int],
+                 known_sub_BLn: torch.Tensor | None = None, known_BL: torch.Tensor | None = None) -> torch.Tensor:
+    """MaskGIT: start with every unknown cell masked; each step samples every masked cell, keeps the most
+    confident (log p averaged over sub-codes + annealed Gumbel noise) and re-masks the rest on a cosine
+    schedule. Cells marked in `known_BL` keep their `known_sub_BLn` codes throughout (inpainting)."""
     B, L, n, S = labels_B.shape[0], model.cfg.num_cells, model.n_sub, cfg.steps
-    noise_BSLm = uniforms_for(seeds, (S, L, n + 1)).to(labels_B.device)  # n token draws + 1 Gumbel per cell
+    device = labels_B.device
+    noise_BSLm = uniforms_for(seeds, (S, L, n + 1)).to(device)  # n token draws + 1 Gumbel per cell
     guided = cfg.cfg_scale != 1.0
     labels_in = _with_null(model, labels_B, guided)
-    sub_BLn = torch.full((B, L, n), model.mask_index, dtype=torch.long, device=labels_B.device)
-    masked_BL = torch.ones(B, L, dtype=torch.bool, device=labels_B.device)
+    masked_BL = torch.ones(B, L, dtype=torch.bool, device=device) if known_BL is None else ~known_BL.to(device)
+    sub_BLn = torch.full((B, L, n), model.mask_index, dtype=torch.long, device=device)
+    if known_sub_BLn is not None:
+        sub_BLn = torch.where(masked_BL[..., None], sub_BLn, known_sub_BLn.to(device))
+    unknown_B = masked_BL.sum(-1)
     for t in range(S):
         x = torch.cat([sub_BLn, sub_BLn]) if guided else sub_BLn
         logits = model(labels_in, x)[:, 1:].float()
@@ -236,13 +244,10 @@ def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, 
         u = noise_BSLm[:, t, :, n].clamp(1e-20, 1 - 1e-7)
         confidence_BL = confidence_BL + cfg.mask_noise * (1 - (t + 1) / S) * -torch.log(-torch.log(u))
         confidence_BL = confidence_BL.masked_fill(~masked_BL, float("inf"))  # known cells are never re-masked
-        # Keep at most (still masked - 1) masked, so every step reveals at least one cell.
-        keep = min(cells_left_masked(t, S, L), int(masked_BL.sum(-1).min()) - 1)
-        still_BL = torch.zeros_like(masked_BL)
-        if keep > 0:
-            still_BL.scatter_(1, confidence_BL.topk(keep, dim=-1, largest=False).indices, True)
-        revealed_BL = masked_BL & ~still_BL
-        sub_BLn = torch.where(revealed_BL[..., None], draw_BLn, sub_BLn)
+        # The least confident `keep` cells stay masked; every step reveals at least one cell.
+        keep_B = torch.minimum(cells_left_masked(t, S, unknown_B), masked_BL.sum(-1) - 1).clamp_min(0)
+        still_BL = confidence_BL.argsort(-1).argsort(-1) < keep_B[:, None]
+        sub_BLn = torch.where((masked_BL & ~still_BL)[..., None], draw_BLn, sub_BLn)
         masked_BL = still_BL
     return sub_BLn
 
@@ -266,6 +271,34 @@ def sample_images(model: Transformer, tokenizer: BinaryAutoencoder, labels: torc
         cells_BL = subcodes_to_cells(sub_BLn, vocab).to(next(tokenizer.parameters()).device)
         out.append(to_uint8(tokenizer.decode_cells(cells_BL, g)).cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def inpaint_images(model: Transformer, tokenizer: BinaryAutoencoder, images_BCHW: torch.Tensor,
+                   labels_B: torch.Tensor, region: tuple[int, int, int, int], cfg: SampleConfig,
+                   seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regenerate a rectangle of grid cells (top, left, height, width) of real uint8 images with the MLM.
+
+    Returns the inpainted images and the inputs with the region blanked (for showing), both uint8.
+    """
+    if model.cfg.kind != "mlm":
+        raise ElmgenError("inpainting needs a masked model (trained with --kind mlm)")
+    g = model.cfg.grid_size
+    top, left, height, width = region
+    if not (0 <= top and 0 <= left and height > 0 and width > 0 and top + height <= g and left + width <= g):
+        raise ElmgenError(f"region {region} (top left height width, in cells) must fit the {g}x{g} grid")
+    device = next(model.parameters()).device
+    cells_BL = tokenizer.encode_cells(to_float(images_BCHW).to(next(tokenizer.parameters()).device))
+    sub_BLn = cells_to_subcodes(cells_BL, model.cfg.vocabulary).to(device)
+    hole_hw = torch.zeros(g, g, dtype=torch.bool)
+    hole_hw[top:top + height, left:left + width] = True
+    known_BL = (~hole_hw.flatten()).expand(len(labels_B), -1)
+    out_BLn = generate_mlm(model, labels_B.to(device), cfg, seeds, sub_BLn, known_BL)
+    result = to_uint8(tokenizer.decode_cells(subcodes_to_cells(out_BLn, model.cfg.vocabulary), g)).cpu()
+    f = images_BCHW.shape[-1] // g
+    blanked = images_BCHW.clone()
+    blanked[..., top * f:(top + height) * f, left * f:(left + width) * f] = 128
+    return result, blanked
 
 
 def write_samples(images_NCHW: torch.Tensor, labels_N: torch.Tensor, seeds: list[int], out_dir, ncols: int,

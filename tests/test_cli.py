@@ -116,6 +116,14 @@ def test_mlm_trains_and_samples(pipeline, tmp_path, capsys):
     assert code == 0 and json.loads(out)["steps"] == 4
     data = np.load(tmp_path / "s" / "samples.npz")
     assert data["arr_0"].shape == (2, 32, 32, 1) and data["arr_1"].tolist() == [2, 7]
+    code, out, _ = run(capsys, "inpaint", "--model", mlm, "--out", tmp_path / "i", "--indices", 0, 3,
+                       "--region", 2, 2, 4, 4, "--steps", 3)
+    assert code == 0 and Image.open(tmp_path / "i" / "inpaint.png").size[0] > 3 * 32
+    assert "must fit" in error_line(capsys, "inpaint", "--model", mlm, "--out", tmp_path / "i",
+                                    "--region", 6, 6, 4, 4)
+    _, _, ar = pipeline
+    assert "masked model" in error_line(capsys, "inpaint", "--model", ar, "--out", tmp_path / "i",
+                                        "--region", 0, 0, 2, 2)
 
 
 def test_quick_demo_writes_every_file_and_resumes(fake_fmnist, tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from elmgen.model import ModelConfig, Transformer, preset
-from elmgen.sampling import SampleConfig, cells_left_masked, generate, masked_fraction
+from elmgen.sampling import SampleConfig, cells_left_masked, generate, generate_mlm, masked_fraction
 from elmgen.train import mlm_loss
 
 
@@ -36,6 +36,8 @@ def test_cosine_schedule():
     left = [cells_left_masked(t, 10, 64) for t in range(10)]
     assert left == [math.floor(64 * math.cos(math.pi / 2 * (t + 1) / 10) + 1e-9) for t in range(9)] + [0]
     assert all(a > b for a, b in zip([64] + left, left, strict=False))  # strictly fewer masked each step
+    per_image = cells_left_masked(3, 10, torch.tensor([64, 10, 0]))
+    assert per_image.tolist() == [cells_left_masked(3, 10, 64), cells_left_masked(3, 10, 10), 0]
 
 
 def test_bidirectional_attention(mlm):
@@ -90,3 +92,20 @@ def test_mlm_loss_counts_only_masked_cells(mlm, monkeypatch):
     logits = forward(labels, x)[:, 1:]
     expected = torch.nn.functional.cross_entropy(logits[masked].flatten(0, 1), sub[masked].flatten())
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_inpainting_keeps_known_cells_exactly(mlm, monkeypatch):
+    seen = record_inputs(mlm, monkeypatch)
+    known_sub = torch.randint(0, 16, (2, 16, 2))
+    known = torch.zeros(2, 16, dtype=torch.bool)
+    known[0, :10] = True  # image 0: top part known; image 1: a 2x2 hole in a known image
+    known[1] = True
+    known[1, [5, 6, 9, 10]] = False
+    out = generate_mlm(mlm, torch.tensor([0, 1]), SampleConfig(steps=4, cfg_scale=1.0), [1, 2], known_sub, known)
+    assert torch.equal(out[known], known_sub[known])
+    assert out.max() < 16
+    first = seen[0][1]
+    assert (first[0, 10:] == mlm.mask_index).all() and torch.equal(first[0, :10], known_sub[0, :10])
+    masked_per_step = [(sub == mlm.mask_index).all(-1).sum(-1).tolist() for _, sub in seen]
+    assert masked_per_step[0] == [6, 4]
+    assert masked_per_step[1:] == [[cells_left_masked(t, 4, 6), cells_left_masked(t, 4, 4)] for t in range(3)]
