@@ -155,19 +155,25 @@ def cmd_inpaint(a) -> None:
 
 
 def cmd_model_info(a) -> None:
-    from elmgen.model import ModelConfig, count_params, preset
+    from elmgen.model import ModelConfig, count_params, flops_per_token, preset, training_memory_gb
 
     cfg = build_config(ModelConfig, None, a.overrides, **preset(a.preset), vocab=a.vocab, grid_size=a.grid,
                        num_classes=a.num_classes)
     cfg.validate()
+    memory = {
+        f"{mode}": round(training_memory_gb(cfg, a.batch_per_gpu, a.gpus, sharded=mode.startswith("fsdp"),
+                                            activation_checkpointing=mode.endswith("ckpt")), 2)
+        for mode in ("ddp", "ddp_ckpt", "fsdp", "fsdp_ckpt")
+    }
     info = {"preset": a.preset, "params": count_params(cfg), "n_layer": cfg.n_layer, "d_model": cfg.d_model,
             "n_head": cfg.n_head, "vocab": cfg.vocab, "grid_size": cfg.grid_size, "num_classes": cfg.num_classes,
-            "mlp_hidden": cfg.mlp_hidden}
+            "kind": cfg.kind, "mlp_hidden": cfg.mlp_hidden, "flops_per_token": flops_per_token(cfg),
+            "batch_per_gpu": a.batch_per_gpu, "gpus": a.gpus, "memory_gb_per_gpu": memory}
     if a.json:
         print(json.dumps(info))
     else:
         for k, v in info.items():
-            print(f"{k:>12}: {v:,}" if isinstance(v, int) else f"{k:>12}: {v}")
+            print(f"{k:>18}: {v:,}" if isinstance(v, int) else f"{k:>18}: {v}")
 
 
 def cmd_demo(a) -> None:
@@ -324,11 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_inpaint)
 
-    s = sub.add_parser("model-info", help="parameter count of a preset, without allocating weights")
+    s = sub.add_parser("model-info", help="parameters, FLOPs per token and memory of a preset (no weights allocated)",
+                       description="Parameter count (built on the meta device), training FLOPs per token and "
+                                   "estimated memory per GPU under DDP / FSDP, with and without activation "
+                                   "checkpointing. The formulas are in docs/scaling.md.")
     s.add_argument("preset", help="micro, tiny, small, B, L, XL, XXL or 2B")
     s.add_argument("--vocab", default="2-12", help="vocabulary split N-C (default 2-12)")
     s.add_argument("--grid", type=int, default=16, help="token grid side (default 16: 256 px at f=16)")
     s.add_argument("--num-classes", type=int, default=1000)
+    s.add_argument("--batch-per-gpu", type=int, default=32, help="for the memory estimate (default 32)")
+    s.add_argument("--gpus", type=int, default=8, help="for the sharded (FSDP) memory estimate (default 8)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=30")
     s.set_defaults(func=cmd_model_info)

@@ -88,3 +88,30 @@ def test_invalid_config_is_a_clear_error():
         Transformer(ModelConfig(d_model=100, n_head=3))
     with pytest.raises(ElmgenError, match="unknown preset"):
         preset("XXXL")
+
+
+def test_flops_formula_matches_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from elmgen.model import flops_per_token
+
+    cfg = ModelConfig(n_layer=2, d_model=128, n_head=2, vocab="2-6", grid_size=8, num_classes=3, kind="mlm")
+    model = Transformer(cfg).eval()
+    sub = torch.randint(0, 64, (2, cfg.num_cells, 2))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.tensor([0, 1]), sub)
+    per_position = counter.get_total_flops() / (2 * (cfg.num_cells + 1))
+    flops = flops_per_token(cfg)
+    assert per_position == pytest.approx(flops["matmul"], rel=0.01)  # the CPU counter skips fused attention
+    assert flops["attention"] == 4 * 2 * 64 * 128 and flops["forward"] == flops["matmul"] + flops["attention"]
+
+
+def test_memory_estimate_orders():
+    from elmgen.model import training_memory_gb
+
+    cfg = ModelConfig(**preset("XL"), vocab="2-12", grid_size=16, num_classes=1000)
+    ddp = training_memory_gb(cfg, 32, 8)
+    assert training_memory_gb(cfg, 32, 8, sharded=True) < ddp
+    assert training_memory_gb(cfg, 32, 8, activation_checkpointing=True) < ddp
+    assert training_memory_gb(cfg, 64, 8) > ddp
+    assert ddp > count_params(cfg) * 16 / 1e9  # at least the optimizer states
