@@ -36,6 +36,7 @@ class SweepConfig:
     base: PipelineConfig = field(default_factory=PipelineConfig)
     grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted field -> values; every combination runs
     runs: list[dict[str, Any]] = field(default_factory=list)  # explicit runs (dotted field -> value) x grid
+    stages: str | None = None  # folder of shared stages (default: <out>/stages); point sweeps at one to share
 
 
 def expand(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -74,7 +75,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path) -> list[dict]:
             metrics = json.loads(metrics_file.read_text())
         else:
             print(f"[sweep] run {i + 1}/{len(runs)}: {overrides or 'base'}", flush=True)
-            metrics = run_pipeline(run_cfg, shared_dirs(run_cfg, out / "stages", run_dir))
+            metrics = run_pipeline(run_cfg, shared_dirs(run_cfg, cfg.stages or out / "stages", run_dir))
         rows.append({"run": run_name(overrides), **overrides, **summary_values(metrics)})
     write_summary(rows, list(dict.fromkeys(k for o in runs for k in o)), out)
     return rows

@@ -69,3 +69,16 @@ def test_sweep_shares_stages_skips_done_runs_and_resumes(fake_fmnist, tmp_path, 
     rows = [json.loads((p / "metrics.json").read_text()) for p in sorted((out / "runs").iterdir())]
     assert sorted((r["lm"]["vocab"], r["sampling"]["cfg_scale"]) for r in rows) == [
         ("2-4", 1.0), ("2-4", 2.0), ("4-2", 1.0), ("4-2", 2.0)]
+
+
+def test_shipped_sweeps_load_and_expand():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parent.parent / "configs" / "sweeps").glob("*.yaml"))
+    assert len(files) == 7
+    for path in files:
+        cfg = build_config(SweepConfig, path)
+        runs = expand(cfg)
+        assert len(runs) >= 2, path.name
+        for overrides in runs:
+            apply_overrides(cfg.base, overrides).lm.model.validate()
