@@ -106,7 +106,7 @@ def cmd_sample(a) -> None:
     cfg = SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, cfg_power=a.cfg_power,
                        cfg_interval=a.cfg_interval, temperature=a.temperature, temperature_end=a.temperature_end,
                        top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache, steps=a.steps,
-                       mask_noise=a.mask_noise)
+                       mask_noise=a.mask_noise, compile=a.compile)
     num_classes = model.cfg.num_classes
     classes = a.classes if a.classes is not None else list(range(num_classes))
     bad = [c for c in classes if not 0 <= c < num_classes]
@@ -301,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass per sub-code")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-kv-cache", action="store_true", help="AR: recompute the prefix each step (slow; for checks)")
+    s.add_argument("--compile", action="store_true", help="AR: torch.compile the decode step (pays off on GPUs)")
     s.add_argument("--steps", type=int, default=10, help="MLM: MaskGIT decoding steps")
     s.add_argument("--mask-noise", type=float, default=4.5,
                    help="MLM: scale of the Gumbel noise on confidences (annealed to 0)")

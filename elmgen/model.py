@@ -118,7 +118,8 @@ def apply_rope(x_BHTd: torch.Tensor, cos_Tp: torch.Tensor, sin_Tp: torch.Tensor)
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for one layer: (B, H, T_max, head_dim)."""
+    """Preallocated keys/values for one layer: (B, H, T_max, head_dim). Shapes never change, so a
+    compiled decode step is traced once."""
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
@@ -126,11 +127,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k_BHTd, v_BHTd):
-        end = start + k_BHTd.shape[2]
-        self.k[:, :, start:end] = k_BHTd
-        self.v[:, :, start:end] = v_BHTd
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, pos_T: torch.Tensor, k_BHTd, v_BHTd):
+        self.k.index_copy_(2, pos_T, k_BHTd)
+        self.v.index_copy_(2, pos_T, v_BHTd)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -140,16 +140,16 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BTd, cos, sin, start: int, cache: KVCache | None):
+    def forward(self, x_BTd, cos, sin, pos_T: torch.Tensor, cache: KVCache | None):
         B, T, _ = x_BTd.shape
         q, k, v = self.wqkv(x_BTd).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(start, k, v)
-        if self.causal and T > 1 and start > 0:
-            raise ValueError("causal attention takes several new tokens only at the start of the sequence")
-        # Causal masking only matters between new tokens: one new query may see every cached key.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and T > 1)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:  # a query at position p sees the cached keys at positions <= p (unwritten slots lie beyond)
+            k, v = cache.update(pos_T, k, v)
+            mask_TS = torch.arange(k.shape[2], device=pos_T.device) <= pos_T[:, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -172,8 +172,8 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = RMSNorm(cfg.d_model, cfg.norm_eps), SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, start, cache):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start, cache))
+    def forward(self, x, cos, sin, pos_T, cache):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, pos_T, cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -216,12 +216,11 @@ class Transformer(nn.Module):
         emb_BTnd = self.tok_emb(sub_BTn + self.sub_offsets)
         return self.tok_proj(emb_BTnd.flatten(2))
 
-    def _run(self, h_BTd, start: int, caches) -> torch.Tensor:
-        T = h_BTd.shape[1]
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+    def _run(self, h_BTd, pos_T: torch.Tensor, caches) -> torch.Tensor:
+        cos, sin = self.rope_cos[pos_T], self.rope_sin[pos_T]
         h_BTd = self.tok_drop(h_BTd)
         for i, block in enumerate(self.blocks):
-            h_BTd = block(h_BTd, cos, sin, start, None if caches is None else caches[i])
+            h_BTd = block(h_BTd, cos, sin, pos_T, None if caches is None else caches[i])
         logits = self.head(self.norm(h_BTd))
         return logits.unflatten(-1, (self.n_sub, self.vocab_size))
 
@@ -234,11 +233,12 @@ class Transformer(nn.Module):
             drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
             labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
         h_BTd = torch.cat([self.cls_emb(labels_B)[:, None], self.embed_cells(sub_BTn)], dim=1)
-        return self._run(h_BTd, 0, caches)
+        return self._run(h_BTd, torch.arange(h_BTd.shape[1], device=h_BTd.device), caches)
 
-    def decode_step(self, sub_B1n: torch.Tensor, start: int, caches) -> torch.Tensor:
-        """Logits (B, 1, n, V) after feeding one cell at sequence position `start`, using the cache."""
-        return self._run(self.embed_cells(sub_B1n), start, caches)
+    def decode_step(self, sub_B1n: torch.Tensor, pos_1: torch.Tensor, caches) -> torch.Tensor:
+        """Logits (B, 1, n, V) after feeding one cell at sequence position pos_1 (a 1-element tensor,
+        so that every step has the same shapes), using the cache."""
+        return self._run(self.embed_cells(sub_B1n), pos_1, caches)
 
     def new_caches(self, batch: int) -> nn.ModuleList:
         p = self.head.weight

@@ -34,6 +34,7 @@ class SampleConfig:
     top_p: float = 1.0  # keep the smallest set of entries holding this much probability
     seed: int = 0
     kv_cache: bool = True  # AR: False recomputes the whole prefix at every step (for checking)
+    compile: bool = False  # AR: torch.compile the one-cell decode step (static shapes: traced once)
     steps: int = 10  # MLM: decoding steps
     mask_noise: float = 4.5  # MLM: Gumbel noise scale on confidences, annealed to 0 over the steps
 
@@ -180,10 +181,12 @@ def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
         return torch.cat([x, x]) if guided else x
 
     caches = model.new_caches(labels_in.shape[0]) if cfg.kv_cache else None
+    decode_step = torch.compile(model.decode_step, dynamic=False) if cfg.compile else model.decode_step
     logits = model(labels_in, both(out_BLn[:, :0]), caches)[:, -1]  # class token -> first cell
     for t in range(L):
         if t > 0 and caches is not None:
-            logits = model.decode_step(both(out_BLn[:, t - 1: t]), t, caches)[:, -1]
+            pos_1 = torch.tensor([t], device=labels_B.device)
+            logits = decode_step(both(out_BLn[:, t - 1: t]), pos_1, caches)[:, -1]
         elif t > 0:
             logits = model(labels_in, both(out_BLn[:, :t]))[:, -1]
         logits = logits.float()

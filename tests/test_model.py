@@ -59,7 +59,7 @@ def test_kv_cache_matches_full_forward():
     full = model(labels, sub)
     caches = model.new_caches(3)
     steps = [model(labels, sub[:, :0], caches)]
-    steps += [model.decode_step(sub[:, t:t + 1], t + 1, caches) for t in range(15)]
+    steps += [model.decode_step(sub[:, t:t + 1], torch.tensor([t + 1]), caches) for t in range(15)]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 

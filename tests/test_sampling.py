@@ -127,3 +127,11 @@ def test_seed_reproduces_and_changes_samples(model):
     assert torch.equal(a, generate(model, labels, cfg, [1, 2, 3]))
     assert not torch.equal(a, generate(model, labels, cfg, [4, 2, 3]))
     assert torch.equal(a[1:], generate(model, labels[1:], cfg, [2, 3]))  # batch-independent
+
+
+def test_compiled_decode_step_gives_the_same_tokens(model):
+    """The GPU fast path (torch.compile of the static-shape decode step) runs on the CPU too."""
+    labels, seeds = torch.tensor([0, 1, 2]), [1, 2, 3]
+    eager = generate(model, labels, SampleConfig(top_k=12), seeds)
+    compiled = generate(model, labels, SampleConfig(top_k=12, compile=True), seeds)
+    assert torch.equal(eager, compiled)
