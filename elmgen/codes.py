@@ -1,9 +1,20 @@
-"""Pre-tokenized code files: a dataset encoded once, so LM training never runs the encoder.
+"""Pre-tokenized code folders: a dataset encoded once, with augmentation, so LM training never runs the encoder.
 
-A code folder holds `codes.npy` (N, L) with one K-bit cell code per grid cell (raster order),
-`labels.npy` (N,), and `meta.json` naming the tokenizer (path and weights fingerprint), K, the grid
-and the default vocabulary split. The split into sub-codes happens at load time, so one code folder
-serves every vocabulary design with n dividing K.
+A code folder holds
+- `shard_00000.npy`, ...: cell codes (D, rows, L), memory-mapped when read: D draws of every row (one
+  for deterministic codes), L = grid * grid cells in raster order;
+- `labels.npy`: the class of every row, shards in order;
+- `meta.json`: the tokenizer (path, weights fingerprint, kind), K, the grid, the default vocabulary
+  split, the augmentation and the shard files.
+
+A row is one view of one image: the image itself, one of five fixed crops (four corners and the centre;
+with `flip`, LlamaGen's ten-crop) or a random crop, each optionally mirrored. Shard s holds the views of
+images [s * shard_size, (s + 1) * shard_size), view by view: all its images' view 0, then view 1, ...
+The split into sub-codes happens at load time, so one folder serves every vocabulary with n dividing K.
+
+Shards are written one at a time, each atomically, into `.<name>.partial/`, which is renamed into place
+when complete; a re-run with the same settings keeps the finished shards. Random crops and draws are
+seeded per (seed, image, view), so a resumed run writes the same files as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -11,67 +22,174 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from elmgen.data import ImageDataset, to_float
 from elmgen.errors import ElmgenError
-from elmgen.tokenizer import BinaryAutoencoder
+from elmgen.tokenizer import Autoencoder
 from elmgen.vocab import Vocab, cells_to_subcodes
+
+CROPS = ("none", "five", "random")
 
 
 def code_dtype(bits: int) -> np.dtype:
     return np.dtype(np.uint16 if bits <= 16 else np.uint32 if bits <= 32 else np.int64)
 
 
+def crop_source_size(image_size: int, crop_range: float) -> int:
+    """Side at which to load images so that crops of `image_size` cover a `crop_range` share of them."""
+    return round(image_size * crop_range)
+
+
+def _crops(x_BCSS: torch.Tensor, size: int, crops: str, num_crops: int, image_ids: np.ndarray,
+           seed: int) -> list[torch.Tensor]:
+    """The crops of a batch, one (B, C, size, size) tensor per crop."""
+    S = x_BCSS.shape[-1]
+    if crops == "none":
+        return [x_BCSS]
+    if crops == "five":
+        m = S - size
+        return [x_BCSS[..., t: t + size, le: le + size] for t, le in ((0, 0), (0, m), (m, 0), (m, m), (m // 2, m // 2))]
+    # Random crops, LlamaGen-style: resize to a random side in [size, S], then crop at a random place.
+    out: list[list[torch.Tensor]] = [[] for _ in range(num_crops)]
+    for b, image in enumerate(image_ids):
+        rng = np.random.default_rng([seed, int(image)])
+        for c in range(num_crops):
+            side = int(rng.integers(size, S + 1))
+            top, left = (int(v) for v in rng.integers(0, side - size + 1, size=2))
+            img = x_BCSS[b: b + 1]
+            if side != S:
+                img = F.interpolate(img, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            out[c].append(img[..., top: top + size, left: left + size])
+    return [torch.cat(views) for views in out]
+
+
+def _draw_uniforms(seed: int, image_ids: np.ndarray, view: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, *shape) uniforms, each row from its own generator seeded with (seed, image, view)."""
+    seeds = [int(np.random.SeedSequence([seed, int(i), view]).generate_state(1, np.uint64)[0] >> 1) for i in image_ids]
+    return torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
 @torch.no_grad()
-def tokenize(tokenizer: BinaryAutoencoder, tokenizer_meta: dict, dataset: ImageDataset, out_dir,
-             vocab: Vocab, flip: bool = False, batch_size: int = 256) -> dict:
-    """Encode `dataset` (and its mirror images if `flip`) into a code folder; returns its meta."""
-    K = tokenizer.code_bits
+def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset, out_dir, vocab: Vocab,
+             flip: bool = False, crops: str = "none", num_crops: int = 1, crop_range: float = 1.0, draws: int = 0,
+             seed: int = 0, batch_size: int = 256, shard_size: int = 8192) -> dict:
+    """Encode `dataset` into a code folder; returns its meta.
+
+    flip: also encode the mirror image of every crop. crops: "none" (the image), "five" (corners and
+    centre) or "random" (`num_crops` per image); crops are taken from images loaded at
+    `crop_source_size(image_size, crop_range)`, which `dataset` must have. draws: 0 stores the
+    deterministic codes; N > 0 (binary autoencoder only) stores N Bernoulli draws of every view.
+    """
+    K, grid, size = tokenizer.code_bits, tokenizer_meta["grid"], tokenizer_meta["image_size"]
     Vocab.for_bits(str(vocab), K)
-    out_dir = Path(out_dir)
-    device = next(tokenizer.parameters()).device
+    if crops not in CROPS:
+        raise ElmgenError(f"crops must be one of {', '.join(CROPS)}, not {crops!r}")
+    source = crop_source_size(size, crop_range)
+    if crops == "none" and crop_range != 1.0 or crops != "none" and source <= size:
+        raise ElmgenError(f"crops need a crop_range that enlarges {size} px images (LlamaGen: 1.1) and no crops "
+                          f"need 1; got crops={crops}, crop_range={crop_range}")
+    if num_crops < 1 or draws < 0 or batch_size < 1 or shard_size < 1:
+        raise ElmgenError("num_crops, batch_size and shard_size must be >= 1 and draws >= 0")
+    if num_crops != 1 and crops != "random":
+        raise ElmgenError("num_crops applies to random crops only (crops=random)")
+    if draws and tokenizer_meta["kind"] != "bae":
+        raise ElmgenError(f"Bernoulli draws need the binary autoencoder; this tokenizer is {tokenizer_meta['kind']}")
+    if len(dataset) == 0 or dataset.images([0]).shape[-1] != source:
+        raise ElmgenError(f"tokenize needs the images at {source} px (image size {size} x crop range {crop_range})")
+    views = (5 if crops == "five" else num_crops) * (2 if flip else 1)
     n = len(dataset)
-    copies = 2 if flip else 1
-    grid = tokenizer_meta["grid"]
-    codes = np.empty((n * copies, grid * grid), dtype=code_dtype(K))
-    for start in tqdm(range(0, n, batch_size), desc="tokenize", unit="batch"):
-        idx = np.arange(start, min(n, start + batch_size))
-        x = to_float(dataset.images(idx)).to(device)
-        for c in range(copies):
-            view = x.flip(-1) if c else x
-            codes[c * n + idx] = tokenizer.encode_cells(view).cpu().numpy()
-    labels = np.tile(dataset.labels, copies).astype(np.int64)
-    meta = {
-        "tokenizer": tokenizer_meta["path"],
-        "tokenizer_fingerprint": tokenizer_meta["fingerprint"],
-        "bits": K,
-        "grid": grid,
-        "vocab": str(vocab),
-        "num_classes": dataset.num_classes,
-        "class_names": dataset.class_names,
-        "dataset": dataset.name,
-        "flip": flip,
-        "count": int(len(labels)),
+    plan = {
+        "tokenizer": tokenizer_meta["path"], "tokenizer_fingerprint": tokenizer_meta["fingerprint"],
+        "kind": tokenizer_meta["kind"], "bits": K, "grid": grid, "image_size": size, "vocab": str(vocab),
+        "num_classes": dataset.num_classes, "class_names": dataset.class_names, "dataset": dataset.name,
+        "images": n, "flip": flip, "crops": crops, "num_crops": num_crops, "crop_range": crop_range, "draws": draws,
+        "seed": seed, "views": views, "count": n * views, "shard_size": shard_size,
+        "shards": [f"shard_{s:05d}.npy" for s in range(-(-n // shard_size))],
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp_"))
-    np.save(tmp / "codes.npy", codes)
-    np.save(tmp / "labels.npy", labels)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    out_dir = Path(out_dir)
+    work = out_dir.parent / f".{out_dir.name}.partial"
+    if work.is_dir() and _read_json(work / "plan.json") != plan:
+        shutil.rmtree(work)  # left by a run with other settings: start over
+    work.mkdir(parents=True, exist_ok=True)
+    _write_atomic(work / "plan.json", lambda f: f.write(json.dumps(plan, indent=2).encode()))
+    device = next(tokenizer.parameters()).device
+    dtype, L = code_dtype(K), grid * grid
+    for s, name in enumerate(tqdm(plan["shards"], desc="tokenize", unit="shard")):
+        if (work / name).is_file():
+            continue
+        images = np.arange(s * shard_size, min(n, (s + 1) * shard_size))
+        codes_DRL = np.empty((max(1, draws), views * len(images), L), dtype=dtype)
+        for start in range(0, len(images), batch_size):
+            ids = images[start: start + batch_size]
+            x = to_float(dataset.images(ids)).to(device)
+            crops_ = _crops(x, size, crops, num_crops, ids, seed)
+            for v, view in enumerate(crops_ + [c.flip(-1) for c in crops_] if flip else crops_):
+                rows = v * len(images) + start + np.arange(len(ids))
+                if draws:
+                    uniforms = _draw_uniforms(seed, ids, v, (draws, K, grid, grid)).to(device)
+                    codes_DRL[:, rows] = tokenizer.draw_cells(view, uniforms).transpose(0, 1).cpu().numpy()
+                else:
+                    codes_DRL[0, rows] = tokenizer.encode_cells(view).cpu().numpy()
+        _write_atomic(work / name, lambda f, a=codes_DRL: np.save(f, a))
+    labels = np.concatenate([np.tile(dataset.labels[s * shard_size: (s + 1) * shard_size], views)
+                             for s in range(len(plan["shards"]))]).astype(np.int64)
+    _write_atomic(work / "labels.npy", lambda f: np.save(f, labels))
+    _write_atomic(work / "meta.json", lambda f: f.write(json.dumps(plan, indent=2).encode()))
+    (work / "plan.json").unlink()
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return meta
+    os.replace(work, out_dir)
+    return plan
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+class ShardedRows:
+    """One draw of the codes of all shards, indexed like one (N, L) array by row indices or a slice."""
+
+    def __init__(self, shards: list[np.ndarray], draw: int):
+        self.parts = [shard[draw] for shard in shards]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.starts[-1]), self.parts[0].shape[1])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.arange(len(self))[idx] if isinstance(idx, slice) else np.asarray(idx)
+        flat = idx.reshape(-1)
+        which = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty((flat.size, self.shape[1]), dtype=self.dtype)
+        for s in np.unique(which):
+            sel = which == s
+            out[sel] = self.parts[s][flat[sel] - self.starts[s]]
+        return out.reshape(*idx.shape, self.shape[1])
 
 
 class CodeDataset:
-    """Memory-mapped code folder; `batch(idx, vocab)` gives sub-codes (B, L, n) and labels (B,)."""
+    """A code folder; `batch(idx, vocab)` gives sub-codes (B, L, n) and labels (B,).
+
+    `codes` reads the first draw as an (N, L) array; `draws[d]` the d-th of `num_draws`.
+    """
 
     def __init__(self, path):
         path = Path(path)
@@ -79,16 +197,26 @@ class CodeDataset:
             raise ElmgenError(f"{path} is not a code folder (no meta.json); create one with 'elmgen tokenize'")
         self.path = path
         self.meta = json.loads((path / "meta.json").read_text())
-        self.codes = np.load(path / "codes.npy", mmap_mode="r")
-        self.labels = np.load(path / "labels.npy")
+        if "shards" not in self.meta:
+            raise ElmgenError(f"{path} was written by an older elmgen; delete it and run 'elmgen tokenize' again")
+        shards = [np.load(path / name, mmap_mode="r") for name in self.meta["shards"]]
+        self.labels = np.load(path / "labels.npy", mmap_mode="r")
         L = self.meta["grid"] ** 2
-        if self.codes.shape != (len(self.labels), L):
-            raise ElmgenError(f"{path}: codes of shape {self.codes.shape} do not match {len(self.labels)} labels "
-                              f"and a {self.meta['grid']}x{self.meta['grid']} grid; re-run 'elmgen tokenize'")
+        if any(s.ndim != 3 or s.shape[0] != shards[0].shape[0] or s.shape[2] != L for s in shards) or \
+                sum(s.shape[1] for s in shards) != len(self.labels):
+            raise ElmgenError(f"{path}: shards do not match {len(self.labels)} labels and a "
+                              f"{self.meta['grid']}x{self.meta['grid']} grid; re-run 'elmgen tokenize'")
+        self.draws = [ShardedRows(shards, d) for d in range(shards[0].shape[0])]
+        self.codes = self.draws[0]
+
+    @property
+    def num_draws(self) -> int:
+        return len(self.draws)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: np.ndarray, vocab: Vocab) -> tuple[torch.Tensor, torch.Tensor]:
-        cells_BL = torch.from_numpy(self.codes[idx].astype(np.int64))
-        return cells_to_subcodes(cells_BL, vocab), torch.from_numpy(self.labels[idx])
+    def batch(self, idx: np.ndarray, vocab: Vocab, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `idx`; codes stored with several Bernoulli draws give draw `epoch % num_draws`."""
+        cells_BL = torch.from_numpy(self.draws[epoch % self.num_draws][idx].astype(np.int64))
+        return cells_to_subcodes(cells_BL, vocab), torch.from_numpy(self.labels[idx].astype(np.int64))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from elmgen import checkpoint
@@ -15,10 +17,18 @@ from elmgen.config import save_yaml, to_dict
 from elmgen.data import DataConfig, load_dataset, to_float, to_uint8
 from elmgen.errors import ElmgenError
 from elmgen.evaluation import evaluate_tokenizer
+from elmgen.losses import (
+    LossConfig,
+    PatchDiscriminator,
+    PerceptualLoss,
+    adaptive_weight,
+    hinge_d_loss,
+    load_perceptual,
+)
 from elmgen.model import ModelConfig, Transformer
 from elmgen.plots import image_grid, loss_curve
 from elmgen.sampling import masked_fraction
-from elmgen.tokenizer import BinaryAutoencoder, TokenizerConfig
+from elmgen.tokenizer import Autoencoder, TokenizerConfig
 from elmgen.training import TrainConfig, batch_indices, fit, is_main_process, resolve_device
 from elmgen.vocab import Vocab
 
@@ -29,10 +39,10 @@ class TokenizerJob:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=1e-3,
                                                                     warmup_steps=100, weight_decay=0.0))
-    l1_weight: float = 1.0
-    l2_weight: float = 1.0
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema_decay: float = 0.999  # EMA of the weights, the ones saved for use; 0 keeps only the trained weights
     hflip: bool = False  # random horizontal flips of training images
-    eval_images: int = 2000  # held-out images for the PSNR / code-usage report
+    eval_images: int = 2000  # held-out images for the PSNR / SSIM / code-usage report
 
 
 @dataclass
@@ -42,51 +52,119 @@ class LMJob:
                                                                     warmup_steps=200))
 
 
+class TokenizerTraining(nn.Module):
+    """What a tokenizer checkpoint holds: the trained tokenizer, its EMA copy and the discriminator.
+
+    The shared loop's one optimizer trains tokenizer and discriminator together: the generator term
+    reaches only the tokenizer and the discriminator term only the discriminator (see `tokenizer_step`),
+    so both optimizer states travel in the checkpoint and a resumed run is exact.
+    """
+
+    def __init__(self, job: TokenizerJob):
+        super().__init__()
+        self.tokenizer = Autoencoder(job.tokenizer)
+        self.ema = copy.deepcopy(self.tokenizer).requires_grad_(False) if job.ema_decay > 0 else None
+        self.discriminator = PatchDiscriminator(job.tokenizer.in_channels) if job.loss.gan else None
+
+    @property
+    def release(self) -> Autoencoder:
+        """The weights saved for use."""
+        return self.ema if self.ema is not None else self.tokenizer
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p, 1 - decay)
+
+
+def tokenizer_step(trainer: TokenizerTraining, x: torch.Tensor, step: int, loss_cfg: LossConfig,
+                   perceptual: PerceptualLoss | None) -> tuple[torch.Tensor, dict]:
+    """The full objective on one batch: L1 + L2 (+ perceptual) + the quantizer's loss, and from
+    loss_cfg.gan_start the adaptive-weighted hinge GAN terms of generator and discriminator."""
+    recon, q = trainer.tokenizer(x)
+    recon = recon.float()
+    l1, l2 = (recon - x).abs().mean(), (recon - x).pow(2).mean()
+    rec = loss_cfg.l1 * l1 + loss_cfg.l2 * l2
+    logs = {"l1": l1.item(), "l2": l2.item()}
+    if perceptual is not None:
+        p = perceptual(recon, x).mean()
+        rec = rec + loss_cfg.perceptual * p
+        logs["perceptual"] = p.item()
+    loss = rec + q.loss
+    if q.loss.requires_grad:
+        logs["quantizer"] = q.loss.item()
+    disc = trainer.discriminator
+    if disc is not None and step >= loss_cfg.gan_start:
+        disc.requires_grad_(False)  # the generator term must not train the discriminator
+        gen = -disc(recon).float().mean()
+        disc.requires_grad_(True)
+        weight = loss_cfg.gan_weight * adaptive_weight(rec, gen, trainer.tokenizer.last_layer)
+        d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())  # reaches only the discriminator
+        loss = loss + weight * gen + d_loss
+        logs.update(gen=gen.item(), disc=d_loss.item(), gan_weight=weight.item())
+    return loss, logs
+
+
 def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False) -> dict:
-    """Train a binary autoencoder; writes checkpoints, metrics, loss.png, eval.json, reconstructions.png."""
+    """Train a tokenizer; writes checkpoints, metrics, loss.png, eval.json and reconstructions.png."""
     out_dir = Path(out_dir)
+    job.loss.validate()
     dataset = load_dataset(job.data)
     job.tokenizer.in_channels = job.data.channels
     if job.data.image_size % job.tokenizer.downsample:
         raise ElmgenError(f"image size {job.data.image_size} is not divisible by the tokenizer's "
                           f"downsampling factor {job.tokenizer.downsample}")
+    perceptual = load_perceptual(job.loss.perceptual_weights) if job.loss.perceptual_weights else None
     device = resolve_device(job.train.device)
     torch.manual_seed(job.train.seed)
-    model = BinaryAutoencoder(job.tokenizer).to(device)
+    trainer = TokenizerTraining(job).to(device)
+    if trainer.discriminator is not None and job.data.image_size < trainer.discriminator.min_image_size():
+        raise ElmgenError(f"the PatchGAN discriminator needs images of at least "
+                          f"{trainer.discriminator.min_image_size()} px, not {job.data.image_size}; drop --gan")
+    if perceptual is not None:
+        perceptual.to(device)
+    model = trainer.tokenizer
     ckpt_config = {
-        "kind": "bae", "tokenizer": to_dict(job.tokenizer), "data": to_dict(job.data), "bits": model.code_bits,
-        "image_size": job.data.image_size, "channels": job.data.channels,
-        "grid": job.data.image_size // job.tokenizer.downsample, "class_names": dataset.class_names,
+        "kind": job.tokenizer.quantizer, "tokenizer": to_dict(job.tokenizer), "data": to_dict(job.data),
+        "bits": model.code_bits, "num_codes": model.num_codes, "image_size": job.data.image_size,
+        "channels": job.data.channels, "grid": job.data.image_size // job.tokenizer.downsample,
+        "class_names": dataset.class_names,
     }
     _write_job(out_dir, job)
 
-    def step_fn(model, step):
+    def step_fn(trainer, step):
+        if trainer.ema is not None:  # folds in the weights after step - 1 (the last step's update is not in)
+            update_ema(trainer.ema, model, min(job.ema_decay, (1 + step) / (10 + step)))
         idx = batch_indices(step, job.train.batch_size, len(dataset), job.train.seed)
         x = to_float(dataset.images(idx)).to(device)
         if job.hflip:
             flip = torch.rand(x.shape[0], device=device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        recon, probs, _ = model(x)
-        l1 = (recon.float() - x).abs().mean()
-        l2 = (recon.float() - x).pow(2).mean()
-        return job.l1_weight * l1 + job.l2_weight * l2, {"l1": l1.item(), "l2": l2.item()}
+        return tokenizer_step(trainer, x, step, job.loss, perceptual)
 
-    rows = fit(model, job.train, out_dir, step_fn, ckpt_config, resume, desc="tokenizer",
+    rows = fit(trainer, job.train, out_dir, step_fn, ckpt_config, resume, desc=f"tokenizer ({job.tokenizer.quantizer})",
                units_per_step=job.train.batch_size, unit="img")
     if not is_main_process():
         return {}
-    loss_curve(rows, out_dir / "loss.png", title="tokenizer loss (L1 + L2)")
+    loss_curve(rows, out_dir / "loss.png", title="tokenizer loss")
     held_out = load_dataset(replace(job.data, split="test", limit=job.eval_images))
-    report = evaluate_tokenizer(model, held_out)
-    report["dataset"] = held_out.name
+    return tokenizer_report(trainer.release, held_out, out_dir)
+
+
+def tokenizer_report(model: Autoencoder, dataset, out_dir: Path, vocab: Vocab | None = None) -> dict:
+    """Reconstruction quality and code usage on `dataset`: eval.json and reconstructions.png in `out_dir`."""
+    report = evaluate_tokenizer(model, dataset, vocab=vocab)
+    report["dataset"] = dataset.name
     checkpoint.atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
-    save_reconstructions(model, held_out, out_dir / "reconstructions.png")
+    save_reconstructions(model, dataset, out_dir / "reconstructions.png")
     return report
 
 
 @torch.no_grad()
-def save_reconstructions(model: BinaryAutoencoder, dataset, path, n: int = 16) -> None:
+def save_reconstructions(model: Autoencoder, dataset, path, n: int = 16) -> None:
     """Top row: originals; bottom row: reconstructions from deterministic codes."""
+    model.eval()
     device = next(model.parameters()).device
     x = to_float(dataset.images(list(range(min(n, len(dataset)))))).to(device)
     grid = x.shape[-1] // model.cfg.downsample

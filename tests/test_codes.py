@@ -1,0 +1,193 @@
+"""Pre-tokenization: views (crops x flips), Bernoulli draws, shards, resuming, and the LM-side reader."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elmgen.cli import main
+from elmgen.codes import CodeDataset, crop_source_size, tokenize
+from elmgen.data import ImageDataset, to_float, to_uint8
+from elmgen.errors import ElmgenError
+from elmgen.tokenizer import Autoencoder, TokenizerConfig
+from elmgen.vocab import Vocab, cells_to_subcodes
+
+SIZE = 8  # images are tokenized at 8x8; crops come from 10x10 (crop range 1.25)
+
+
+class PixelTokenizer(torch.nn.Module):
+    """Cell code = grey value of each pixel (f = 1): a stored row shows exactly which view was encoded."""
+
+    code_bits, num_codes = 8, 256
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.calls = 0
+
+    def encode_cells(self, x):
+        self.calls += 1
+        return to_uint8(x[:, :1]).flatten(1).long()
+
+
+PIXEL_META = {"path": "pixels", "fingerprint": "0", "kind": "pixels", "grid": SIZE, "image_size": SIZE}
+
+
+class Pictures(ImageDataset):
+    def __init__(self, n: int, side: int):
+        self.pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, 1, side, side), dtype=np.uint8))
+        self.labels = np.arange(n) % 3
+        self.class_names, self.name = ["a", "b", "c"], f"pictures{side}"
+
+    def images(self, idx):
+        return self.pixels[torch.as_tensor(np.asarray(idx))]
+
+
+def view_rows(image: int, shard_size: int, n: int, views: int) -> np.ndarray:
+    """Row indices of one image's views, in order: shards of images, view-major inside a shard."""
+    s = image // shard_size
+    in_shard = min(n, (s + 1) * shard_size) - s * shard_size
+    return s * shard_size * views + np.arange(views) * in_shard + image - s * shard_size
+
+
+def rows_of(codes: CodeDataset, image: int, shard_size: int, n: int) -> np.ndarray:
+    return codes.codes[view_rows(image, shard_size, n, codes.meta["views"])].reshape(-1, SIZE, SIZE)
+
+
+def test_five_crops_and_flips_are_the_expected_views(tmp_path):
+    n, shard = 7, 3
+    data = Pictures(n, crop_source_size(SIZE, 1.25))
+    meta = tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "c", Vocab.parse("2-4"), flip=True,
+                    crops="five", crop_range=1.25, batch_size=2, shard_size=shard)
+    codes = CodeDataset(tmp_path / "c")
+    assert meta["views"] == 10 and len(codes) == meta["count"] == 70 and codes.codes.shape == (70, 64)
+    assert meta["shards"] == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
+    for image in (0, 4, 6):
+        img = data.pixels[image, 0].numpy()
+        crops = [img[:8, :8], img[:8, 2:], img[2:, :8], img[2:, 2:], img[1:9, 1:9]]
+        expected = np.stack(crops + [c[:, ::-1] for c in crops])
+        assert np.array_equal(rows_of(codes, image, shard, n), expected)
+        assert set(codes.labels[view_rows(image, shard, n, 10)]) == {data.labels[image]}
+
+
+def test_random_crops_are_seeded_crops_of_the_enlarged_image(tmp_path):
+    data = Pictures(6, 9)  # crop range 1.125: a side of 9 (one of four exact crops) or 8 (the whole image resized)
+    args = dict(crops="random", num_crops=3, crop_range=1.125, flip=True)
+    tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "a", Vocab.parse("1-8"), seed=1, **args)
+    tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "b", Vocab.parse("1-8"), seed=1, batch_size=4, **args)
+    tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "c", Vocab.parse("1-8"), seed=2, **args)
+    a, b, c = (CodeDataset(tmp_path / x) for x in "abc")
+    assert len(a) == 6 * 6 and np.array_equal(a.codes[:], b.codes[:]) and not np.array_equal(a.codes[:], c.codes[:])
+    kinds = []
+    for image in range(6):
+        views = rows_of(a, image, 8192, 6)
+        assert np.array_equal(views[3:], views[:3, :, ::-1])  # the mirrored copies follow the crops
+        img = data.pixels[image: image + 1]
+        whole = to_uint8(F.interpolate(to_float(img), size=(8, 8), mode="bilinear", antialias=True))[0, 0].numpy()
+        exact = [img[0, 0, t: t + 8, le: le + 8].numpy() for t in (0, 1) for le in (0, 1)]
+        for v in views[:3]:
+            kinds.append("exact" if any(np.array_equal(v, e) for e in exact) else
+                         "whole" if np.array_equal(v, whole) else "other")
+    assert "other" not in kinds and {"exact", "whole"} <= set(kinds)
+
+
+def test_interrupted_tokenization_resumes_to_identical_files(tmp_path):
+    data = Pictures(11, crop_source_size(SIZE, 1.25))
+    args = dict(flip=True, crops="five", crop_range=1.25, batch_size=2, shard_size=3)
+    tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "straight", Vocab.parse("2-4"), **args)
+
+    crashing = PixelTokenizer()
+    real = crashing.encode_cells
+
+    def encode_then_crash(x):
+        if crashing.calls == 45:  # in the third of four shards (2 batches x 10 views per full shard)
+            raise KeyboardInterrupt
+        return real(x)
+
+    crashing.encode_cells = encode_then_crash
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(crashing, PIXEL_META, data, tmp_path / "resumed", Vocab.parse("2-4"), **args)
+    partial = tmp_path / ".resumed.partial"
+    assert sorted(p.name for p in partial.glob("shard_*")) == ["shard_00000.npy", "shard_00001.npy"]
+    (partial / ".shard_00002.npy.tmp").write_bytes(b"half a shard, as a kill during the write leaves it")
+    assert not (tmp_path / "resumed").exists()
+
+    again = PixelTokenizer()
+    tokenize(again, PIXEL_META, data, tmp_path / "resumed", Vocab.parse("2-4"), **args)
+    assert again.calls == 30  # only shards 2 (2 batches) and 3 (1 batch), 10 views each
+    files = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "resumed").iterdir())
+    assert files == ["labels.npy", "meta.json", "shard_00000.npy", "shard_00001.npy", "shard_00002.npy",
+                     "shard_00003.npy"]
+    for name in files:
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    assert not partial.exists()
+
+
+def test_changed_settings_start_over(tmp_path):
+    data = Pictures(4, SIZE)
+    crashing = PixelTokenizer()
+    crashing.encode_cells = lambda x: (_ for _ in ()).throw(KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(crashing, PIXEL_META, data, tmp_path / "c", Vocab.parse("1-8"), shard_size=2)
+    (tmp_path / ".c.partial" / "shard_00000.npy").write_bytes(b"from another run")
+    tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "c", Vocab.parse("1-8"), flip=True, shard_size=2)
+    assert len(CodeDataset(tmp_path / "c")) == 8
+
+
+def test_bernoulli_draws_and_the_draw_per_epoch(tmp_path):
+    torch.manual_seed(0)
+    model = Autoencoder(TokenizerConfig(base_width=8, channel_mult=[1, 2], latent_dim=8, num_bits=8)).eval()
+    meta = {**PIXEL_META, "kind": "bae", "grid": 4}
+    data = Pictures(6, SIZE)
+    tokenize(model, meta, data, tmp_path / "d", Vocab.parse("2-4"), draws=3, flip=True, shard_size=4)
+    tokenize(model, meta, data, tmp_path / "e", Vocab.parse("2-4"), draws=3, flip=True, shard_size=4, batch_size=1)
+    tokenize(model, meta, data, tmp_path / "det", Vocab.parse("2-4"))
+    codes = CodeDataset(tmp_path / "d")
+    assert codes.num_draws == 3 and len(codes) == 12 and codes.meta["draws"] == 3
+    assert np.load(tmp_path / "d" / "shard_00000.npy").shape == (3, 8, 16)
+    for name in ("shard_00000.npy", "shard_00001.npy"):  # per-image seeds: the batch size does not matter
+        assert (tmp_path / "d" / name).read_bytes() == (tmp_path / "e" / name).read_bytes()
+    idx = np.array([0, 5, 11])
+    draws = [codes.batch(idx, Vocab.parse("2-4"), epoch=e)[0] for e in range(4)]
+    assert torch.equal(draws[3], draws[0]) and not torch.equal(draws[0], draws[1])
+    assert torch.equal(draws[1], cells_to_subcodes(torch.from_numpy(codes.draws[1][idx].astype(np.int64)),
+                                                   Vocab.parse("2-4")))
+    det = CodeDataset(tmp_path / "det")
+    assert det.num_draws == 1 and np.array_equal(det.codes[:6], model.encode_cells(to_float(data.images(range(6)))))
+
+
+def test_user_errors(tmp_path):
+    data = Pictures(2, SIZE)
+    vq_meta = {**PIXEL_META, "kind": "vq"}
+    with pytest.raises(ElmgenError, match="Bernoulli draws need the binary autoencoder"):
+        tokenize(PixelTokenizer(), vq_meta, data, tmp_path / "x", Vocab.parse("1-8"), draws=2)
+    with pytest.raises(ElmgenError, match="crop_range"):
+        tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "x", Vocab.parse("1-8"), crops="five")
+    with pytest.raises(ElmgenError, match="needs the images at 10 px"):
+        tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "x", Vocab.parse("1-8"), crops="five", crop_range=1.25)
+    with pytest.raises(ElmgenError, match="num_crops applies to random crops"):
+        tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "x", Vocab.parse("1-8"), num_crops=2)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "meta.json").write_text(json.dumps({"grid": 8}))
+    with pytest.raises(ElmgenError, match="older elmgen"):
+        CodeDataset(tmp_path / "old")
+
+
+def test_cli_tokenize_with_random_crops_and_draws(fake_fmnist, tmp_path, capsys):
+    tok = tmp_path / "tok"
+    assert main(["train-tokenizer", "--out", str(tok), "data.limit=16", "train.steps=1", "tokenizer.base_width=8",
+                 "tokenizer.channel_mult=[1,2,2]", "tokenizer.latent_dim=8", "tokenizer.num_bits=8",
+                 "eval_images=4", "train.batch_size=4"]) == 0
+    capsys.readouterr()
+    assert main(["tokenize", "--tokenizer", str(tok), "--out", str(tmp_path / "codes"), "--limit", "12",
+                 "--crops", "random", "--num-crops", "2", "--crop-range", "1.125", "--flip", "--draws", "2",
+                 "--shard-size", "5"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert (meta["count"], meta["views"], meta["draws"], meta["vocab"]) == (48, 4, 2, "2-4")
+    codes = CodeDataset(tmp_path / "codes")
+    assert len(codes) == 48 and codes.num_draws == 2 and len(codes.meta["shards"]) == 3
+    sub, labels = codes.batch(np.arange(48), Vocab.parse("4-2"), epoch=1)
+    assert sub.shape == (48, 64, 4) and int(sub.max()) < 4 and labels.shape == (48,)

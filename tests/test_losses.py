@@ -1,0 +1,204 @@
+"""Perceptual loss from a user's weights file, the PatchGAN and its adaptive weight, EMA, exact resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import elmgen.train
+from elmgen import checkpoint
+from elmgen.cli import main
+from elmgen.data import DataConfig
+from elmgen.errors import ElmgenError
+from elmgen.losses import (
+    LossConfig,
+    PatchDiscriminator,
+    PerceptualLoss,
+    adaptive_weight,
+    hinge_d_loss,
+    load_perceptual,
+    lpips_state_dict,
+)
+from elmgen.tokenizer import TokenizerConfig, load_tokenizer
+from elmgen.train import TokenizerJob, TokenizerTraining, tokenizer_step, train_tokenizer
+from elmgen.training import TrainConfig, read_metrics
+
+TINY = TokenizerConfig(base_width=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=16, num_bits=8)
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    """A perceptual weights file in the documented layout (random VGG16, non-negative heads), as .pth."""
+    torch.manual_seed(1)
+    model = PerceptualLoss()
+    for lin in model.lins:
+        lin.weight.data.uniform_(0, 1)
+    path = tmp_path_factory.mktemp("lpips") / "lpips_vgg16.pth"
+    torch.save({**lpips_state_dict(model), "classifier.0.weight": torch.zeros(2, 2)}, path)  # extras are ignored
+    return path
+
+
+def test_weights_file_layout_is_torchvision_vgg16_plus_lpips_heads():
+    keys = set(lpips_state_dict(PerceptualLoss()))
+    convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's vgg16.features conv indices
+    assert keys == {f"features.{i}.{p}" for i in convs for p in ("weight", "bias")} | \
+        {f"lin{i}.model.1.weight" for i in range(5)}
+
+
+def test_perceptual_distance_properties(weights_file, tmp_path):
+    loss = load_perceptual(weights_file)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    d = loss(x, y)
+    assert d.shape == (3,) and (d > 0).all()
+    assert torch.allclose(loss(x, x), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(loss(y, x), d, atol=1e-6)
+    grey, rgb = x[:, :1], x[:, :1].expand(-1, 3, -1, -1)
+    assert torch.allclose(loss(grey, grey.flip(-1)), loss(rgb, rgb.flip(-1)))  # grey is read as RGB
+    y.requires_grad_()
+    loss(x, y).sum().backward()
+    assert y.grad.abs().sum() > 0 and all(p.grad is None for p in loss.parameters())  # frozen
+    state = lpips_state_dict(loss)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    assert torch.allclose(load_perceptual(tmp_path / "w.safetensors")(x, y), d)
+
+
+def test_perceptual_first_tap_by_hand(weights_file):
+    """With only the first head (all ones), the distance is the spatial mean of the summed squared differences
+    of unit-normalised relu1_2 features."""
+    loss = load_perceptual(weights_file)
+    for i, lin in enumerate(loss.lins):
+        lin.weight.data.fill_(1.0 if i == 0 else 0.0)
+    x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+
+    def relu1_2(t):
+        f = loss.features[:4]((t - loss.shift) / loss.scale)
+        return f / f.norm(dim=1, keepdim=True)
+
+    expected = (relu1_2(x) - relu1_2(y)).pow(2).sum(1).mean((1, 2))
+    assert torch.allclose(loss(x, y), expected, atol=1e-5)
+
+
+def test_bad_weights_files_are_one_clear_error(weights_file, tmp_path):
+    with pytest.raises(ElmgenError, match="not found"):
+        load_perceptual(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(ElmgenError, match="cannot read"):
+        load_perceptual(tmp_path / "junk.pth")
+    state = torch.load(weights_file)
+    del state["lin3.model.1.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ElmgenError, match="missing.*lin3"):
+        load_perceptual(tmp_path / "partial.pth")
+    state["lin3.model.1.weight"] = torch.zeros(1, 7, 1, 1)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(ElmgenError, match="wrong shape.*lin3"):
+        load_perceptual(tmp_path / "shape.pth")
+
+
+def test_patch_discriminator_and_hinge_loss():
+    disc = PatchDiscriminator(3)
+    assert disc(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 2, 2)
+    assert disc.min_image_size() == 24 and disc(torch.zeros(2, 3, 24, 24)).shape == (2, 1, 1, 1)
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.0])
+    assert hinge_d_loss(real, fake).item() == pytest.approx(0.5 * ((0 + 0.5) / 2 + (0 + 1) / 2))
+
+
+def test_adaptive_weight_is_the_gradient_ratio_clamped_to_one():
+    w = torch.ones(4, requires_grad=True)
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    rec, gen = (w * x).sum(), 10 * (w * x).sum()
+    assert adaptive_weight(rec, gen, w).item() == pytest.approx(0.1, rel=1e-4)
+    assert adaptive_weight(gen, rec, w).item() == 1.0  # ratio 10, clamped
+
+
+def job(steps: int, save_every: int, **loss) -> TokenizerJob:
+    return TokenizerJob(data=DataConfig(limit=64), tokenizer=TINY, eval_images=16, ema_decay=0.9,
+                        loss=LossConfig(gan=True, gan_start=2, **loss),
+                        train=TrainConfig(steps=steps, batch_size=8, lr=1e-3, weight_decay=0.0, log_every=1,
+                                          save_every=save_every, precision="bf16"))
+
+
+def test_generator_term_leaves_the_discriminator_alone():
+    trainer = TokenizerTraining(job(1, 1))
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    torch.manual_seed(0)
+    loss, logs = tokenizer_step(trainer, x, 5, job(1, 1).loss, None)
+    loss.backward()
+    assert {"gen", "disc", "gan_weight"} <= set(logs) and 0 <= logs["gan_weight"] <= 0.5
+    grads = [p.grad.clone() for p in trainer.discriminator.parameters()]
+    trainer.zero_grad()
+    torch.manual_seed(0)  # the same Bernoulli draws
+    recon, _ = trainer.tokenizer(x)
+    hinge_d_loss(trainer.discriminator(x), trainer.discriminator(recon.detach())).backward()
+    for g, p in zip(grads, trainer.discriminator.parameters(), strict=True):
+        assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_gan_starts_late_and_resume_is_exact(fake_fmnist, tmp_path, monkeypatch):
+    straight = tmp_path / "a"
+    train_tokenizer(job(5, 100), straight)
+    rows = read_metrics(straight / "metrics.jsonl")
+    assert ["disc" in r for r in rows] == [False, False, True, True, True]  # gan_start=2
+
+    real = elmgen.train.batch_indices
+
+    def crash_at_step_4(step, *args):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(step, *args)
+
+    monkeypatch.setattr(elmgen.train, "batch_indices", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(job(5, 3), tmp_path / "b")  # checkpoint at step 3: discriminator and its Adam state in use
+    monkeypatch.setattr(elmgen.train, "batch_indices", real)
+    train_tokenizer(job(5, 3), tmp_path / "b", resume=True)
+    assert [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [r["loss"] for r in rows]
+    a, b = (checkpoint.resolve(p) / checkpoint.WEIGHTS for p in (straight, tmp_path / "b"))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_ema_weights_are_the_ones_saved_for_use(fake_fmnist, tmp_path):
+    from safetensors.torch import load_file
+
+    train_tokenizer(job(3, 3), tmp_path / "run")
+    state = load_file(checkpoint.resolve(tmp_path / "run") / checkpoint.WEIGHTS)
+    assert any(k.startswith("discriminator.") for k in state)
+    model, _ = load_tokenizer(tmp_path / "run")
+    last = f"decoder.net.{len(model.decoder.net) - 1}.weight"
+    assert torch.equal(model.last_layer, state["ema." + last])
+    assert not torch.equal(model.last_layer, state["tokenizer." + last])
+    no_ema = job(3, 3)
+    no_ema.ema_decay = 0.0
+    train_tokenizer(no_ema, tmp_path / "plain")
+    state = load_file(checkpoint.resolve(tmp_path / "plain") / checkpoint.WEIGHTS)
+    assert not any(k.startswith("ema.") for k in state)
+    assert torch.equal(load_tokenizer(tmp_path / "plain")[0].last_layer, state["tokenizer." + last])
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_gan_and_perceptual_options(fake_fmnist, weights_file, tmp_path, capsys):
+    args = ["tokenizer.base_width=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.latent_dim=16",
+            "tokenizer.num_bits=8", "train.batch_size=4", "train.log_every=1", "eval_images=8", "data.limit=16",
+            "train.steps=2", "loss.gan_start=1"]
+    code, out, err = run(capsys, "train-tokenizer", "--out", tmp_path / "t", "--gan", "--perceptual-weights",
+                         weights_file, *args)
+    assert code == 0, err
+    rows = read_metrics(tmp_path / "t" / "metrics.jsonl")
+    assert "perceptual" in rows[0] and "disc" not in rows[0] and "disc" in rows[1]
+    assert json.loads(out)["bits"] == 8
+    code, _, err = run(capsys, "train-tokenizer", "--out", tmp_path / "u", "--perceptual-weights",
+                       tmp_path / "none.pth", *args)
+    lines = [line for line in err.splitlines() if line.startswith("elmgen: error:")]
+    assert code == 2 and len(lines) == 1 and "perceptual weights file not found" in lines[0]
+    code, _, err = run(capsys, "train-tokenizer", "--out", tmp_path / "v", "--gan", *args, "data.image_size=16",
+                       "tokenizer.channel_mult=[1,2]")
+    assert code == 2 and "at least 24 px" in err
+    assert not np.isnan(rows[-1]["loss"])
