@@ -207,6 +207,71 @@ def quick_demo(cfg):
     )
 
 
+def cmd_train_classifier(a) -> None:
+    from elmgen.classifier import ClassifierJob, train_classifier
+
+    base = {"data": {"source": a.data}} if a.data else {}
+    job = build_config(ClassifierJob, a.config, a.overrides, **base)
+    print(json.dumps(train_classifier(job, a.out, resume=a.resume), indent=2))
+
+
+REF_HELP = "reference: 'fashion-mnist', a folder with one sub-folder per class, or an .npz of images (arr_0 uint8 NHWC)"
+
+
+def _feature_args(s: argparse.ArgumentParser, ref_help: str) -> None:
+    s.add_argument("--ref", required=True, help=ref_help)
+    s.add_argument("--split", default="train", help="split of a reference data set (default: train)")
+    s.add_argument("--limit", type=int, help="use only the first N images of a reference data set")
+    s.add_argument("--backend", choices=["classifier", "inception"], default="classifier",
+                   help="feature space: 'classifier' (a run of 'elmgen train-classifier', offline; default) or "
+                        "'inception' (the standard FID Inception-v3 from a local weights file; needs "
+                        "elmgen[inception])")
+    s.add_argument("--classifier", help="classifier run folder or checkpoint, for --backend classifier")
+    s.add_argument("--inception-weights", metavar="FILE",
+                   help="FID Inception weights file for --backend inception (default: $ELMGEN_INCEPTION_WEIGHTS)")
+    s.add_argument("--k", type=int, default=3, help="neighbourhood size of the precision/recall manifolds (default 3)")
+    s.add_argument("--batch-size", type=int, default=250)
+    s.add_argument("--device", default="auto")
+
+
+def _extractor_and_reference(a):
+    from elmgen.data import DataConfig
+    from elmgen.evaluation import load_extractor
+    from elmgen.training import resolve_device
+
+    if a.k < 1 or a.batch_size < 1:
+        raise ElmgenError("--k and --batch-size must be positive")
+    extractor = load_extractor(a.backend, a.classifier, a.inception_weights, resolve_device(a.device))
+    ref = a.ref if a.ref.endswith(".npz") else DataConfig(source=a.ref, split=a.split, limit=a.limit)
+    return extractor, ref
+
+
+def cmd_eval(a) -> None:
+    from elmgen.checkpoint import atomic_write_text
+    from elmgen.evaluation import evaluate_samples
+
+    if a.splits < 1:
+        raise ElmgenError("--splits must be positive")
+    extractor, ref = _extractor_and_reference(a)
+    text = json.dumps(evaluate_samples(a.samples, ref, extractor, a.k, a.splits, a.batch_size), indent=2)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(a.out), text + "\n")
+    print(text)
+
+
+def cmd_ref_stats(a) -> None:
+    from elmgen.evaluation import is_stats_file, open_reference, save_ref_stats
+
+    if is_stats_file(a.ref):
+        raise ElmgenError(f"{a.ref} already holds statistics; pass images or a data set as --ref")
+    extractor, ref = _extractor_and_reference(a)
+    stats = open_reference(ref, extractor, a.batch_size, a.k)
+    path = save_ref_stats(stats, a.out)
+    print(json.dumps({"out": str(path), "count": stats.count, "source": stats.source, "k": stats.k,
+                      "feature_space": stats.feature_space}, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="elmgen",
@@ -362,6 +427,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="sweep folder (re-run to resume)")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. base.lm.train.steps=100")
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("train-classifier", help="train the classifier that measures samples offline",
+                       description="Train a small CNN classifier (the offline feature space of 'elmgen eval' and "
+                                   "the judge of class accuracy); writes checkpoints, metrics.jsonl, job.yaml and "
+                                   "eval.json (test accuracy, per-class accuracy, training time, weights fingerprint).")
+    s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("--data", help="'fashion-mnist' (default) or a folder with one sub-folder per class")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _common(s, "YAML with data/classifier/train sections")
+    s.set_defaults(func=cmd_train_classifier)
+
+    s = sub.add_parser("eval", help="FID, IS, precision/recall and class accuracy of samples",
+                       description="Measure samples against a reference in a named feature space: FID, Inception "
+                                   "Score, precision/recall (k-NN manifolds) and, for labelled samples and the "
+                                   "classifier backend, class accuracy. Prints JSON that names the feature "
+                                   "extractor, its fingerprint and the sample and reference counts.")
+    s.add_argument("--samples", required=True, nargs="+",
+                   help=".npz files (ADM layout: arr_0 uint8 NHWC, arr_1 labels; shards are read together), a "
+                        "folder of .npz shards, or a folder of images (labelled when in sub-folders named 0, 1, ...)")
+    _feature_args(s, REF_HELP + ", or an .npz of statistics from 'elmgen ref-stats'")
+    s.add_argument("--splits", type=int, default=10, help="splits of the Inception Score (default 10)")
+    s.add_argument("--out", help="also write the JSON to this file")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("ref-stats", help="reference statistics for FID and precision/recall, computed once",
+                       description="Compute the reference's feature mean and covariance (pytorch-fid fields mu, "
+                                   "sigma) plus its features and k-NN radii for precision/recall; pass the file "
+                                   "to 'elmgen eval --ref'.")
+    s.add_argument("--out", required=True, help=".npz file to write")
+    _feature_args(s, REF_HELP)
+    s.set_defaults(func=cmd_ref_stats)
     return p
 
 
