@@ -197,13 +197,15 @@ def cmd_sweep(a) -> None:
 
 def quick_demo(cfg):
     """A minutes-long smoke run of the same pipeline on a data subset (looks worse, proves the wiring)."""
-    tok, lm = cfg.tokenizer, cfg.lm
+    tok, lm, clf = cfg.tokenizer, cfg.lm, cfg.classifier
     return replace(
         cfg,
         tokenizer=replace(tok, data=replace(tok.data, limit=2000), eval_images=200,
                           train=replace(tok.train, steps=60, warmup_steps=10, save_every=60)),
         lm=replace(lm, train=replace(lm.train, steps=40, warmup_steps=5, save_every=40)),
+        classifier=replace(clf, train=replace(clf.train, steps=40, warmup_steps=5, save_every=40)),
         num_per_class=2,
+        reference_images=500,
     )
 
 

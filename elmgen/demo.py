@@ -17,7 +17,7 @@ def run_demo(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     """The pipeline with fixed stage folders under `out_dir`, then the pictures and report.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dirs = StageDirs(out / "tokenizer", out / "codes", out / "lm", out)
+    dirs = StageDirs(out / "tokenizer", out / "codes", out / "lm", out, out / "classifier")
     metrics = run_pipeline(cfg, dirs)
     (out / "reconstructions.png").write_bytes((dirs.tokenizer / "reconstructions.png").read_bytes())
     vocab = Vocab.parse(cfg.lm.model.vocab)
@@ -69,7 +69,27 @@ Sampling: classifier-free guidance scale {s['cfg_scale']} ({s['cfg_schedule']} s
 `samples.npz` holds the same {s['images']} images in ADM layout (`arr_0` uint8 NHWC, `arr_1` labels).
 
 ![samples](samples.png)
-
+{render_eval(m.get("eval"))}
 ## Time
 {', '.join(f'{k}: {v:.0f} s' for k, v in m['seconds'].items())}
+"""
+
+
+def render_eval(e: dict | None) -> str:
+    if not e:
+        return ""
+    space = e["feature_space"]
+    return f"""
+## 4. Evaluation
+Measured in the feature space of the project's own classifier ({space['name']}, fingerprint
+{space['fingerprint']}, trained on {space['dataset']}, test accuracy {e['classifier_test_accuracy']:.3f}),
+not Inception: these numbers compare runs of this project, not papers. {e['num_samples']} samples against
+{e['num_reference']} training images.
+
+| FID | Inception Score | precision | recall | class accuracy |
+|---|---|---|---|---|
+| {e['fid']:.2f} | {e['inception_score']:.2f} | {e['precision']:.3f} | {e['recall']:.3f} | {e['class_accuracy']:.3f} |
+
+Class accuracy: the share of samples the classifier assigns to the class they were generated for.
+With only {e['num_samples']} samples, FID is biased upwards; compare it across runs of equal size.
 """

@@ -11,13 +11,15 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 
 from elmgen import checkpoint
+from elmgen.classifier import ClassifierJob, train_classifier
 from elmgen.codes import tokenize
 from elmgen.config import save_yaml, to_dict
 from elmgen.data import load_dataset
+from elmgen.evaluation import evaluate_samples, load_extractor, load_ref_stats, open_reference, save_ref_stats
 from elmgen.model import ModelConfig, count_params, load_model, preset
 from elmgen.sampling import SampleConfig, class_balanced, image_seeds, sample_images, write_samples
 from elmgen.tokenizer import TokenizerConfig, load_tokenizer
@@ -42,6 +44,9 @@ class PipelineConfig:
     ))
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(cfg_scale=3.0, cfg_schedule="linear"))
     num_per_class: int = 10
+    evaluate: bool = True  # FID, IS, precision/recall, class accuracy in the feature space of `classifier`
+    classifier: ClassifierJob = field(default_factory=ClassifierJob)  # trained once on the tokenizer's data
+    reference_images: int = 10000  # training images behind the reference statistics
 
 
 @dataclass
@@ -50,6 +55,7 @@ class StageDirs:
     codes: Path
     lm: Path
     samples: Path
+    classifier: Path
 
 
 def config_hash(*parts) -> str:
@@ -64,7 +70,29 @@ def shared_dirs(cfg: PipelineConfig, root: str | Path, samples: str | Path) -> S
     root = Path(root)
     tok = config_hash(cfg.tokenizer)
     return StageDirs(root / "tokenizers" / tok, root / "codes" / tok,
-                     root / "lms" / config_hash(cfg.tokenizer, cfg.lm), Path(samples))
+                     root / "lms" / config_hash(cfg.tokenizer, cfg.lm), Path(samples),
+                     root / "classifiers" / config_hash(classifier_job(cfg)))
+
+
+def classifier_job(cfg: PipelineConfig) -> ClassifierJob:
+    """The evaluation classifier sees the same images as the tokenizer (data set, size, channels)."""
+    return replace(cfg.classifier, data=replace(cfg.tokenizer.data, split="train"))
+
+
+def evaluate_run(cfg: PipelineConfig, dirs: StageDirs) -> dict:
+    """Train (once) the feature-space classifier and its reference statistics, then score the samples."""
+    if not (dirs.classifier / "eval.json").is_file():
+        train_classifier(classifier_job(cfg), dirs.classifier, resume=checkpoint.has_checkpoint(dirs.classifier))
+    extractor = load_extractor("classifier", classifier=dirs.classifier)
+    ref_file = dirs.classifier / f"reference_{cfg.reference_images}.npz"
+    if ref_file.is_file():
+        ref = load_ref_stats(ref_file)
+    else:
+        ref = open_reference(replace(cfg.tokenizer.data, split="train", limit=cfg.reference_images), extractor)
+        save_ref_stats(ref, ref_file)
+    result = evaluate_samples(dirs.samples / "samples.npz", ref, extractor)
+    result["classifier_test_accuracy"] = json.loads((dirs.classifier / "eval.json").read_text())["accuracy"]
+    return result
 
 
 def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
@@ -98,6 +126,12 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     write_samples(images, labels, seeds, dirs.samples, ncols=cfg.num_per_class)
     timings["sample"] = time.perf_counter() - t
 
+    evaluation = None
+    if cfg.evaluate:
+        t = time.perf_counter()
+        evaluation = evaluate_run(cfg, dirs)
+        timings["evaluate"] = time.perf_counter() - t
+
     metrics = {
         "tokenizer": {k: v for k, v in tok_eval.items() if k != "bit_mean"},
         "lm": {
@@ -107,6 +141,7 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
             "tokens_per_s": rows[-1].get("tok_per_s"),
         },
         "sampling": {**to_dict(cfg.sample), "num_per_class": cfg.num_per_class, "images": len(labels)},
+        "eval": evaluation,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "dirs": {k: str(v) for k, v in vars(dirs).items()},
     }

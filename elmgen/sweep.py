@@ -28,6 +28,11 @@ SUMMARY_METRICS = (
     ("code_usage", ("tokenizer", "code_usage")),
     ("final_loss", ("lm", "final_loss")),
     ("params", ("lm", "params")),
+    ("fid", ("eval", "fid")),
+    ("inception_score", ("eval", "inception_score")),
+    ("precision", ("eval", "precision")),
+    ("recall", ("eval", "recall")),
+    ("class_accuracy", ("eval", "class_accuracy")),
 )
 
 

@@ -129,13 +129,20 @@ def test_mlm_trains_and_samples(pipeline, tmp_path, capsys):
 def test_quick_demo_writes_every_file_and_resumes(fake_fmnist, tmp_path, capsys):
     args = ["demo", "--quick", "--out", tmp_path / "demo", "tokenizer.tokenizer.base_width=16",
             "tokenizer.tokenizer.num_bits=8", "tokenizer.train.batch_size=8", "lm.model.vocab=2-4",
-            "lm.model.n_layer=1", "lm.model.d_model=64", "lm.model.n_head=2", "lm.train.batch_size=8"]
+            "lm.model.n_layer=1", "lm.model.d_model=64", "lm.model.n_head=2", "lm.train.batch_size=8",
+            "classifier.train.batch_size=16"]
     code, out, _ = run(capsys, *args)
     assert code == 0
     for name in ("report.md", "samples.png", "samples.npz", "reconstructions.png", "loss.png", "metrics.json"):
         assert (tmp_path / "demo" / name).is_file(), name
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["lm"]["steps"] == 40 and metrics["tokenizer"]["bits"] == 8
+    ev = metrics["eval"]
+    assert ev["feature_space"]["name"] == "elmgen-classifier" and ev["num_samples"] == 20
+    assert ev["num_reference"] == 200 and ev["fid"] > 0  # the fake data set has 200 training images
+    for key in ("inception_score", "precision", "recall", "class_accuracy"):
+        assert key in ev, key
+    assert "## 4. Evaluation" in (tmp_path / "demo" / "report.md").read_text()
     assert np.load(tmp_path / "demo" / "samples.npz")["arr_0"].shape == (20, 32, 32, 1)
     assert "![samples](samples.png)" in (tmp_path / "demo" / "report.md").read_text()
     first = np.load(tmp_path / "demo" / "samples.npz")["arr_0"]

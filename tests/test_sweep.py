@@ -19,6 +19,7 @@ base:
     model: {n_layer: 1, d_model: 64, n_head: 2, vocab: 2-4}
     train: {steps: 2, batch_size: 4, save_every: 2}
   num_per_class: 1
+  evaluate: false
 grid:
   lm.model.vocab: [2-4, 4-2]
   sample.cfg_scale: [1.0, 2.0]
