@@ -29,7 +29,7 @@ from elmgen.model import ModelConfig, Transformer
 from elmgen.plots import image_grid, loss_curve
 from elmgen.sampling import masked_fraction
 from elmgen.tokenizer import Autoencoder, TokenizerConfig
-from elmgen.training import TrainConfig, batch_indices, fit, is_main_process, resolve_device
+from elmgen.training import TrainConfig, fit, is_main_process, resolve_device
 from elmgen.vocab import Vocab
 
 
@@ -133,18 +133,20 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
     }
     _write_job(out_dir, job)
 
-    def step_fn(trainer, step):
-        if trainer.ema is not None:  # folds in the weights after step - 1 (the last step's update is not in)
-            update_ema(trainer.ema, model, min(job.ema_decay, (1 + step) / (10 + step)))
-        idx = batch_indices(step, job.train.batch_size, len(dataset), job.train.seed)
+    def step_fn(trainer, step, idx):
         x = to_float(dataset.images(idx)).to(device)
         if job.hflip:
             flip = torch.rand(x.shape[0], device=device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return tokenizer_step(trainer, x, step, job.loss, perceptual)
 
-    rows = fit(trainer, job.train, out_dir, step_fn, ckpt_config, resume, desc=f"tokenizer ({job.tokenizer.quantizer})",
-               units_per_step=job.train.batch_size, unit="img")
+    def after_step(step):  # the EMA warms up: decay (1 + step) / (10 + step) until job.ema_decay
+        if trainer.ema is not None:
+            update_ema(trainer.ema, model, min(job.ema_decay, (1 + step) / (10 + step)))
+
+    rows = fit(trainer, job.train, out_dir, step_fn, len(dataset), ckpt_config, resume,
+               desc=f"tokenizer ({job.tokenizer.quantizer})", units_per_step=job.train.batch_size, unit="img",
+               after_step=after_step)
     if not is_main_process():
         return {}
     loss_curve(rows, out_dir / "loss.png", title="tokenizer loss")
@@ -188,13 +190,13 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
     _write_job(out_dir, job)
     B = job.train.batch_size
 
-    def step_fn(model, step):
-        sub_BLn, labels_B = codes.batch(batch_indices(step, B, len(codes), job.train.seed), vocab)
+    def step_fn(model, step, idx):
+        sub_BLn, labels_B = codes.batch(idx, vocab)
         sub_BLn, labels_B = sub_BLn.to(device), labels_B.to(device)
         loss_fn = mlm_loss if cfg.kind == "mlm" else ar_loss
         return loss_fn(model, labels_B, sub_BLn), {}
 
-    rows = fit(model, job.train, out_dir, step_fn, ckpt_config, resume, desc=cfg.kind.upper(),
+    rows = fit(model, job.train, out_dir, step_fn, len(codes), ckpt_config, resume, desc=cfg.kind.upper(),
                units_per_step=B * cfg.num_cells, unit="tok")
     if is_main_process():
         loss_curve(rows, out_dir / "loss.png", title=f"{cfg.kind.upper()} loss, vocabulary {vocab}",

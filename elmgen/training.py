@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from elmgen.errors import ElmgenError
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    batch_size: int = 64
+    batch_size: int = 64  # global batch: split over data-parallel processes, then over grad_accum micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step (same result as one big batch, less memory)
     lr: float = 1e-4
     warmup_steps: int = 0  # linear warm-up from 0
     lr_decay: str = "constant"  # "constant" or "cosine" (to min_lr at the last step)
@@ -48,8 +50,8 @@ class TrainConfig:
             raise ElmgenError(f"train.lr_decay must be 'constant' or 'cosine', not {self.lr_decay!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ElmgenError(f"train.precision must be 'fp32' or 'bf16', not {self.precision!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ElmgenError("train.steps and train.batch_size must be positive")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ElmgenError("train.steps, train.batch_size and train.grad_accum must be positive")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -61,9 +63,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) the first call joins the process group:
+    NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def resolve_device(name: str) -> torch.device:
+    distributed()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     try:
         return torch.device(name)
     except RuntimeError:
@@ -108,21 +121,55 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# A step function takes the model and the batch at a step and returns (loss, extra floats to log).
-StepFn = Callable[[torch.nn.Module, int], tuple[torch.Tensor, dict]]
+# A step function takes the model, the step and the dataset indices of one micro-batch, and returns
+# (mean loss over that micro-batch, extra floats to log).
+StepFn = Callable[[torch.nn.Module, int, np.ndarray], tuple[torch.Tensor, dict]]
 
 
-def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: StepFn,
+def local_micro_batches(step: int, cfg: TrainConfig, num_items: int, rank: int, world: int) -> np.ndarray:
+    """(grad_accum, micro batch) indices of this process at `step`: its contiguous share of the global
+    batch, cut into micro-batches. The global batch never depends on the number of processes."""
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ElmgenError(f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
+                          f"= {world} x {cfg.grad_accum}")
+    idx = batch_indices(step, cfg.batch_size, num_items, cfg.seed)
+    return idx.reshape(world, -1)[rank].reshape(cfg.grad_accum, -1)
+
+
+def average_gradients(model: torch.nn.Module, world: int, bucket: int = 1 << 24) -> None:
+    """Data parallelism: replace every gradient by its mean over the processes, a few large
+    all-reduces at a time (works for any module, whatever its forward looks like)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    start = 0
+    while start < len(grads):
+        group, size = [], 0
+        while start < len(grads) and (not group or size + grads[start].numel() <= bucket):
+            group.append(grads[start])
+            size += grads[start].numel()
+            start += 1
+        flat = torch.cat([g.flatten() for g in group])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, part in zip(group, flat.split([g.numel() for g in group]), strict=True):
+            g.copy_(part.view_as(g))
+
+
+def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: StepFn, num_items: int,
         ckpt_config: dict, resume: bool = False, desc: str = "train",
-        units_per_step: int | None = None, unit: str = "it") -> list[dict]:
-    """Train `model` for cfg.steps optimizer steps, logging to run_dir/metrics.jsonl.
+        units_per_step: int | None = None, unit: str = "it",
+        after_step: Callable[[int], None] | None = None) -> list[dict]:
+    """Train `model` for cfg.steps optimizer steps over a dataset of `num_items`, logging to
+    run_dir/metrics.jsonl. Under torchrun every process takes its share of each global batch and
+    gradients are averaged, so any number of processes follows the same trajectory (up to the
+    random draws inside a step) and a run can resume with another number of processes.
 
     Seed torch with cfg.seed before building the model: a fresh run continues from that RNG state.
-
-    `units_per_step` (tokens or images per step) turns step time into a throughput figure.
+    `units_per_step` (tokens or images per step) turns step time into a throughput figure;
+    `after_step(step)` runs after each optimizer step (e.g. an EMA update), before any checkpoint.
     Returns the logged metric rows of this run (all of them, when resumed).
     """
     cfg.validate()
+    rank, world = distributed()
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     opt = make_optimizer(model, cfg)
@@ -167,15 +214,25 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            with autocast(device, cfg.precision):
-                loss, extra = step_fn(model, step)
-            if not torch.isfinite(loss):
-                raise ElmgenError(f"loss became {loss.item()} at step {step}; lower train.lr or use fp32")
-            loss.backward()
+            losses = []
+            for micro_idx in local_micro_batches(step, cfg, num_items, rank, world):
+                with autocast(device, cfg.precision):
+                    loss, extra = step_fn(model, step, micro_idx)
+                if not torch.isfinite(loss):
+                    raise ElmgenError(f"loss became {loss.item()} at step {step}; lower train.lr or use fp32")
+                (loss / cfg.grad_accum).backward()
+                losses.append(loss.detach())
+            loss = torch.stack(losses).mean()
+            if world > 1:
+                average_gradients(model, world)
+                dist.all_reduce(loss)
+                loss /= world
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if after_step is not None:
+                after_step(step)
             step += 1
             window.append(loss.item())
             for k, v in extra.items():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import elmgen.train
+import elmgen.training
 from elmgen import checkpoint
 from elmgen.cli import main
 from elmgen.data import DataConfig
@@ -143,17 +143,17 @@ def test_gan_starts_late_and_resume_is_exact(fake_fmnist, tmp_path, monkeypatch)
     rows = read_metrics(straight / "metrics.jsonl")
     assert ["disc" in r for r in rows] == [False, False, True, True, True]  # gan_start=2
 
-    real = elmgen.train.batch_indices
+    real = elmgen.training.batch_indices
 
     def crash_at_step_4(step, *args):
         if step == 4:
             raise KeyboardInterrupt
         return real(step, *args)
 
-    monkeypatch.setattr(elmgen.train, "batch_indices", crash_at_step_4)
+    monkeypatch.setattr(elmgen.training, "batch_indices", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer(job(5, 3), tmp_path / "b")  # checkpoint at step 3: discriminator and its Adam state in use
-    monkeypatch.setattr(elmgen.train, "batch_indices", real)
+    monkeypatch.setattr(elmgen.training, "batch_indices", real)
     train_tokenizer(job(5, 3), tmp_path / "b", resume=True)
     assert [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [r["loss"] for r in rows]
     a, b = (checkpoint.resolve(p) / checkpoint.WEIGHTS for p in (straight, tmp_path / "b"))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-import elmgen.train
+import elmgen.training
 from elmgen import checkpoint
 from elmgen.codes import CodeDataset, tokenize
 from elmgen.data import DataConfig, load_dataset
@@ -76,17 +76,17 @@ def lm_job(steps: int, save_every: int) -> LMJob:
 def test_resume_reproduces_an_uninterrupted_run(codes, tmp_path, monkeypatch):
     straight = train_lm(lm_job(8, 100), codes, tmp_path / "a")
 
-    real_batch_indices = elmgen.train.batch_indices
+    real_batch_indices = elmgen.training.batch_indices
 
     def crash_at_step_6(step, *args):
         if step == 6:
             raise KeyboardInterrupt  # killed after the step-4 checkpoint and two more logged steps
         return real_batch_indices(step, *args)
 
-    monkeypatch.setattr(elmgen.train, "batch_indices", crash_at_step_6)
+    monkeypatch.setattr(elmgen.training, "batch_indices", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train_lm(lm_job(8, 4), codes, tmp_path / "b")
-    monkeypatch.setattr(elmgen.train, "batch_indices", real_batch_indices)
+    monkeypatch.setattr(elmgen.training, "batch_indices", real_batch_indices)
     assert len(read_metrics(tmp_path / "b" / "metrics.jsonl")) == 6
     resumed = train_lm(lm_job(8, 4), codes, tmp_path / "b", resume=True)
     assert [r["step"] for r in resumed] == list(range(1, 9))
@@ -120,3 +120,42 @@ def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
     assert names == ["latest", "step_00000002", "step_00000003"]
     assert checkpoint.resolve(tmp_path).name == "step_00000003"
     assert checkpoint.load_config(tmp_path) == {"kind": "x", "step": 3}
+
+
+def deterministic_job(steps: int, **train) -> LMJob:
+    job = lm_job(steps, steps)
+    job.model.dropout = job.model.class_dropout = 0.0  # random draws differ between batch layouts
+    job.train.batch_size = 8
+    for k, v in train.items():
+        setattr(job.train, k, v)
+    return job
+
+
+def test_grad_accumulation_matches_one_big_batch(codes, tmp_path):
+    one = train_lm(deterministic_job(4), codes, tmp_path / "one")
+    accum = train_lm(deterministic_job(4, grad_accum=4), codes, tmp_path / "accum")
+    assert [r["loss"] for r in accum] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    with pytest.raises(ElmgenError, match="divisible"):
+        train_lm(deterministic_job(1, grad_accum=3), codes, tmp_path / "bad")
+
+
+def test_two_processes_train_like_one(codes, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes half of every global batch, gradients are averaged."""
+    import os
+    import subprocess
+    import sys
+
+    single = train_lm(deterministic_job(4), codes, tmp_path / "single")
+    args = ["train", "--codes", str(codes), "--out", str(tmp_path / "ddp"), "--preset", "micro", "--vocab", "2-4",
+            "model.dropout=0", "model.class_dropout=0", "train.steps=4", "train.batch_size=8", "train.lr=3e-3",
+            "train.warmup_steps=2", "train.lr_decay=cosine", "train.log_every=1", "train.save_every=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "elmgen.cli"]
+    done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+    # ... and the 2-process checkpoint resumes in one process
+    more = train_lm(deterministic_job(6), codes, tmp_path / "ddp", resume=True)
+    assert [r["step"] for r in more] == list(range(1, 7))
