@@ -431,7 +431,7 @@ class InceptionFeatures:
         try:
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                    feature_extractor_weights_path=str(weights)).to(device)
-        except (RuntimeError, OSError, pickle.UnpicklingError, KeyError) as e:
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
             raise ElmgenError(f"{weights} does not hold the FID Inception weights: {str(e).splitlines()[0]}") from None
         self.device = device
         self.feature_space = {

@@ -172,13 +172,26 @@ def error_line(capsys, *argv) -> str:
     return lines[0]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions gain nothing from a second thread, and on a busy machine two threads wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_small_classifier(out, steps: int):
+    job = build_config(ClassifierJob, None, [
+        "classifier.widths=[8,16,32]", "classifier.feature_dim=16", f"train.steps={steps}", "train.batch_size=32",
+        "train.lr=5e-3", "train.warmup_steps=5", f"train.save_every={steps}", "shift=0", "hflip=false"])
+    train_classifier(job, out)
+    return out
+
+
 @pytest.fixture
 def classifier(fake_fmnist, tmp_path):
-    job = build_config(ClassifierJob, None, [
-        "classifier.widths=[8,16,32]", "classifier.feature_dim=16", "train.steps=60", "train.batch_size=32",
-        "train.lr=5e-3", "train.warmup_steps=5", "train.save_every=60", "shift=0", "hflip=false"])
-    train_classifier(job, tmp_path / "clf")
-    return tmp_path / "clf"
+    return train_small_classifier(tmp_path / "clf", steps=60)
 
 
 def write_adm(path, images_NCHW, labels):
@@ -223,7 +236,8 @@ def test_eval_end_to_end(classifier, tmp_path, capsys):
     assert png["class_accuracy"] == real["class_accuracy"]
 
 
-def test_eval_user_errors(classifier, tmp_path, capsys):
+def test_eval_user_errors(fake_fmnist, tmp_path, capsys):
+    classifier = train_small_classifier(tmp_path / "clf", steps=2)
     assert "--classifier RUN" in error_line(capsys, "eval", "--samples", tmp_path, "--ref", "fashion-mnist")
     assert "samples not found" in error_line(capsys, "eval", "--classifier", classifier, "--samples",
                                              tmp_path / "none.npz", "--ref", "fashion-mnist")
