@@ -296,3 +296,11 @@ def test_inception_backend_wiring(fake_fmnist, tmp_path, monkeypatch):
     assert feats.shape == (20, 2048) and probs.shape == (20, 1008)
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
 
+
+
+def test_evaluation_commands_have_help(capsys):
+    for command in ("train-classifier", "eval", "ref-stats"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert "usage: elmgen " + command in capsys.readouterr().out
