@@ -72,17 +72,18 @@ class FashionMNIST(ImageDataset):
         self.labels = read_idx(label_file).astype(np.int64)
         pad = max(0, (32 - raw.shape[1]) // 2)
         arr = np.pad(raw, ((0, 0), (pad, pad), (pad, pad)))  # 28x28 -> 32x32, as the paper's f=4/8 grids need
-        tensor = torch.from_numpy(arr).unsqueeze(1)
-        if image_size != tensor.shape[-1]:
-            tensor = torch.nn.functional.interpolate(
-                tensor.float(), size=(image_size, image_size), mode="bilinear", antialias=True
-            ).round().clamp(0, 255).to(torch.uint8)
-        self._images = tensor.expand(-1, channels, -1, -1) if channels != 1 else tensor
+        self._images = torch.from_numpy(arr).unsqueeze(1)  # kept at 32x32; resized per batch (memory)
+        self.image_size, self.channels = image_size, channels
         self.class_names = list(FASHION_MNIST_CLASSES)
         self.name = f"fashion-mnist/{split}"
 
     def images(self, idx) -> torch.Tensor:
-        return self._images[torch.as_tensor(idx)].contiguous()
+        x = self._images[torch.as_tensor(idx)]
+        if self.image_size != x.shape[-1]:
+            x = torch.nn.functional.interpolate(
+                x.float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True
+            ).round().clamp(0, 255).to(torch.uint8)
+        return x.expand(-1, self.channels, -1, -1).contiguous()
 
 
 class ImageFolder(ImageDataset):

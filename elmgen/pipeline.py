@@ -19,7 +19,7 @@ from elmgen.classifier import ClassifierJob, train_classifier
 from elmgen.codes import tokenize
 from elmgen.config import save_yaml, to_dict
 from elmgen.data import load_dataset
-from elmgen.evaluation import evaluate_samples, load_extractor, load_ref_stats, open_reference, save_ref_stats
+from elmgen.evaluation import evaluate_samples, load_extractor, open_reference, save_ref_stats
 from elmgen.model import ModelConfig, count_params, load_model, preset
 from elmgen.sampling import SampleConfig, class_balanced, image_seeds, sample_images, write_samples
 from elmgen.tokenizer import TokenizerConfig, load_tokenizer
@@ -86,7 +86,7 @@ def evaluate_run(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     extractor = load_extractor("classifier", classifier=dirs.classifier)
     ref_file = dirs.classifier / f"reference_{cfg.reference_images}.npz"
     if ref_file.is_file():
-        ref = load_ref_stats(ref_file)
+        ref = open_reference(ref_file, extractor)  # refuses statistics of another classifier
     else:
         ref = open_reference(replace(cfg.tokenizer.data, split="train", limit=cfg.reference_images), extractor)
         save_ref_stats(ref, ref_file)
