@@ -274,6 +274,38 @@ def cmd_ref_stats(a) -> None:
                       "feature_space": stats.feature_space}, indent=2))
 
 
+def cmd_analyze_randomness(a) -> None:
+    from elmgen.analysis import analyze_randomness, randomness_markdown
+
+    rows = analyze_randomness(a.out, a.codes or (), a.text or (), a.bpe_vocab, a.limit)
+    print(randomness_markdown(rows))
+    print(f"wrote {a.out}/randomness.json, randomness.md and randomness.png")
+
+
+def cmd_analyze_attention(a) -> None:
+    from elmgen.analysis import AttentionConfig, analyze_attention
+
+    cfg = AttentionConfig(num_sequences=a.num_sequences, sampled=a.sampled, codes=a.codes, mask_ratio=a.mask_ratio,
+                          queries=a.query or [], global_radius=a.global_radius, batch_size=a.batch_size, seed=a.seed)
+    result = analyze_attention(a.model, a.out, cfg)
+    keys = ("mean_distance", f"within_r{cfg.radii[0]}", "global_share", "cls_share")
+    for name, rep in result["models"].items():
+        print(f"{name} ({rep['params']:,} params; uniform attention: "
+              + ", ".join(f"{k} {rep['uniform'][k]:.3f}" for k in keys) + ")")
+        for layer in rep["layers"]:
+            print(f"  layer {layer['layer']}: " + ", ".join(f"{k} {layer[k]:.3f}" for k in keys))
+    print(f"wrote {a.out}/attention.json, attention-depth.png and a heat-map PNG per model")
+
+
+def cmd_analyze_loss(a) -> None:
+    from elmgen.analysis import analyze_loss
+
+    for name, r in analyze_loss(a.runs, a.out).items():
+        print(json.dumps({"run": name, **{k: r[k] for k in ("vocab", "params", "final_step", "final_loss",
+                                                             "ln_vocab", "final_loss_norm")}}))
+    print(f"wrote {a.out}/loss.json and loss.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="elmgen",
@@ -460,6 +492,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help=".npz file to write")
     _feature_args(s, REF_HELP)
     s.set_defaults(func=cmd_ref_stats)
+
+    s = sub.add_parser("analyze", help="the paper's analyses: token randomness, attention locality, loss curves",
+                       description="Numbers and plots behind the paper's analyses (see docs/analysis.md).")
+    analyses = s.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    s = analyses.add_parser("randomness", help="how random image tokens are, next to text",
+                            description="Unigram and raster-neighbour statistics (KL from uniform, entropy, "
+                                        "entropy given the left/upper neighbours, vocabulary usage) of code "
+                                        "folders (each sub-code and the whole cell code) and of a text corpus as "
+                                        "bytes and as BPE tokens; writes randomness.json, .md and .png.")
+    s.add_argument("--out", required=True, help="folder to write")
+    s.add_argument("--codes", nargs="+", help="code folders written by 'elmgen tokenize'")
+    s.add_argument("--text", nargs="+", help="text files, read as one corpus (e.g. /usr/share/games/fortunes/*)")
+    s.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size trained on the text (4096)")
+    s.add_argument("--limit", type=int, help="use only the first N rows of each code folder")
+    s.set_defaults(func=cmd_analyze_randomness)
+
+    s = analyses.add_parser("attention", help="where a model's attention looks, per layer and head",
+                            description="Attention probabilities of each layer and head, averaged over real or "
+                                        "sampled sequences: mean attention distance (grid cells), share within "
+                                        "radius 1 and 2, share on the class token, share beyond a global radius. "
+                                        "Writes attention.json, attention-depth.png (all models) and "
+                                        "attention-<model>.png (heat-maps of query cells per layer).")
+    s.add_argument("--model", required=True, nargs="+", help="LM run folders or checkpoints")
+    s.add_argument("--out", required=True, help="folder to write")
+    s.add_argument("--codes", help="code folder of the real sequences (default: the one each model was trained on)")
+    s.add_argument("--sampled", action="store_true", help="analyse the models' own samples instead of real codes")
+    s.add_argument("--num-sequences", type=int, default=64, help="sequences averaged over (64)")
+    s.add_argument("--query", type=int, nargs=2, action="append", metavar=("ROW", "COL"),
+                   help="a cell whose attention to draw (repeatable; default: the centre and one near the bottom)")
+    s.add_argument("--global-radius", type=float, default=3.0, help="attention beyond this distance is global (3)")
+    s.add_argument("--mask-ratio", type=float, default=0.5, help="MLM: share of the input cells masked (0.5)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--seed", type=int, default=0, help="picks the real rows, masks and sample seeds")
+    s.set_defaults(func=cmd_analyze_attention)
+
+    s = analyses.add_parser("loss", help="training-loss curves of several runs, normalised by ln(vocabulary)",
+                            description="Loss / ln V over training for each LM run (V: one sub-code vocabulary, "
+                                        "so 1 is a uniform guess) and the final loss against parameters; writes "
+                                        "loss.json and loss.png.")
+    s.add_argument("runs", nargs="+", metavar="RUN", help="LM run folders")
+    s.add_argument("--out", required=True, help="folder to write")
+    s.set_defaults(func=cmd_analyze_loss)
     return p
 
 
