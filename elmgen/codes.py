@@ -106,7 +106,8 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
     n = len(dataset)
     plan = {
         "tokenizer": tokenizer_meta["path"], "tokenizer_fingerprint": tokenizer_meta["fingerprint"],
-        "kind": tokenizer_meta["kind"], "bits": K, "grid": grid, "image_size": size, "vocab": str(vocab),
+        "kind": tokenizer_meta["kind"], "bits": K, "num_codes": tokenizer.num_codes, "grid": grid,
+        "image_size": size, "vocab": str(vocab),
         "num_classes": dataset.num_classes, "class_names": dataset.class_names, "dataset": dataset.name,
         "images": n, "flip": flip, "crops": crops, "num_crops": num_crops, "crop_range": crop_range, "draws": draws,
         "seed": seed, "views": views, "count": n * views, "shard_size": shard_size,

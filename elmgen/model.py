@@ -37,6 +37,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     mlp_multiple_of: int = 256  # SwiGLU hidden = smallest multiple of this >= 8*d/3
     kind: str = "ar"  # "ar": causal, raster order; "mlm": bidirectional over masked cells (MaskGIT)
+    num_codes: int | None = None  # valid cell codes when fewer than 2^K (a VQ/FSQ code space); None: all
 
     @property
     def head_dim(self) -> int:
@@ -58,11 +59,14 @@ class ModelConfig:
     def validate(self) -> None:
         if self.kind not in ("ar", "mlm"):
             raise ElmgenError(f"model.kind must be 'ar' or 'mlm', not {self.kind!r}")
+        vocab = self.vocabulary
+        if self.num_codes is not None and self.num_codes < 2**vocab.bits and vocab.num_subcodes > 1:
+            raise ElmgenError(f"a code space of {self.num_codes} codes (not a power of two) needs one sub-code "
+                              f"per cell: use vocabulary 1-{vocab.bits}")
         if self.d_model % self.n_head:
             raise ElmgenError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.head_dim % 4:
             raise ElmgenError(f"head dim {self.head_dim} must be divisible by 4 for 2-D RoPE")
-        self.vocabulary  # noqa: B018 - parses, raising a clear error if malformed
 
 
 # Sizes: tiny ones for this CPU, then the paper's (head dim 64).
@@ -197,6 +201,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.head = nn.Linear(d, self.n_sub * self.vocab_size, bias=False)  # n heads fused
         self.register_buffer("sub_offsets", torch.arange(self.n_sub) * table, persistent=False)
+        # Entries that are no cell code (a VQ/FSQ code space smaller than 2^K) can never be predicted.
+        smaller = cfg.num_codes is not None and cfg.num_codes < self.vocab_size
+        self.register_buffer("invalid_V", torch.arange(self.vocab_size) >= cfg.num_codes if smaller else None,
+                             persistent=False)
         cos, sin = rope_2d(sequence_positions(cfg.grid_size), cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -221,8 +229,8 @@ class Transformer(nn.Module):
         h_BTd = self.tok_drop(h_BTd)
         for i, block in enumerate(self.blocks):
             h_BTd = block(h_BTd, cos, sin, pos_T, None if caches is None else caches[i])
-        logits = self.head(self.norm(h_BTd))
-        return logits.unflatten(-1, (self.n_sub, self.vocab_size))
+        logits = self.head(self.norm(h_BTd)).unflatten(-1, (self.n_sub, self.vocab_size))
+        return logits if self.invalid_V is None else logits.masked_fill(self.invalid_V, float("-inf"))
 
     def forward(self, labels_B: torch.Tensor, sub_BTn: torch.Tensor, caches=None) -> torch.Tensor:
         """Logits (B, 1+T, n, V) at the class token and the T given cells.

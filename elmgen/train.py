@@ -183,6 +183,11 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
         raise ElmgenError(f"model.grid_size={cfg.grid_size} / model.num_classes={cfg.num_classes} do not match "
                           f"the code folder ({meta['grid']} / {meta['num_classes']}); drop those overrides")
     vocab = Vocab.for_bits(cfg.vocab, meta["bits"])
+    num_codes = meta.get("num_codes")
+    if cfg.num_codes is None and num_codes is not None and num_codes < 2 ** meta["bits"]:
+        cfg.num_codes = num_codes  # the code folder's code space, unless the config states it
+    if cfg.num_codes not in (None, num_codes):
+        raise ElmgenError(f"model.num_codes={cfg.num_codes} does not match the code folder's {num_codes} codes")
     device = resolve_device(job.train.device)
     torch.manual_seed(job.train.seed)
     model = Transformer(cfg).to(device)

@@ -115,3 +115,13 @@ def test_memory_estimate_orders():
     assert training_memory_gb(cfg, 32, 8, activation_checkpointing=True) < ddp
     assert training_memory_gb(cfg, 64, 8) > ddp
     assert ddp > count_params(cfg) * 16 / 1e9  # at least the optimizer states
+
+
+def test_codes_outside_a_smaller_code_space_are_never_predicted():
+    cfg = ModelConfig(**preset("micro"), vocab="1-4", grid_size=2, num_classes=2, num_codes=10)
+    model = Transformer(cfg)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    logits = model(torch.tensor([0]), torch.randint(0, 10, (1, 3, 1)))
+    assert torch.isinf(logits[..., 10:]).all() and torch.isfinite(logits[..., :10]).all()
+    with pytest.raises(ElmgenError, match="use vocabulary 1-4"):
+        Transformer(ModelConfig(**preset("micro"), vocab="2-2", grid_size=2, num_classes=2, num_codes=10))
