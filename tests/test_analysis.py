@@ -144,7 +144,7 @@ def runs(tmp_path_factory):
     return root, out
 
 
-def test_cli_randomness(runs, tmp_path):
+def test_cli_randomness(runs, tmp_path, capsys):
     root, _ = runs
     text = tmp_path / "corpus.txt"
     text.write_text("the cat sat on the mat. " * 40 + "a dog ran far away from the cat.\n" * 20)
@@ -159,9 +159,12 @@ def test_cli_randomness(runs, tmp_path):
     assert cell["cond_entropy_up"] == pytest.approx(0, abs=1e-12)  # rows are copies
     assert rows["text bytes"]["vocab_size"] == 256 and rows["text bytes"]["kl_uniform"] > 2
     assert "| source |" in (out / "randomness.md").read_text() and (out / "randomness.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["analyze", "randomness", "--out", str(out)]) == 2
+    assert "at least one code folder" in capsys.readouterr().err
 
 
-def test_cli_attention_real_and_sampled(runs, tmp_path):
+def test_cli_attention_real_and_sampled(runs, tmp_path, capsys):
     _, (a, b) = runs
     out = tmp_path / "attn"
     assert main(["analyze", "attention", "--model", str(a), str(b), "--out", str(out), "--num-sequences", "6",
@@ -178,7 +181,9 @@ def test_cli_attention_real_and_sampled(runs, tmp_path):
     assert main(["analyze", "attention", "--model", str(a), "--out", str(tmp_path / "s"), "--sampled",
                  "--num-sequences", "3"]) == 0
     assert json.loads((tmp_path / "s" / "attention.json").read_text())["models"]["a"]["source"] == "sampled"
+    capsys.readouterr()
     assert main(["analyze", "attention", "--model", str(a), "--out", str(out), "--query", "4", "0"]) == 2
+    assert "query cells [[4, 0]] are not (row, col) cells of the 4x4 grid" in capsys.readouterr().err
 
 
 def test_cli_loss(runs, tmp_path):
