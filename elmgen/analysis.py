@@ -57,9 +57,9 @@ def conditional_entropy(target: np.ndarray, *contexts: np.ndarray) -> tuple[floa
     """(H(target | contexts) in nats, samples per distinct context); (None, None) without samples."""
     if target.size == 0:
         return None, None
-    ctx = [c.reshape(-1) for c in contexts]
-    seen = int(_joint_ids(*ctx).max()) + 1
-    return joint_entropy(*ctx, target.reshape(-1)) - joint_entropy(*ctx), target.size / seen
+    ctx_ids = _joint_ids(*(c.reshape(-1) for c in contexts))
+    h_ctx = float(plugin_entropy(np.bincount(ctx_ids)))
+    return joint_entropy(ctx_ids, target.reshape(-1)) - h_ctx, target.size / (int(ctx_ids.max()) + 1)
 
 
 def token_statistics(tokens_NHW: np.ndarray, vocab_size: int) -> dict:
