@@ -420,7 +420,8 @@ def plot_heatmaps(maps: list[torch.Tensor], grid: int, queries: list[list[int]],
             ax.imshow(heat.reshape(grid, grid), cmap="viridis", vmin=0)
             ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
             cls = float(attn_TS[pos, 0]) if pos <= n else float("nan")
-            ax.set_title(f"layer {li + 1}, cell ({row},{col})\nclass token {cls:.2f}", fontsize=8)
+            ax.set_title(f"layer {li + 1}, cell ({row},{col})\nclass token {cls:.2f}, "
+                         f"top cell {np.nanmax(heat, initial=0):.2f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
@@ -433,6 +434,8 @@ def plot_depth(reports: dict, path, cfg: AttentionConfig) -> None:
     """Per layer and model: mean attention distance, local share (r = 1), global share; dotted: the same
     figure for uniform attention."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     panels = [("mean_distance", "mean attention distance (cells)"),
               (f"within_r{cfg.radii[0]}", f"share within radius {cfg.radii[0]}"),
               ("global_share", f"share beyond radius {cfg.global_radius:g}"), ("cls_share", "share on class token")]
@@ -445,6 +448,7 @@ def plot_depth(reports: dict, path, cfg: AttentionConfig) -> None:
                     label=f"{name} ({rep['params'] / 1e6:.2f}M)")
             ax.axhline(rep["uniform"][key], color=colour, ls=":", lw=1)
             ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(label, fontsize=9)
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, title="dotted: uniform attention", title_fontsize=7)
