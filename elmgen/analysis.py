@@ -343,8 +343,8 @@ def mean_attention(model: Transformer, labels_B: torch.Tensor, sub_BTn: torch.Te
 
 
 def default_queries(grid: int) -> list[list[int]]:
-    """The centre cell and the middle of the last row but one (both inputs of AR and MLM models)."""
-    return [[grid // 2, grid // 2], [grid - 2, grid // 2]]
+    """The centre cell and the middle of the last row (an AR query there sees almost the whole image)."""
+    return [[grid // 2, grid // 2], [grid - 1, grid // 2]]
 
 
 def model_attention(model: Transformer, meta: dict, cfg: AttentionConfig) -> tuple[dict, list[torch.Tensor]]:
