@@ -129,8 +129,8 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
         for start in range(0, len(images), batch_size):
             ids = images[start: start + batch_size]
             x = to_float(dataset.images(ids)).to(device)
-            crops_ = _crops(x, size, crops, num_crops, ids, seed)
-            for v, view in enumerate(crops_ + [c.flip(-1) for c in crops_] if flip else crops_):
+            cut = _crops(x, size, crops, num_crops, ids, seed)
+            for v, view in enumerate(cut + [c.flip(-1) for c in cut] if flip else cut):
                 rows = v * len(images) + start + np.arange(len(ids))
                 if draws:
                     uniforms = _draw_uniforms(seed, ids, v, (draws, K, grid, grid)).to(device)
