@@ -15,7 +15,7 @@ from elmgen.data import to_float, to_uint8
 from elmgen.errors import ElmgenError
 from elmgen.model import Transformer
 from elmgen.plots import image_grid
-from elmgen.tokenizer import BinaryAutoencoder
+from elmgen.tokenizer import Autoencoder
 from elmgen.vocab import Vocab, cells_to_subcodes, subcodes_to_cells
 
 CFG_SCHEDULES = ("constant", "linear", "cosine", "power")
@@ -262,7 +262,7 @@ def class_balanced(classes: list[int], num_per_class: int) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def sample_images(model: Transformer, tokenizer: BinaryAutoencoder, labels: torch.Tensor, seeds: list[int],
+def sample_images(model: Transformer, tokenizer: Autoencoder, labels: torch.Tensor, seeds: list[int],
                   cfg: SampleConfig, batch_size: int = 100, progress: bool = True) -> torch.Tensor:
     """Class labels (N,) and per-image seeds -> uint8 images (N, C, H, W)."""
     device = next(model.parameters()).device
@@ -277,7 +277,7 @@ def sample_images(model: Transformer, tokenizer: BinaryAutoencoder, labels: torc
 
 
 @torch.no_grad()
-def inpaint_images(model: Transformer, tokenizer: BinaryAutoencoder, images_BCHW: torch.Tensor,
+def inpaint_images(model: Transformer, tokenizer: Autoencoder, images_BCHW: torch.Tensor,
                    labels_B: torch.Tensor, region: tuple[int, int, int, int], cfg: SampleConfig,
                    seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Regenerate a rectangle of grid cells (top, left, height, width) of real uint8 images with the MLM.

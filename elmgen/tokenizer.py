@@ -340,7 +340,6 @@ class Autoencoder(nn.Module):
         return x
 
 
-BinaryAutoencoder = Autoencoder  # the name elmgen.sampling imports
 
 
 def load_tokenizer(path, device="cpu") -> tuple[Autoencoder, dict]:

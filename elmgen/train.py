@@ -196,7 +196,7 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
     B = job.train.batch_size
 
     def step_fn(model, step, idx):
-        sub_BLn, labels_B = codes.batch(idx, vocab)
+        sub_BLn, labels_B = codes.batch(idx, vocab, epoch=step * B // len(codes))  # a new Bernoulli draw each epoch
         sub_BLn, labels_B = sub_BLn.to(device), labels_B.to(device)
         loss_fn = mlm_loss if cfg.kind == "mlm" else ar_loss
         return loss_fn(model, labels_B, sub_BLn), {}
