@@ -18,13 +18,7 @@ FAST = ["classifier.widths=[8,16,32]", "classifier.feature_dim=32", "train.steps
         "train.lr=5e-3", "train.warmup_steps=5", "train.log_every=20", "train.save_every=60", "shift=0", "hflip=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from a second thread, and on a busy machine two threads wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_fast(out, *overrides):
