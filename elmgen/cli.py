@@ -22,6 +22,25 @@ def _common(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
 
 
+def _sampling_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1 disables")
+    s.add_argument("--cfg-schedule", default="linear", choices=list(CFG_SCHEDULES),
+                   help="ramp of the guidance scale over the steps (default: linear)")
+    s.add_argument("--cfg-power", type=float, default=2.0, help="exponent of the 'power' schedule")
+    s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
+                   help="guide only while the step's progress (t+1)/T is in [LO, HI]")
+    s.add_argument("--temperature", type=float, default=1.0, help="0 samples greedily")
+    s.add_argument("--temperature-end", type=float, help="move the temperature linearly to this over the steps")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely entries per sub-code (0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass per sub-code")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-kv-cache", action="store_true", help="AR: recompute the prefix each step (slow; for checks)")
+    s.add_argument("--compile", action="store_true", help="AR: torch.compile the decode step (pays off on GPUs)")
+    s.add_argument("--steps", type=int, default=10, help="MLM: MaskGIT decoding steps")
+    s.add_argument("--mask-noise", type=float, default=4.5,
+                   help="MLM: scale of the Gumbel noise on confidences (annealed to 0)")
+
+
 def cmd_train_tokenizer(a) -> None:
     from elmgen.train import TokenizerJob, train_tokenizer
 
@@ -86,16 +105,10 @@ def cmd_train(a) -> None:
         print(json.dumps(rows[-1]))
 
 
-def cmd_sample(a) -> None:
+def _load_lm(a):
+    """The LM of --model and its tokenizer (--tokenizer, or the one its codes came from), checked to match."""
     from elmgen.model import load_model
-    from elmgen.sampling import (
-        SampleConfig,
-        check_compatible,
-        class_balanced,
-        image_seeds,
-        sample_images,
-        write_samples,
-    )
+    from elmgen.sampling import check_compatible
     from elmgen.tokenizer import load_tokenizer
     from elmgen.training import resolve_device
 
@@ -103,19 +116,38 @@ def cmd_sample(a) -> None:
     model, lm_meta = load_model(a.model, device)
     tokenizer, tok_meta = load_tokenizer(a.tokenizer or lm_meta["codes"]["tokenizer"], device)
     check_compatible(lm_meta, tok_meta)
-    cfg = SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, cfg_power=a.cfg_power,
-                       cfg_interval=a.cfg_interval, temperature=a.temperature, temperature_end=a.temperature_end,
-                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache, steps=a.steps,
-                       mask_noise=a.mask_noise, compile=a.compile)
-    num_classes = model.cfg.num_classes
+    return model, tokenizer, tok_meta
+
+
+def _sample_config(a):
+    from elmgen.sampling import SampleConfig
+
+    return SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, cfg_power=a.cfg_power,
+                        cfg_interval=a.cfg_interval, temperature=a.temperature, temperature_end=a.temperature_end,
+                        top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache, steps=a.steps,
+                        mask_noise=a.mask_noise, compile=a.compile)
+
+
+def _class_labels(a, num_classes: int):
+    """Labels, seeds and per-class count of --classes x --num-per-class (all classes by default)."""
+    from elmgen.sampling import class_balanced, image_seeds
+
     classes = a.classes if a.classes is not None else list(range(num_classes))
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise ElmgenError(f"classes {bad} are out of range: the model knows classes 0..{num_classes - 1}")
+    labels, index_in_class = class_balanced(classes, a.num_per_class)
+    return labels, image_seeds(a.seed, labels, index_in_class)
+
+
+def cmd_sample(a) -> None:
+    from elmgen.sampling import sample_images, write_samples
+
+    model, tokenizer, _ = _load_lm(a)
+    cfg = _sample_config(a)
     if not 0 <= a.rank < a.world_size:
         raise ElmgenError(f"--rank {a.rank} must be in [0, --world-size {a.world_size})")
-    labels, index_in_class = class_balanced(classes, a.num_per_class)
-    seeds = image_seeds(cfg.seed, labels, index_in_class)
+    labels, seeds = _class_labels(a, model.cfg.num_classes)
     # Shard r of w takes every w-th image; seeds are per image, so shards never repeat one.
     labels, seeds = labels[a.rank::a.world_size], seeds[a.rank::a.world_size]
     images = sample_images(model, tokenizer, labels, seeds, cfg, batch_size=a.batch_size)
@@ -124,20 +156,27 @@ def cmd_sample(a) -> None:
     print(json.dumps({"png": str(png), "npz": str(npz), "images": len(labels), **to_dict(cfg)}))
 
 
+def cmd_outpaint(a) -> None:
+    from elmgen.sampling import outpaint_images, write_samples
+
+    model, tokenizer, _ = _load_lm(a)
+    g = model.cfg.grid_size
+    height, width = a.height or g, a.width or 2 * g
+    labels, seeds = _class_labels(a, model.cfg.num_classes)
+    images = outpaint_images(model, tokenizer, labels, seeds, _sample_config(a), height, width, a.stride or g // 2)
+    png, npz = write_samples(images, labels, seeds, a.out, ncols=a.num_per_class, name="outpaint")
+    print(json.dumps({"png": str(png), "npz": str(npz), "images": len(labels), "grid": [height, width],
+                      "image_size": list(images.shape[-2:])}))
+
+
 def cmd_inpaint(a) -> None:
     import torch
 
     from elmgen.data import DataConfig, load_dataset
-    from elmgen.model import load_model
     from elmgen.plots import image_grid
-    from elmgen.sampling import SampleConfig, check_compatible, image_seeds, inpaint_images
-    from elmgen.tokenizer import load_tokenizer
-    from elmgen.training import resolve_device
+    from elmgen.sampling import SampleConfig, image_seeds, inpaint_images
 
-    device = resolve_device(a.device)
-    model, lm_meta = load_model(a.model, device)
-    tokenizer, tok_meta = load_tokenizer(a.tokenizer or lm_meta["codes"]["tokenizer"], device)
-    check_compatible(lm_meta, tok_meta)
+    model, tokenizer, tok_meta = _load_lm(a)
     data = load_dataset(DataConfig(source=a.data or tok_meta["data"]["source"], split=a.split,
                                    image_size=tok_meta["image_size"], channels=tok_meta["channels"]))
     bad = [i for i in a.indices if not 0 <= i < len(data)]
@@ -388,28 +427,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-per-class", type=int, default=10)
     s.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: all)")
     s.add_argument("--batch-size", type=int, default=100)
-    s.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1 disables")
-    s.add_argument("--cfg-schedule", default="linear", choices=list(CFG_SCHEDULES),
-                   help="ramp of the guidance scale over the steps (default: linear)")
-    s.add_argument("--cfg-power", type=float, default=2.0, help="exponent of the 'power' schedule")
-    s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
-                   help="guide only while the step's progress (t+1)/T is in [LO, HI]")
-    s.add_argument("--temperature", type=float, default=1.0, help="0 samples greedily")
-    s.add_argument("--temperature-end", type=float, help="move the temperature linearly to this over the steps")
-    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely entries per sub-code (0: all)")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass per sub-code")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-kv-cache", action="store_true", help="AR: recompute the prefix each step (slow; for checks)")
-    s.add_argument("--compile", action="store_true", help="AR: torch.compile the decode step (pays off on GPUs)")
-    s.add_argument("--steps", type=int, default=10, help="MLM: MaskGIT decoding steps")
-    s.add_argument("--mask-noise", type=float, default=4.5,
-                   help="MLM: scale of the Gumbel noise on confidences (annealed to 0)")
+    _sampling_options(s)
     s.add_argument("--device", default="auto")
     s.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
                    help="this shard's index (default: $RANK or 0); writes samples_rankNNNNN.npz")
     s.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
                    help="number of shards (default: $WORLD_SIZE or 1)")
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("outpaint", help="generate images larger than the trained grid with an AR model",
+                       description="Class-conditional outpainting: a trained-size window slides over a larger "
+                                   "grid of cells (--stride cells at a time, raster order), the AR model sampling "
+                                   "each new cell given the cells already generated in its window; writes "
+                                   "outpaint.png (one row per class) and outpaint.npz.")
+    s.add_argument("--model", required=True, help="AR run folder or checkpoint")
+    s.add_argument("--tokenizer", help="tokenizer run folder (default: the one the LM's codes came from)")
+    s.add_argument("--out", required=True, help="folder for outpaint.png and outpaint.npz")
+    s.add_argument("--height", type=int, help="grid cells high (default: the trained grid)")
+    s.add_argument("--width", type=int, help="grid cells wide (default: twice the trained grid)")
+    s.add_argument("--stride", type=int, help="cells the window moves each time (default: half the trained grid)")
+    s.add_argument("--num-per-class", type=int, default=4)
+    s.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: all)")
+    _sampling_options(s)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_outpaint)
 
     s = sub.add_parser("inpaint", help="regenerate a region of real images with a masked model",
                        description="Encode real images, mask a rectangle of grid cells and fill it with MaskGIT "

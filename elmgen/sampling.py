@@ -169,8 +169,10 @@ def _with_null(model: Transformer, labels_B: torch.Tensor, guided: bool) -> torc
 
 
 @torch.no_grad()
-def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int]) -> torch.Tensor:
-    """Raster-order decoding, one cell per step, with a KV cache unless cfg.kv_cache is off."""
+def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int],
+                known_sub_BLn: torch.Tensor | None = None, known_BL: torch.Tensor | None = None) -> torch.Tensor:
+    """Raster-order decoding, one cell per step, with a KV cache unless cfg.kv_cache is off.
+    Cells marked in `known_BL` are fed their `known_sub_BLn` codes instead of a draw (outpainting)."""
     B, L, n = labels_B.shape[0], model.cfg.num_cells, model.n_sub
     uniforms_BLn = uniforms_for(seeds, (L, n)).to(labels_B.device)
     guided = cfg.cfg_scale != 1.0
@@ -194,7 +196,10 @@ def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
         if guided:
             cond, uncond = logits.chunk(2)
             logits = apply_cfg(cond, uncond, scale)
-        out_BLn[:, t] = sample_logits(logits, temperature, cfg.top_k, cfg.top_p, uniforms_BLn[:, t])
+        draw_Bn = sample_logits(logits, temperature, cfg.top_k, cfg.top_p, uniforms_BLn[:, t])
+        if known_BL is not None:
+            draw_Bn = torch.where(known_BL[:, t, None], known_sub_BLn[:, t], draw_Bn)
+        out_BLn[:, t] = draw_Bn
     return out_BLn
 
 
@@ -302,6 +307,57 @@ def inpaint_images(model: Transformer, tokenizer: Autoencoder, images_BCHW: torc
     blanked = images_BCHW.clone()
     blanked[..., top * f:(top + height) * f, left * f:(left + width) * f] = 128
     return result, blanked
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Offsets of windows of `window` cells that cover `size` cells, `stride` apart; the last one ends
+    exactly at the edge."""
+    starts = list(range(0, size - window, stride))
+    return starts + [size - window]
+
+
+@torch.no_grad()
+def outpaint_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int],
+                height: int, width: int, stride: int) -> torch.Tensor:
+    """Class-conditional images on a grid larger than the trained one: sub-codes (B, height*width, n).
+
+    A trained-size window slides over the canvas in raster order, `stride` cells at a time; in each
+    window the AR model is fed the cells generated so far (as in teacher forcing) and samples the rest,
+    so every new cell sees the cells above and to its left within one window. The first window is
+    exactly `generate_ar` with the same seeds.
+    """
+    g, n = model.cfg.grid_size, model.n_sub
+    if height < g or width < g or not 1 <= stride <= g:
+        raise ElmgenError(f"outpainting needs a grid of at least {g}x{g} cells (got {height}x{width}) and "
+                          f"a stride between 1 and {g} (got {stride})")
+    cfg.validate(model.vocab_size)
+    model.eval()
+    B, device = labels_B.shape[0], labels_B.device
+    canvas_BHWn = torch.zeros(B, height, width, n, dtype=torch.long, device=device)
+    known_BHW = torch.zeros(B, height, width, dtype=torch.bool, device=device)
+    windows = [(r, c) for r in window_starts(height, g, stride) for c in window_starts(width, g, stride)]
+    for i, (r, c) in enumerate(tqdm(windows, desc="outpaint", unit="window", leave=False)):
+        known = known_BHW[:, r:r + g, c:c + g].reshape(B, g * g)
+        if bool(known.all()):
+            continue
+        window_seeds = seeds if i == 0 else [int(np.random.SeedSequence([s, i]).generate_state(1)[0]) for s in seeds]
+        sub_BLn = canvas_BHWn[:, r:r + g, c:c + g].reshape(B, g * g, n)
+        out_BLn = generate_ar(model, labels_B, cfg, window_seeds, sub_BLn, known)
+        canvas_BHWn[:, r:r + g, c:c + g] = out_BLn.view(B, g, g, n)
+        known_BHW[:, r:r + g, c:c + g] = True
+    return canvas_BHWn.view(B, height * width, n)
+
+
+@torch.no_grad()
+def outpaint_images(model: Transformer, tokenizer: Autoencoder, labels: torch.Tensor, seeds: list[int],
+                    cfg: SampleConfig, height: int, width: int, stride: int) -> torch.Tensor:
+    """Class labels (N,) -> uint8 images (N, C, height*f, width*f) from an AR model (see `outpaint_ar`)."""
+    if model.cfg.kind != "ar":
+        raise ElmgenError("outpainting needs an autoregressive model (trained with --kind ar)")
+    device = next(model.parameters()).device
+    sub_BLn = outpaint_ar(model, labels.to(device), cfg, seeds, height, width, stride)
+    cells_BL = subcodes_to_cells(sub_BLn, model.cfg.vocabulary).to(next(tokenizer.parameters()).device)
+    return to_uint8(tokenizer.decode_cells(cells_BL, height, width)).cpu()
 
 
 def write_samples(images_NCHW: torch.Tensor, labels_N: torch.Tensor, seeds: list[int], out_dir, ncols: int,

@@ -304,12 +304,16 @@ class Autoencoder(nn.Module):
         """Images in [-1, 1] -> (B, h*w) int64 cell codes (BAE: deterministic binarization)."""
         return self.quantizer.cells(self.encoder(self._checked(x_BCHW)))
 
-    def decode_cells(self, cells_BL: torch.Tensor, grid: int) -> torch.Tensor:
-        """(B, grid*grid) cell codes -> images in about [-1, 1]."""
+    def decode_cells(self, cells_BL: torch.Tensor, height: int, width: int | None = None) -> torch.Tensor:
+        """(B, height*width) raster-order cell codes -> images in about [-1, 1] (square if no width);
+        the decoder is convolutional, so grids larger than the training images decode too."""
+        width = height if width is None else width
+        if cells_BL.shape[-1] != height * width:
+            raise ElmgenError(f"{cells_BL.shape[-1]} cell codes do not fill a {height}x{width} grid")
         if cells_BL.numel() and (cells_BL.min() < 0 or cells_BL.max() >= self.num_codes):
             raise ElmgenError(f"cell codes must lie in [0, {self.num_codes}) for this {self.cfg.quantizer} "
                               f"tokenizer; got {int(cells_BL.min())}..{int(cells_BL.max())}")
-        return self.decoder(self.quantizer.lookup(cells_BL, grid, grid))
+        return self.decoder(self.quantizer.lookup(cells_BL, height, width))
 
     def draw_cells(self, x_BCHW: torch.Tensor, uniforms_BDKhw: torch.Tensor) -> torch.Tensor:
         """BAE only: D Bernoulli draws of each image's codes, bit = [u < p]: (B, D, h*w).

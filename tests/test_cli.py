@@ -56,6 +56,16 @@ def test_end_to_end(pipeline, tmp_path, capsys):
     assert np.array_equal(np.load(tmp_path / "s2" / "samples.npz")["arr_0"], data["arr_0"])
 
 
+def test_outpaint_makes_images_wider_than_the_training_images(pipeline, tmp_path, capsys):
+    _, _, lm = pipeline
+    code, out, _ = run(capsys, "outpaint", "--model", lm, "--out", tmp_path / "o", "--num-per-class", 1,
+                       "--classes", 3, 5, "--width", 12, "--stride", 2)
+    assert code == 0 and json.loads(out)["image_size"] == [32, 48]
+    data = np.load(tmp_path / "o" / "outpaint.npz")
+    assert data["arr_0"].shape == (2, 32, 48, 1) and data["arr_1"].tolist() == [3, 5]
+    assert "at least 8x8" in error_line(capsys, "outpaint", "--model", lm, "--out", tmp_path / "o", "--width", 6)
+
+
 def test_lm_with_a_tokenizer_of_another_vocabulary(pipeline, tmp_path, capsys):
     _, _, lm = pipeline
     other = tmp_path / "tok12"
@@ -98,7 +108,8 @@ def test_model_info_json(capsys):
 
 
 def test_every_command_has_help(capsys):
-    for command in ("train-tokenizer", "tokenize", "train", "sample", "model-info", "demo"):
+    for command in ("train-tokenizer", "tokenize", "train", "sample", "outpaint", "inpaint", "model-info",
+                    "demo"):
         with pytest.raises(SystemExit) as exc:
             main([command, "--help"])
         assert exc.value.code == 0

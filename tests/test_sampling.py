@@ -11,11 +11,14 @@ from elmgen.sampling import (
     cfg_scale_at,
     class_balanced,
     generate,
+    generate_ar,
     image_seeds,
+    outpaint_ar,
     sample_logits,
     temperature_at,
     top_k_filter,
     top_p_filter,
+    window_starts,
 )
 
 
@@ -135,3 +138,36 @@ def test_compiled_decode_step_gives_the_same_tokens(model):
     eager = generate(model, labels, SampleConfig(top_k=12), seeds)
     compiled = generate(model, labels, SampleConfig(top_k=12, compile=True), seeds)
     assert torch.equal(eager, compiled)
+
+
+def test_window_starts_cover_the_canvas_and_end_at_its_edge():
+    assert window_starts(8, 8, 4) == [0]
+    assert window_starts(16, 8, 4) == [0, 4, 8]
+    assert window_starts(10, 8, 8) == [0, 2]
+    assert window_starts(12, 4, 3) == [0, 3, 6, 8]
+
+
+def test_known_cells_are_fed_not_sampled(model):
+    labels, seeds = torch.tensor([0, 2]), [5, 6]
+    free = generate(model, labels, SampleConfig(), seeds)
+    known_BL = torch.zeros(2, 16, dtype=torch.bool)
+    known_BL[:, 4:8] = True
+    given = torch.randint(0, 32, free.shape)
+    out = generate_ar(model, labels, SampleConfig(), seeds, given, known_BL)
+    assert torch.equal(out[:, 4:8], given[:, 4:8])
+    assert torch.equal(out[:, :4], free[:, :4])  # cells before the known ones are untouched
+    assert not torch.equal(out[:, 8:], free[:, 8:])  # later cells are conditioned on the fed ones
+
+
+def test_outpainting_extends_the_trained_grid(model):
+    labels, seeds, cfg = torch.tensor([0, 1, 2]), [1, 2, 3], SampleConfig(top_k=12)
+    wide = outpaint_ar(model, labels, cfg, seeds, height=4, width=10, stride=2)
+    assert wide.shape == (3, 40, 2)
+    canvas = wide.view(3, 4, 10, 2)
+    # The first window is ordinary generation with the same seeds; the rest is new.
+    assert torch.equal(canvas[:, :, :4].reshape(3, 16, 2), generate(model, labels, cfg, seeds))
+    assert not torch.equal(canvas[:, :, 6:], canvas[:, :, :4])
+    tall = outpaint_ar(model, labels, cfg, seeds, height=6, width=4, stride=2)
+    assert torch.equal(tall[:, :16], generate(model, labels, cfg, seeds))
+    with pytest.raises(ElmgenError, match="at least 4x4"):
+        outpaint_ar(model, labels, cfg, seeds, height=3, width=8, stride=2)
