@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from elmgen.errors import ElmgenError
 
-WEIGHTS, CONFIG, TRAINER = "model.safetensors", "config.json", "trainer.pt"
+WEIGHTS, EMA, CONFIG, TRAINER = "model.safetensors", "ema.safetensors", "config.json", "trainer.pt"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -30,14 +30,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, config: dict,
-                    trainer_state: dict | None = None, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, weights: torch.nn.Module | dict[str, torch.Tensor], config: dict,
+                    trainer_state: dict | None = None, keep: int = 2,
+                    ema: dict[str, torch.Tensor] | None = None) -> Path:
+    """A new checkpoint folder with the weights (a module or a state dict), their EMA if any, the
+    config and the trainer state; keeps the newest `keep` folders."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp_"))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, tmp / WEIGHTS)
+    if isinstance(weights, torch.nn.Module):
+        weights = weights.state_dict()
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.items()}, tmp / EMA)
     (tmp / CONFIG).write_text(json.dumps({**config, "step": step}, indent=2))
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER)
@@ -77,13 +83,26 @@ def load_config(path: str | Path) -> dict:
     return json.loads((resolve(path) / CONFIG).read_text())
 
 
-def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+def load_state(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights; with `ema`, its EMA parameters (if it has them) replace the trained ones."""
     ckpt = resolve(path)
     state = load_file(ckpt / WEIGHTS)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if ema and (ckpt / EMA).is_file():
+        state.update(load_file(ckpt / EMA))
+    return state
+
+
+def load_ema(path: str | Path) -> dict[str, torch.Tensor] | None:
+    f = resolve(path) / EMA
+    return load_file(f) if f.is_file() else None
+
+
+def load_weights(path: str | Path, model: torch.nn.Module, ema: bool = True) -> None:
+    """Load a checkpoint into `model`: its EMA weights when it has them and `ema`, else the trained ones."""
+    missing, unexpected = model.load_state_dict(load_state(path, ema), strict=False)
     if missing or unexpected:
         raise ElmgenError(
-            f"checkpoint {ckpt} does not match the model: missing {sorted(missing)[:3]}, "
+            f"checkpoint {resolve(path)} does not match the model: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}; was it written for another config?"
         )
 
@@ -94,9 +113,11 @@ def load_trainer_state(path: str | Path) -> dict | None:
 
 
 def fingerprint(path: str | Path) -> str:
-    """Short hash of a checkpoint's weights: names the exact tokenizer a code file came from."""
+    """Short hash of a checkpoint's weights (and EMA): names the exact tokenizer a code file came from."""
     h = hashlib.sha256()
-    with open(resolve(path) / WEIGHTS, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for name in (WEIGHTS, EMA):
+        if (resolve(path) / name).is_file():
+            with open(resolve(path) / name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
     return h.hexdigest()[:16]

@@ -22,6 +22,32 @@ def _common(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
 
 
+def _train_options(p: argparse.ArgumentParser) -> None:
+    """Training-loop switches; each is a shortcut for a train.* override (see _train_overrides)."""
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast matmuls to bfloat16")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--grad-accum", type=int, metavar="N", help="split each batch into N micro-batches")
+    p.add_argument("--ema-decay", type=float, metavar="D", help="keep an EMA of the weights (0: none)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP) instead of DDP")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute block activations in the backward pass (less memory, ~30%% more compute)")
+
+
+def _train_overrides(a) -> list[str]:
+    flags = {"precision": a.precision, "compile": a.compile or None, "grad_accum": a.grad_accum,
+             "ema_decay": a.ema_decay, "fsdp": a.fsdp or None,
+             "activation_checkpointing": a.activation_checkpointing or None}
+    return a.overrides + [f"train.{k}={v}" for k, v in flags.items() if v is not None]
+
+
+def _lm_options(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--model", required=True, help=f"{kind} run folder or checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer run folder (default: the one the LM's codes came from)")
+    p.add_argument("--no-ema", action="store_true", help="use the trained weights, not their EMA (if kept)")
+    p.add_argument("--device", default="auto")
+
+
 def _sampling_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1 disables")
     s.add_argument("--cfg-schedule", default="linear", choices=list(CFG_SCHEDULES),
@@ -48,7 +74,7 @@ def cmd_train_tokenizer(a) -> None:
     loss = {"gan": True} if a.gan else {}
     if a.perceptual_weights:
         loss["perceptual_weights"] = a.perceptual_weights
-    job = build_config(TokenizerJob, a.config, a.overrides, **base, **({"loss": loss} if loss else {}))
+    job = build_config(TokenizerJob, a.config, _train_overrides(a), **base, **({"loss": loss} if loss else {}))
     print_report(train_tokenizer(job, a.out, resume=a.resume))
 
 
@@ -99,7 +125,7 @@ def cmd_train(a) -> None:
     meta = CodeDataset(a.codes).meta
     model = {**preset(a.preset), "vocab": a.vocab or meta["vocab"], "grid_size": meta["grid"],
              "num_classes": meta["num_classes"], "kind": a.kind}
-    job = build_config(LMJob, a.config, a.overrides, model=model)
+    job = build_config(LMJob, a.config, _train_overrides(a), model=model)
     rows = train_lm(job, a.codes, a.out, resume=a.resume)
     if rows:
         print(json.dumps(rows[-1]))
@@ -113,7 +139,7 @@ def _load_lm(a):
     from elmgen.training import resolve_device
 
     device = resolve_device(a.device)
-    model, lm_meta = load_model(a.model, device)
+    model, lm_meta = load_model(a.model, device, ema=not a.no_ema)
     tokenizer, tok_meta = load_tokenizer(a.tokenizer or lm_meta["codes"]["tokenizer"], device)
     check_compatible(lm_meta, tok_meta)
     return model, tokenizer, tok_meta
@@ -252,7 +278,7 @@ def cmd_train_classifier(a) -> None:
     from elmgen.classifier import ClassifierJob, train_classifier
 
     base = {"data": {"source": a.data}} if a.data else {}
-    job = build_config(ClassifierJob, a.config, a.overrides, **base)
+    job = build_config(ClassifierJob, a.config, _train_overrides(a), **base)
     print(json.dumps(train_classifier(job, a.out, resume=a.resume), indent=2))
 
 
@@ -364,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the hinge PatchGAN discriminator from step loss.gan_start (sets loss.gan=true)")
     s.add_argument("--perceptual-weights", metavar="FILE",
                    help="VGG16 + LPIPS weights file: adds the perceptual loss (see docs/tokenizers.md)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _train_options(s)
     _common(s, "YAML with data/tokenizer/train/loss sections (see configs/tokenizer-*.yaml)")
     s.set_defaults(func=cmd_train_tokenizer)
 
@@ -413,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kind", default="ar", choices=["ar", "mlm"],
                    help="ar: autoregressive, raster order; mlm: masked model with MaskGIT decoding")
     s.add_argument("--vocab", help="vocabulary split N-C (default: the code folder's)")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _train_options(s)
     _common(s, "YAML with model/train sections (see configs/lm-*.yaml)")
     s.set_defaults(func=cmd_train)
 
@@ -421,14 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample images (AR: KV-cached decoding; MLM: MaskGIT) with classifier-free "
                                    "guidance; writes "
                                    "samples.png (one row per class) and samples.npz (ADM layout).")
-    s.add_argument("--model", required=True, help="LM run folder or checkpoint")
-    s.add_argument("--tokenizer", help="tokenizer run folder (default: the one the LM's codes came from)")
+    _lm_options(s, "LM")
     s.add_argument("--out", required=True, help="folder for samples.png and samples.npz")
     s.add_argument("--num-per-class", type=int, default=10)
     s.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: all)")
     s.add_argument("--batch-size", type=int, default=100)
     _sampling_options(s)
-    s.add_argument("--device", default="auto")
     s.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
                    help="this shard's index (default: $RANK or 0); writes samples_rankNNNNN.npz")
     s.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
@@ -440,8 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "grid of cells (--stride cells at a time, raster order), the AR model sampling "
                                    "each new cell given the cells already generated in its window; writes "
                                    "outpaint.png (one row per class) and outpaint.npz.")
-    s.add_argument("--model", required=True, help="AR run folder or checkpoint")
-    s.add_argument("--tokenizer", help="tokenizer run folder (default: the one the LM's codes came from)")
+    _lm_options(s, "AR")
     s.add_argument("--out", required=True, help="folder for outpaint.png and outpaint.npz")
     s.add_argument("--height", type=int, help="grid cells high (default: the trained grid)")
     s.add_argument("--width", type=int, help="grid cells wide (default: twice the trained grid)")
@@ -449,15 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-per-class", type=int, default=4)
     s.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: all)")
     _sampling_options(s)
-    s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_outpaint)
 
     s = sub.add_parser("inpaint", help="regenerate a region of real images with a masked model",
                        description="Encode real images, mask a rectangle of grid cells and fill it with MaskGIT "
                                    "decoding (the other cells are kept exactly); writes inpaint.png with the "
                                    "original, the masked input and the result per row.")
-    s.add_argument("--model", required=True, help="MLM run folder or checkpoint")
-    s.add_argument("--tokenizer", help="tokenizer run folder (default: the one the LM's codes came from)")
+    _lm_options(s, "MLM")
     s.add_argument("--out", required=True, help="folder for inpaint.png")
     s.add_argument("--data", help="image source (default: the tokenizer's training data)")
     s.add_argument("--split", default="test")
@@ -468,7 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--steps", type=int, default=10)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_inpaint)
 
     s = sub.add_parser("model-info", help="parameters, FLOPs per token and memory of a preset (no weights allocated)",
@@ -509,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "eval.json (test accuracy, per-class accuracy, training time, weights fingerprint).")
     s.add_argument("--out", required=True, help="run folder to write")
     s.add_argument("--data", help="'fashion-mnist' (default) or a folder with one sub-folder per class")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _train_options(s)
     _common(s, "YAML with data/classifier/train sections")
     s.set_defaults(func=cmd_train_classifier)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from elmgen.errors import ElmgenError
 from elmgen.vocab import Vocab
@@ -210,6 +211,12 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
         nn.init.zeros_(self.head.weight)
+        self.activation_checkpointing = False  # training: keep only block inputs, recompute the rest
+
+    @property
+    def fsdp_units(self) -> list[nn.Module]:
+        """Submodules sharded on their own under FSDP (one all-gather per block)."""
+        return list(self.blocks)
 
     @staticmethod
     def _init(m):
@@ -228,7 +235,10 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[pos_T], self.rope_sin[pos_T]
         h_BTd = self.tok_drop(h_BTd)
         for i, block in enumerate(self.blocks):
-            h_BTd = block(h_BTd, cos, sin, pos_T, None if caches is None else caches[i])
+            if self.activation_checkpointing and self.training:
+                h_BTd = torch.utils.checkpoint.checkpoint(block, h_BTd, cos, sin, pos_T, None, use_reentrant=False)
+            else:
+                h_BTd = block(h_BTd, cos, sin, pos_T, None if caches is None else caches[i])
         logits = self.head(self.norm(h_BTd)).unflatten(-1, (self.n_sub, self.vocab_size))
         return logits if self.invalid_V is None else logits.masked_fill(self.invalid_V, float("-inf"))
 
@@ -301,8 +311,9 @@ def training_memory_gb(cfg: ModelConfig, batch_per_gpu: int, gpus: int = 1, shar
     return (states + activations + logits) / 1e9
 
 
-def load_model(path, device="cpu") -> tuple[Transformer, dict]:
-    """A trained language model and its checkpoint config (which names its code files)."""
+def load_model(path, device="cpu", ema: bool = True) -> tuple[Transformer, dict]:
+    """A trained language model (its EMA weights if it kept them, unless `ema` is off) and its checkpoint
+    config (which names its code files)."""
     from elmgen import checkpoint
     from elmgen.config import from_dict
 
@@ -310,5 +321,5 @@ def load_model(path, device="cpu") -> tuple[Transformer, dict]:
     if meta.get("kind") != "lm":
         raise ElmgenError(f"{path} is not a language-model checkpoint (kind {meta.get('kind')!r})")
     model = Transformer(from_dict(ModelConfig, meta["model"]))
-    checkpoint.load_weights(path, model)
+    checkpoint.load_weights(path, model, ema)
     return model.to(device).eval(), meta

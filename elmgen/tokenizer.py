@@ -348,8 +348,6 @@ class Autoencoder(nn.Module):
 
 def load_tokenizer(path, device="cpu") -> tuple[Autoencoder, dict]:
     """A trained tokenizer (its EMA weights when it kept them) and its checkpoint config."""
-    from safetensors.torch import load_file
-
     from elmgen import checkpoint
     from elmgen.config import from_dict
 
@@ -362,7 +360,7 @@ def load_tokenizer(path, device="cpu") -> tuple[Autoencoder, dict]:
     model = Autoencoder(cfg)
     ckpt = checkpoint.resolve(path)
     try:
-        model.load_state_dict(release_weights(load_file(ckpt / checkpoint.WEIGHTS)))
+        model.load_state_dict(release_weights(checkpoint.load_state(ckpt)))
     except RuntimeError as e:
         raise ElmgenError(f"checkpoint {ckpt} does not match its tokenizer config: {str(e).splitlines()[0]}") from None
     meta["fingerprint"] = checkpoint.fingerprint(path)
@@ -371,8 +369,8 @@ def load_tokenizer(path, device="cpu") -> tuple[Autoencoder, dict]:
 
 
 def release_weights(state: dict) -> dict:
-    """The tokenizer weights to use from a training checkpoint: the EMA copy when there is one, else the
-    trained ones; a checkpoint written before EMA existed holds the tokenizer's weights unprefixed."""
+    """The tokenizer's weights in a training checkpoint's state (EMA already applied by `load_state`):
+    prefixed `tokenizer.` (or `ema.` in checkpoints written before the loop kept the EMA), or unprefixed."""
     for prefix in ("ema.", "tokenizer."):
         picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if picked:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from elmgen.losses import (
 from elmgen.model import ModelConfig, Transformer
 from elmgen.plots import image_grid, loss_curve
 from elmgen.sampling import masked_fraction
-from elmgen.tokenizer import Autoencoder, TokenizerConfig
+from elmgen.tokenizer import Autoencoder, TokenizerConfig, load_tokenizer
 from elmgen.training import TrainConfig, fit, is_main_process, resolve_device
 from elmgen.vocab import Vocab
 
@@ -38,9 +37,9 @@ class TokenizerJob:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=1e-3,
-                                                                    warmup_steps=100, weight_decay=0.0))
+                                                                    warmup_steps=100, weight_decay=0.0,
+                                                                    ema_decay=0.999))
     loss: LossConfig = field(default_factory=LossConfig)
-    ema_decay: float = 0.999  # EMA of the weights, the ones saved for use; 0 keeps only the trained weights
     hflip: bool = False  # random horizontal flips of training images
     eval_images: int = 2000  # held-out images for the PSNR / SSIM / code-usage report
 
@@ -49,33 +48,27 @@ class TokenizerJob:
 class LMJob:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4000, batch_size=64, lr=1e-3,
-                                                                    warmup_steps=200))
+                                                                    warmup_steps=200, ema_decay=0.9999))
 
 
 class TokenizerTraining(nn.Module):
-    """What a tokenizer checkpoint holds: the trained tokenizer, its EMA copy and the discriminator.
+    """What a tokenizer checkpoint holds: the tokenizer and the discriminator.
 
-    The shared loop's one optimizer trains tokenizer and discriminator together: the generator term
-    reaches only the tokenizer and the discriminator term only the discriminator (see `tokenizer_step`),
-    so both optimizer states travel in the checkpoint and a resumed run is exact.
+    The shared loop's one optimizer trains both: the generator term reaches only the tokenizer and the
+    discriminator term only the discriminator (see `tokenizer_step`), so both optimizer states travel
+    in the checkpoint and a resumed run is exact. The loop's EMA (train.ema_decay) covers both; only
+    the tokenizer's part is used.
     """
 
     def __init__(self, job: TokenizerJob):
         super().__init__()
         self.tokenizer = Autoencoder(job.tokenizer)
-        self.ema = copy.deepcopy(self.tokenizer).requires_grad_(False) if job.ema_decay > 0 else None
         self.discriminator = PatchDiscriminator(job.tokenizer.in_channels) if job.loss.gan else None
 
-    @property
-    def release(self) -> Autoencoder:
-        """The weights saved for use."""
-        return self.ema if self.ema is not None else self.tokenizer
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        e.lerp_(p, 1 - decay)
+    def compile(self, **kwargs) -> None:  # no forward of its own: compile the parts the step calls
+        self.tokenizer.compile(**kwargs)
+        if self.discriminator is not None:
+            self.discriminator.compile(**kwargs)
 
 
 def tokenizer_step(trainer: TokenizerTraining, x: torch.Tensor, step: int, loss_cfg: LossConfig,
@@ -140,18 +133,14 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return tokenizer_step(trainer, x, step, job.loss, perceptual)
 
-    def after_step(step):  # the EMA warms up: decay (1 + step) / (10 + step) until job.ema_decay
-        if trainer.ema is not None:
-            update_ema(trainer.ema, model, min(job.ema_decay, (1 + step) / (10 + step)))
-
     rows = fit(trainer, job.train, out_dir, step_fn, len(dataset), ckpt_config, resume,
-               desc=f"tokenizer ({job.tokenizer.quantizer})", units_per_step=job.train.batch_size, unit="img",
-               after_step=after_step)
+               desc=f"tokenizer ({job.tokenizer.quantizer})", units_per_step=job.train.batch_size, unit="img")
     if not is_main_process():
         return {}
     loss_curve(rows, out_dir / "loss.png", title="tokenizer loss")
     held_out = load_dataset(replace(job.data, split="test", limit=job.eval_images))
-    return tokenizer_report(trainer.release, held_out, out_dir)
+    release, _ = load_tokenizer(out_dir, device)  # the weights saved for use (the EMA, if kept)
+    return tokenizer_report(release, held_out, out_dir)
 
 
 def tokenizer_report(model: Autoencoder, dataset, out_dir: Path, vocab: Vocab | None = None) -> dict:

@@ -19,6 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 
 from elmgen import checkpoint
@@ -39,6 +47,10 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    ema_decay: float = 0.0  # keep an EMA of the weights (saved beside them, used for sampling); 0: none
+    compile: bool = False  # torch.compile the model's forward (fixed shapes: compiled once)
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (language models)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     seed: int = 0
     log_every: int = 20
     save_every: int = 500
@@ -52,6 +64,8 @@ class TrainConfig:
             raise ElmgenError(f"train.precision must be 'fp32' or 'bf16', not {self.precision!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ElmgenError("train.steps, train.batch_size and train.grad_accum must be positive")
+        if not 0 <= self.ema_decay < 1:
+            raise ElmgenError(f"train.ema_decay must be in [0, 1), not {self.ema_decay}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -154,55 +168,129 @@ def average_gradients(model: torch.nn.Module, world: int, bucket: int = 1 << 24)
             g.copy_(part.view_as(g))
 
 
+class EMA:
+    """Exponential moving average of a module's parameters. Under FSDP each process averages its own
+    shards; `full_state` gathers them."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = dict(module.named_parameters())
+        self.shadow = {name: p.detach().clone() for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: forget the random init quickly
+        for name, p in self.params.items():
+            self.shadow[name].lerp_(p.detach(), 1 - decay)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Whole CPU tensors (a collective under FSDP: every process must call it)."""
+        return {name: _full(s).cpu() for name, s in self.shadow.items()}
+
+    def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, s in self.shadow.items():
+            value = state[name].to(s.device, s.dtype)
+            if isinstance(s, DTensor):
+                value = distribute_tensor(value, s.device_mesh, s.placements)
+            self.shadow[name] = value
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
+
+
+def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> None:
+    """Activation checkpointing, FSDP sharding and compilation, in place, as configured.
+
+    Models opt in: `activation_checkpointing` is a flag they read in forward, `fsdp_units` the
+    submodules sharded on their own (e.g. transformer blocks) before the root."""
+    name = type(model).__name__
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "activation_checkpointing"):
+            raise ElmgenError(f"train.activation_checkpointing is not supported for {name}; turn it off")
+        model.activation_checkpointing = True
+    if cfg.fsdp and world > 1:
+        if not hasattr(model, "fsdp_units"):
+            raise ElmgenError(f"train.fsdp is not supported for {name} (small enough for plain data parallelism)")
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in model.fsdp_units:
+            fully_shard(unit)
+        fully_shard(model)
+    if cfg.compile:
+        model.compile(dynamic=False)
+
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
 def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: StepFn, num_items: int,
         ckpt_config: dict, resume: bool = False, desc: str = "train",
-        units_per_step: int | None = None, unit: str = "it",
-        after_step: Callable[[int], None] | None = None) -> list[dict]:
+        units_per_step: int | None = None, unit: str = "it") -> list[dict]:
     """Train `model` for cfg.steps optimizer steps over a dataset of `num_items`, logging to
     run_dir/metrics.jsonl. Under torchrun every process takes its share of each global batch and
-    gradients are averaged, so any number of processes follows the same trajectory (up to the
-    random draws inside a step) and a run can resume with another number of processes.
+    gradients are averaged (with cfg.fsdp: reduce-scattered onto parameter shards), so any number of
+    processes follows the same trajectory (up to the random draws inside a step), and checkpoints hold
+    whole tensors, so a run can resume with another number of processes.
 
     Seed torch with cfg.seed before building the model: a fresh run continues from that RNG state.
-    `units_per_step` (tokens or images per step) turns step time into a throughput figure;
-    `after_step(step)` runs after each optimizer step (e.g. an EMA update), before any checkpoint.
+    `units_per_step` (tokens or images per step) turns step time into a throughput figure.
+    With cfg.ema_decay > 0 an EMA of the weights is kept and saved beside them (`ema.safetensors`);
+    loaders prefer it.
     Returns the logged metric rows of this run (all of them, when resumed).
     """
     cfg.validate()
     rank, world = distributed()
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
+    prepare(model, cfg, world)
+    sharded = cfg.fsdp and world > 1
     opt = make_optimizer(model, cfg)
     metrics_path = run_dir / "metrics.jsonl"
     step = 0
+    ema_state = None
     if checkpoint.has_checkpoint(run_dir):
         if not resume:
             raise ElmgenError(
                 f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out"
             )
-        checkpoint.load_weights(run_dir, model)
         state = checkpoint.load_trainer_state(run_dir)
         if state is None:
             raise ElmgenError(f"checkpoint in {run_dir} has no trainer state to resume from")
-        opt.load_state_dict(state["optimizer"])
+        # Whole (unsharded) tensors, keyed by parameter name: resumable with any number of processes.
+        full = StateDictOptions(full_state_dict=True)
+        try:
+            set_model_state_dict(model, checkpoint.load_state(run_dir, ema=False), options=full)
+            set_optimizer_state_dict(model, opt, state["optimizer"], options=full)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ElmgenError(f"checkpoint in {run_dir} does not match this model or optimizer "
+                              f"({str(e).splitlines()[0]}); was it written for another config?") from None
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         step = state["step"]
+        ema_state = checkpoint.load_ema(run_dir)
         kept = [row for row in read_metrics(metrics_path) if row["step"] <= step]
         if is_main_process():
             checkpoint.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     elif resume:
         raise ElmgenError(f"nothing to resume: {run_dir} holds no checkpoint")
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and ema_state is not None:
+        ema.load_full_state(ema_state)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     def save():
+        # Gathering whole tensors is a collective under FSDP: every process takes part, the main one writes.
+        weights = get_model_state_dict(model, options=FULL_STATE)
+        optimizer = get_optimizer_state_dict(model, opt, options=FULL_STATE)
+        ema_weights = ema.full_state() if ema is not None else None
         if is_main_process():
             state = {
-                "optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
+                "optimizer": optimizer, "step": step, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             }
-            checkpoint.save_checkpoint(run_dir, step, model, ckpt_config, state, cfg.keep_checkpoints)
+            checkpoint.save_checkpoint(run_dir, step, weights, ckpt_config, state, cfg.keep_checkpoints, ema_weights)
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True)
@@ -224,15 +312,16 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
                 losses.append(loss.detach())
             loss = torch.stack(losses).mean()
             if world > 1:
-                average_gradients(model, world)
+                if not sharded:  # FSDP reduce-scatters the gradients itself
+                    average_gradients(model, world)
                 dist.all_reduce(loss)
                 loss /= world
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if after_step is not None:
-                after_step(step)
+            if ema is not None:
+                ema.update(step)
             step += 1
             window.append(loss.item())
             for k, v in extra.items():

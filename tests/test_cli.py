@@ -32,10 +32,20 @@ def pipeline(fake_fmnist, tmp_path, capsys):
     assert run(capsys, "train-tokenizer", "--out", tok, "data.limit=64", "train.steps=4", *TOK)[0] == 0
     code, out, _ = run(capsys, "tokenize", "--tokenizer", tok, "--out", codes, "--limit", 50, "--vocab", "2-4")
     assert code == 0 and json.loads(out)["count"] == 50
-    code, out, _ = run(capsys, "train", "--codes", codes, "--out", lm, "--preset", "micro",
-                       "train.steps=3", "train.batch_size=4", "train.log_every=1")
+    code, out, _ = run(capsys, "train", "--codes", codes, "--out", lm, "--preset", "micro", "--precision", "bf16",
+                       "--grad-accum", 2, "--ema-decay", 0.5, "train.steps=3", "train.batch_size=4",
+                       "train.log_every=1")
     assert code == 0 and json.loads(out)["step"] == 3
     return tok, codes, lm
+
+
+def test_training_switches_reach_the_job(pipeline):
+    from omegaconf import OmegaConf
+
+    _, _, lm = pipeline
+    train = OmegaConf.load(lm / "job.yaml").train
+    assert (train["precision"], train["grad_accum"], train["ema_decay"], train["compile"]) == ("bf16", 2, 0.5, False)
+    assert (lm / "checkpoints" / "step_00000003" / "ema.safetensors").is_file()
 
 
 def test_end_to_end(pipeline, tmp_path, capsys):

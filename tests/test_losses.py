@@ -115,10 +115,10 @@ def test_adaptive_weight_is_the_gradient_ratio_clamped_to_one():
 
 
 def job(steps: int, save_every: int, **loss) -> TokenizerJob:
-    return TokenizerJob(data=DataConfig(limit=64), tokenizer=TINY, eval_images=16, ema_decay=0.9,
+    return TokenizerJob(data=DataConfig(limit=64), tokenizer=TINY, eval_images=16,
                         loss=LossConfig(gan=True, gan_start=2, **loss),
                         train=TrainConfig(steps=steps, batch_size=8, lr=1e-3, weight_decay=0.0, log_every=1,
-                                          save_every=save_every, precision="bf16"))
+                                          save_every=save_every, precision="bf16", ema_decay=0.9))
 
 
 def test_generator_term_leaves_the_discriminator_alone():
@@ -156,26 +156,28 @@ def test_gan_starts_late_and_resume_is_exact(fake_fmnist, tmp_path, monkeypatch)
     monkeypatch.setattr(elmgen.training, "batch_indices", real)
     train_tokenizer(job(5, 3), tmp_path / "b", resume=True)
     assert [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [r["loss"] for r in rows]
-    a, b = (checkpoint.resolve(p) / checkpoint.WEIGHTS for p in (straight, tmp_path / "b"))
-    assert a.read_bytes() == b.read_bytes()
+    for name in (checkpoint.WEIGHTS, checkpoint.EMA):
+        a, b = (checkpoint.resolve(p) / name for p in (straight, tmp_path / "b"))
+        assert a.read_bytes() == b.read_bytes(), name
 
 
 def test_ema_weights_are_the_ones_saved_for_use(fake_fmnist, tmp_path):
     from safetensors.torch import load_file
 
     train_tokenizer(job(3, 3), tmp_path / "run")
-    state = load_file(checkpoint.resolve(tmp_path / "run") / checkpoint.WEIGHTS)
-    assert any(k.startswith("discriminator.") for k in state)
+    ckpt = checkpoint.resolve(tmp_path / "run")
+    state, ema = load_file(ckpt / checkpoint.WEIGHTS), load_file(ckpt / checkpoint.EMA)
+    assert any(k.startswith("discriminator.") for k in state) and set(ema) <= set(state)
     model, _ = load_tokenizer(tmp_path / "run")
-    last = f"decoder.net.{len(model.decoder.net) - 1}.weight"
-    assert torch.equal(model.last_layer, state["ema." + last])
-    assert not torch.equal(model.last_layer, state["tokenizer." + last])
+    last = f"tokenizer.decoder.net.{len(model.decoder.net) - 1}.weight"
+    assert torch.equal(model.last_layer, ema[last])
+    assert not torch.equal(model.last_layer, state[last])
     no_ema = job(3, 3)
-    no_ema.ema_decay = 0.0
+    no_ema.train.ema_decay = 0.0
     train_tokenizer(no_ema, tmp_path / "plain")
-    state = load_file(checkpoint.resolve(tmp_path / "plain") / checkpoint.WEIGHTS)
-    assert not any(k.startswith("ema.") for k in state)
-    assert torch.equal(load_tokenizer(tmp_path / "plain")[0].last_layer, state["tokenizer." + last])
+    ckpt = checkpoint.resolve(tmp_path / "plain")
+    assert not (ckpt / checkpoint.EMA).exists()
+    assert torch.equal(load_tokenizer(tmp_path / "plain")[0].last_layer, load_file(ckpt / checkpoint.WEIGHTS)[last])
 
 
 def run(capsys, *argv):

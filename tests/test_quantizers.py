@@ -151,7 +151,7 @@ def test_each_quantizer_learns_colour_photos(photo_folder, quantizer):
     x = to_float(load_dataset(DataConfig(source=str(photo_folder), channels=3, image_size=16)).images(range(24)))
     cfg = TokenizerConfig(**TINY, in_channels=3, quantizer=quantizer, num_bits=12, codebook_size=256,
                           fsq_levels=[5, 5, 5])
-    trainer = TokenizerTraining(TokenizerJob(tokenizer=cfg, ema_decay=0.0))
+    trainer = TokenizerTraining(TokenizerJob(tokenizer=cfg))
     model = trainer.tokenizer
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 

@@ -7,10 +7,10 @@ from elmgen import checkpoint
 from elmgen.codes import CodeDataset, tokenize
 from elmgen.data import DataConfig, load_dataset
 from elmgen.errors import ElmgenError
-from elmgen.model import ModelConfig, preset
+from elmgen.model import ModelConfig, load_model, preset
 from elmgen.tokenizer import TokenizerConfig, load_tokenizer
 from elmgen.train import LMJob, TokenizerJob, train_lm, train_tokenizer
-from elmgen.training import TrainConfig, batch_indices, lr_at, make_optimizer, read_metrics
+from elmgen.training import TrainConfig, batch_indices, lr_at, make_optimizer, prepare, read_metrics
 from elmgen.vocab import Vocab
 
 TOKENIZER = dict(base_width=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=16, num_bits=8)
@@ -70,7 +70,7 @@ def lm_job(steps: int, save_every: int) -> LMJob:
     return LMJob(model=ModelConfig(**{**preset("micro"), "dropout": 0.1}, vocab="2-4", grid_size=8,
                                    num_classes=10),
                  train=TrainConfig(steps=steps, batch_size=4, lr=3e-3, warmup_steps=2, lr_decay="cosine",
-                                   log_every=1, save_every=save_every))
+                                   log_every=1, save_every=save_every, ema_decay=0.9))
 
 
 def test_resume_reproduces_an_uninterrupted_run(codes, tmp_path, monkeypatch):
@@ -91,10 +91,22 @@ def test_resume_reproduces_an_uninterrupted_run(codes, tmp_path, monkeypatch):
     resumed = train_lm(lm_job(8, 4), codes, tmp_path / "b", resume=True)
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
-    a = checkpoint.resolve(tmp_path / "a") / checkpoint.WEIGHTS
-    b = checkpoint.resolve(tmp_path / "b") / checkpoint.WEIGHTS
-    assert a.read_bytes() == b.read_bytes()
+    for name in (checkpoint.WEIGHTS, checkpoint.EMA):
+        a, b = (checkpoint.resolve(p) / name for p in (tmp_path / "a", tmp_path / "b"))
+        assert a.read_bytes() == b.read_bytes(), name
     assert (tmp_path / "b" / "loss.png").is_file()
+
+
+def test_sampling_loads_the_ema_weights_unless_told_otherwise(codes, tmp_path):
+    from safetensors.torch import load_file
+
+    train_lm(lm_job(4, 4), codes, tmp_path / "run")
+    ckpt = checkpoint.resolve(tmp_path / "run")
+    raw, ema = load_file(ckpt / checkpoint.WEIGHTS), load_file(ckpt / checkpoint.EMA)
+    assert set(ema) == {name for name, _ in load_model(tmp_path / "run")[0].named_parameters()}
+    assert torch.equal(load_model(tmp_path / "run")[0].head.weight, ema["head.weight"])
+    assert torch.equal(load_model(tmp_path / "run", ema=False)[0].head.weight, raw["head.weight"])
+    assert not torch.equal(raw["head.weight"], ema["head.weight"])
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_run(codes, tmp_path):
@@ -139,8 +151,27 @@ def test_grad_accumulation_matches_one_big_batch(codes, tmp_path):
         train_lm(deterministic_job(1, grad_accum=3), codes, tmp_path / "bad")
 
 
-def test_two_processes_train_like_one(codes, tmp_path):
-    """torchrun with 2 CPU processes (gloo): each takes half of every global batch, gradients are averaged."""
+def test_activation_checkpointing_and_compile_keep_the_losses(codes, tmp_path):
+    plain = [r["loss"] for r in train_lm(deterministic_job(3), codes, tmp_path / "plain")]
+    recomputed = train_lm(deterministic_job(3, activation_checkpointing=True), codes, tmp_path / "ac")
+    assert [r["loss"] for r in recomputed] == pytest.approx(plain, rel=1e-6)
+    compiled = train_lm(deterministic_job(3, compile=True), codes, tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx(plain, rel=1e-4)
+    # the compiled run's checkpoint has the plain parameter names: it loads into an uncompiled model
+    assert load_model(tmp_path / "compiled")[0].cfg.n_layer == 2
+
+
+def test_models_opt_in_to_recomputation_and_sharding():
+    with pytest.raises(ElmgenError, match="activation_checkpointing is not supported"):
+        prepare(torch.nn.Linear(2, 2), TrainConfig(activation_checkpointing=True), world=1)
+    with pytest.raises(ElmgenError, match="fsdp is not supported"):
+        prepare(torch.nn.Linear(2, 2), TrainConfig(fsdp=True), world=2)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(codes, tmp_path, parallel):
+    """torchrun with 2 CPU processes (gloo): each takes half of every global batch; gradients are averaged
+    (DDP) or reduce-scattered onto parameter shards (FSDP)."""
     import os
     import subprocess
     import sys
@@ -148,7 +179,8 @@ def test_two_processes_train_like_one(codes, tmp_path):
     single = train_lm(deterministic_job(4), codes, tmp_path / "single")
     args = ["train", "--codes", str(codes), "--out", str(tmp_path / "ddp"), "--preset", "micro", "--vocab", "2-4",
             "model.dropout=0", "model.class_dropout=0", "train.steps=4", "train.batch_size=8", "train.lr=3e-3",
-            "train.warmup_steps=2", "train.lr_decay=cosine", "train.log_every=1", "train.save_every=4"]
+            "train.warmup_steps=2", "train.lr_decay=cosine", "train.log_every=1", "train.save_every=4",
+            "train.ema_decay=0.9"] + (["--fsdp"] if parallel == "fsdp" else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "elmgen.cli"]
     done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
