@@ -1,52 +1,73 @@
-"""AR sampling throughput: KV-cached decoding against full-prefix recomputation.
+"""Sampling throughput: AR with a KV cache (eager and compiled) against full-prefix recomputation, and
+MaskGIT decoding of a masked model.
 
-Prints one JSON line. Same model (random weights, non-zero heads), batch, grid and sampling settings
-for both paths; tokens = generated grid cells, counted per image (CFG doubles the work of both).
+    python benchmarks/sampling.py --preset tiny --grid 16 --batch 1 32 --mlm-steps 8 16
 
-    python benchmarks/sampling.py --preset tiny --grid 16 --batch 32
+For each batch size, in this order: AR recomputing the whole prefix at every cell (`kv_cache=False`),
+AR with the KV cache, AR with the KV cache and `compile=True` (the one-cell decode step compiled,
+static shapes), then MLM (`kind="mlm"`) at each number of MaskGIT steps. All cases use the same random
+weights (non-zero heads), labels, per-image seeds and sampling settings (CFG doubles the work of
+every case). Each case runs in a fresh process (peak memory: see benchmarks/common.py); it first
+warms up with one call (at the full batch when compiled, as the compiled step is specialised to its
+shapes, else at batch <= 2; `first_call_seconds`), then times `--repeats` calls.
+
+Prints one JSON line per case: seconds per call, tokens/s (generated grid cells per image x images)
+and images/s; KV rows add `speedup_vs_recompute` and `same_tokens_as_recompute` (sampled tokens equal to
+those of the recomputing case of the same batch).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
+import hashlib
 
 import torch
+from common import median_seconds, parser, rounded, run
 
 from elmgen.model import ModelConfig, Transformer, preset
 from elmgen.sampling import SampleConfig, generate
 
 
+def run_case(c: dict) -> dict:
+    cfg = ModelConfig(**preset(c["preset"]), kind=c["kind"], vocab=c["vocab"], grid_size=c["grid"], num_classes=10)
+    model = Transformer(cfg)
+    torch.nn.init.normal_(model.head.weight, std=0.02)  # a zero head (the init) samples uniformly
+    sample = SampleConfig(cfg_scale=c["cfg_scale"], kv_cache=c.get("decode") != "recompute",
+                          compile=c.get("compile", False), steps=c.get("steps", 10))
+    labels, seeds = torch.arange(c["batch"]) % 10, list(range(c["batch"]))
+    warm = c["batch"] if sample.compile else min(c["batch"], 2)
+    first = median_seconds(lambda: generate(model, labels[:warm], sample, seeds[:warm]), 1)
+    tokens = []
+    seconds = median_seconds(lambda: tokens.append(generate(model, labels, sample, seeds)), c["repeats"])
+    images = c["batch"] / seconds
+    return rounded({"first_call_seconds": first, "seconds": seconds, "tokens_per_s": images * cfg.num_cells,
+                    "images_per_s": images, "tokens_sha1": hashlib.sha1(tokens[-1].numpy().tobytes()).hexdigest()[:16]})
+
+
+def compare(row: dict, earlier: list[dict]) -> None:
+    if row.get("decode") == "kv":
+        ref = next(r for r in earlier if r.get("decode") == "recompute" and r["batch"] == row["batch"])
+        row["speedup_vs_recompute"] = round(row["tokens_per_s"] / ref["tokens_per_s"], 2)
+        row["same_tokens_as_recompute"] = row["tokens_sha1"] == ref["tokens_sha1"]
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--vocab", default="2-8")
     p.add_argument("--grid", type=int, default=16)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--cfg-scale", type=float, default=3.0)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--mlm-steps", type=int, nargs="*", default=[8, 16], help="MaskGIT step counts (none: no MLM)")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled AR case")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**preset(a.preset), vocab=a.vocab, grid_size=a.grid, num_classes=10))
-    torch.nn.init.normal_(model.head.weight, std=0.02)
-    labels = torch.arange(a.batch) % 10
-    seeds = list(range(a.batch))
-    result = {"preset": a.preset, "vocab": a.vocab, "grid": a.grid, "batch": a.batch, "cfg_scale": a.cfg_scale,
-              "threads": a.threads, "device": "cpu"}
-    outputs = {}
-    for name, kv in (("kv", True), ("recompute", False)):
-        cfg = SampleConfig(cfg_scale=a.cfg_scale, kv_cache=kv)
-        generate(model, labels[:2], cfg, seeds[:2])  # warm-up
-        t = time.perf_counter()
-        outputs[name] = generate(model, labels, cfg, seeds)
-        seconds = time.perf_counter() - t
-        result[f"{name}_seconds"] = round(seconds, 3)
-        result[f"{name}_tokens_per_s"] = round(a.batch * a.grid**2 / seconds, 1)
-    result["speedup"] = round(result["kv_tokens_per_s"] / result["recompute_tokens_per_s"], 2)
-    result["same_tokens"] = bool(torch.equal(outputs["kv"], outputs["recompute"]))
-    print(json.dumps(result))
+    cases = []
+    for batch in a.batch:
+        base = {"bench": "sampling", "preset": a.preset, "vocab": a.vocab, "grid": a.grid, "batch": batch,
+                "cfg_scale": a.cfg_scale}
+        ar = [("recompute", False), ("kv", False)] + ([] if a.no_compile else [("kv", True)])
+        cases += [{**base, "kind": "ar", "decode": decode, "compile": compiled} for decode, compiled in ar]
+        cases += [{**base, "kind": "mlm", "steps": steps} for steps in a.mlm_steps]
+    run(a, __file__, cases, run_case, compare=compare)
 
 
 if __name__ == "__main__":

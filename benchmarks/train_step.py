@@ -1,85 +1,75 @@
 """Training-step throughput against this machine's own matmul limit.
 
-Measures, in one run: the bf16 (and fp32) matmul throughput of a large square matmul (the practical
-ceiling), then full AR training steps (forward, backward, AdamW) of each preset on random codes,
-reporting tokens/s, achieved FLOP/s (model FLOPs from `flops_per_token`) and its share of the ceiling.
-Prints one JSON line per preset.
+    python benchmarks/train_step.py --presets tiny B --kind ar mlm --batch 16 --grid 16
+    python benchmarks/train_step.py --presets tiny B --kind ar mlm --batch 16 --grid 16 --compile
 
-    python benchmarks/train_step.py --presets tiny B --batch 16 --grid 16
+Measures, in one run: the bf16 and fp32 throughput of a large square matmul (the practical ceiling),
+then full training steps of each preset and model kind on random codes: the loss of the trainer
+(`elmgen.train.ar_loss` / `mlm_loss`) under autocast, backward, gradient clipping and AdamW, as
+`elmgen.training.fit` does them. `--compile` trains `torch.compile(model)` instead (the first,
+compiling step is the warm-up, reported as `first_step_seconds`).
+
+Prints one JSON line per (preset, kind): tokens/s (batch x grid cells per step), achieved FLOP/s (model
+FLOPs from `elmgen.model.flops_per_token`) and their share of the matmul ceiling of the same precision,
+and the peak memory of the case, measured in a fresh process (see benchmarks/common.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import resource
-import time
-
 import torch
-import torch.nn.functional as F
+from common import matmul_reference, median_seconds, parser, rounded, run
 
 from elmgen.model import ModelConfig, Transformer, flops_per_token, preset
+from elmgen.train import ar_loss, mlm_loss
 from elmgen.training import TrainConfig, autocast, make_optimizer
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    count, t = 0, time.perf_counter()
-    while time.perf_counter() - t < seconds:
-        a @ b
-        count += 1
-    return 2 * n**3 * count / (time.perf_counter() - t)
-
-
-def step_throughput(name: str, vocab: str, grid: int, batch: int, steps: int, precision: str) -> dict:
-    cfg = ModelConfig(**{**preset(name), "dropout": 0.0}, vocab=vocab, grid_size=grid, num_classes=10)
-    model = Transformer(cfg)
-    opt = make_optimizer(model, TrainConfig())
-    sub = torch.randint(0, cfg.vocabulary.size, (batch, cfg.num_cells, cfg.vocabulary.num_subcodes))
-    labels = torch.randint(0, 10, (batch,))
+def run_case(c: dict) -> dict:
+    cfg = ModelConfig(**{**preset(c["preset"]), "dropout": 0.0}, kind=c["kind"], vocab=c["vocab"],
+                      grid_size=c["grid"], num_classes=10)
+    model = Transformer(cfg).train()
+    net = torch.compile(model) if c["compile"] else model
+    train = TrainConfig(precision=c["precision"])
+    opt = make_optimizer(model, train)
+    loss_fn = mlm_loss if c["kind"] == "mlm" else ar_loss
+    sub = torch.randint(0, cfg.vocabulary.size, (c["batch"], cfg.num_cells, cfg.vocabulary.num_subcodes))
+    labels = torch.randint(0, 10, (c["batch"],))
 
     def step():
-        with autocast(torch.device("cpu"), precision):
-            logits = model(labels, sub[:, :-1])
-            loss = F.cross_entropy(logits.float().flatten(0, 2), sub.flatten())
+        with autocast(torch.device("cpu"), train.precision):
+            loss = loss_fn(net, labels, sub)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    seconds = (time.perf_counter() - t) / steps
-    tokens = batch * cfg.num_cells
-    return {"tokens_per_s": tokens / seconds, "flops_per_s": flops_per_token(cfg)["train"] * tokens / seconds,
-            "step_seconds": seconds}
+    first = median_seconds(step, 1)  # warm-up (compiles with --compile)
+    seconds = median_seconds(step, c["repeats"])
+    tokens = c["batch"] * cfg.num_cells
+    return rounded({"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "first_step_seconds": first,
+                    "step_seconds": seconds, "tokens_per_s": tokens / seconds,
+                    "achieved_gflops": flops_per_token(cfg)["train"] * tokens / seconds / 1e9})
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--presets", nargs="+", default=["tiny", "B"])
+    p.add_argument("--kind", nargs="+", default=["ar"], choices=["ar", "mlm"])
     p.add_argument("--vocab", default="2-8")
     p.add_argument("--grid", type=int, default=16)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--compile", action="store_true", help="train torch.compile(model)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="side of the reference matmul")
     a = p.parse_args()
-    torch.manual_seed(0)
-    ceiling = {"bf16": matmul_flops(torch.bfloat16), "fp32": matmul_flops(torch.float32)}
-    for name in a.presets:
-        r = step_throughput(name, a.vocab, a.grid, a.batch, a.steps, a.precision)
-        print(json.dumps({
-            "preset": name, "vocab": a.vocab, "grid": a.grid, "batch": a.batch, "precision": a.precision,
-            "threads": torch.get_num_threads(), "tokens_per_s": round(r["tokens_per_s"], 1),
-            "achieved_tflops": round(r["flops_per_s"] / 1e12, 4),
-            "matmul_tflops_bf16": round(ceiling["bf16"] / 1e12, 4),
-            "matmul_tflops_fp32": round(ceiling["fp32"] / 1e12, 4),
-            "share_of_matmul_limit": round(r["flops_per_s"] / ceiling[a.precision], 3),
-            "step_seconds": round(r["step_seconds"], 3),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
-        }), flush=True)
+    cases = [{"bench": "train_step", "preset": name, "kind": kind, "vocab": a.vocab, "grid": a.grid,
+              "batch": a.batch, "precision": a.precision, "compile": a.compile}
+             for name in a.presets for kind in a.kind]
+
+    def share(row: dict, _earlier: list[dict]) -> None:
+        row["share_of_matmul"] = round(row["achieved_gflops"] / row[f"matmul_gflops_{a.precision}"], 4)
+
+    run(a, __file__, cases, run_case, lambda: matmul_reference(a.matmul_size), share)
 
 
 if __name__ == "__main__":

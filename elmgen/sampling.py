@@ -139,10 +139,14 @@ def sample_logits(logits_BnV: torch.Tensor, temperature: float, top_k: int, top_
     """
     if temperature == 0:
         return logits_BnV.argmax(-1)
-    logits = shape_logits(logits_BnV, temperature, top_k, top_p)
-    cdf = logits.softmax(-1).cumsum(-1)
+    return draw_from(shape_logits(logits_BnV, temperature, top_k, top_p), uniforms_Bn)
+
+
+def draw_from(shaped_BnV: torch.Tensor, uniforms_Bn: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws from already shaped logits (see `shape_logits`)."""
+    cdf = shaped_BnV.softmax(-1).cumsum(-1)
     target = (uniforms_Bn.to(cdf) * cdf[..., -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(shaped_BnV.shape[-1] - 1)
 
 
 def image_seeds(base_seed: int, labels_N: torch.Tensor, index_in_class_N: torch.Tensor) -> list[int]:
@@ -246,8 +250,9 @@ def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, 
         if guided:
             cond, uncond = logits.chunk(2)
             logits = apply_cfg(cond, uncond, scale)
-        draw_BLn = sample_logits(logits, temperature, cfg.top_k, cfg.top_p, noise_BSLm[:, t, :, :n])
-        logp = shape_logits(logits, temperature, cfg.top_k, cfg.top_p).log_softmax(-1)
+        shaped = shape_logits(logits, temperature, cfg.top_k, cfg.top_p)  # once: drawn from and scored
+        draw_BLn = shaped.argmax(-1) if temperature == 0 else draw_from(shaped, noise_BSLm[:, t, :, :n])
+        logp = shaped.log_softmax(-1)
         confidence_BL = logp.gather(-1, draw_BLn[..., None]).squeeze(-1).mean(-1)
         u = noise_BSLm[:, t, :, n].clamp(1e-20, 1 - 1e-7)
         confidence_BL = confidence_BL + cfg.mask_noise * (1 - (t + 1) / S) * -torch.log(-torch.log(u))
