@@ -4,8 +4,8 @@ MaskGIT decoding of a masked model.
     python benchmarks/sampling.py --preset tiny --grid 16 --batch 1 32 --mlm-steps 8 16
 
 For each batch size, in this order: AR recomputing the whole prefix at every cell (`kv_cache=False`),
-AR with the KV cache, AR with the KV cache and `compile=True` (the one-cell decode step compiled,
-static shapes), then MLM (`kind="mlm"`) at each number of MaskGIT steps. All cases use the same random
+AR with the KV cache (fp32, then bf16 autocast with a bfloat16 cache), AR with the KV cache and
+`compile=True` (the one-cell decode step compiled, static shapes), then MLM (`kind="mlm"`) at each number of MaskGIT steps. All cases use the same random
 weights (non-zero heads), labels, per-image seeds and sampling settings (CFG doubles the work of
 every case). Each case runs in a fresh process (peak memory: see benchmarks/common.py); it first
 warms up with one call (at the full batch when compiled, as the compiled step is specialised to its
@@ -32,7 +32,8 @@ def run_case(c: dict) -> dict:
     model = Transformer(cfg)
     torch.nn.init.normal_(model.head.weight, std=0.02)  # a zero head (the init) samples uniformly
     sample = SampleConfig(cfg_scale=c["cfg_scale"], kv_cache=c.get("decode") != "recompute",
-                          compile=c.get("compile", False), steps=c.get("steps", 10))
+                          compile=c.get("compile", False), steps=c.get("steps", 10),
+                          precision=c.get("precision", "fp32"))
     labels, seeds = torch.arange(c["batch"]) % 10, list(range(c["batch"]))
     warm = c["batch"] if sample.compile else min(c["batch"], 2)
     first = median_seconds(lambda: generate(model, labels[:warm], sample, seeds[:warm]), 1)
@@ -64,8 +65,10 @@ def main() -> None:
     for batch in a.batch:
         base = {"bench": "sampling", "preset": a.preset, "vocab": a.vocab, "grid": a.grid, "batch": batch,
                 "cfg_scale": a.cfg_scale}
-        ar = [("recompute", False), ("kv", False)] + ([] if a.no_compile else [("kv", True)])
-        cases += [{**base, "kind": "ar", "decode": decode, "compile": compiled} for decode, compiled in ar]
+        ar = [("recompute", False, "fp32"), ("kv", False, "fp32"), ("kv", False, "bf16")]
+        ar += [] if a.no_compile else [("kv", True, "fp32")]
+        cases += [{**base, "kind": "ar", "decode": decode, "compile": compiled, "precision": precision}
+                  for decode, compiled, precision in ar]
         cases += [{**base, "kind": "mlm", "steps": steps} for steps in a.mlm_steps]
     run(a, __file__, cases, run_case, compare=compare)
 

@@ -65,6 +65,9 @@ def _sampling_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--steps", type=int, default=10, help="MLM: MaskGIT decoding steps")
     s.add_argument("--mask-noise", type=float, default=4.5,
                    help="MLM: scale of the Gumbel noise on confidences (annealed to 0)")
+    s.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast the transformer, bfloat16 KV cache (several times faster on CPUs with "
+                        "bf16 units and on GPUs)")
 
 
 def cmd_train_tokenizer(a) -> None:
@@ -75,7 +78,9 @@ def cmd_train_tokenizer(a) -> None:
     if a.perceptual_weights:
         loss["perceptual_weights"] = a.perceptual_weights
     job = build_config(TokenizerJob, a.config, _train_overrides(a), **base, **({"loss": loss} if loss else {}))
-    print_report(train_tokenizer(job, a.out, resume=a.resume))
+    report = train_tokenizer(job, a.out, resume=a.resume)
+    if report:  # under torchrun only the main process reports
+        print_report(report)
 
 
 def print_report(report: dict) -> None:
@@ -121,13 +126,14 @@ def cmd_train(a) -> None:
     from elmgen.codes import CodeDataset
     from elmgen.model import preset
     from elmgen.train import LMJob, train_lm
+    from elmgen.training import is_main_process
 
     meta = CodeDataset(a.codes).meta
     model = {**preset(a.preset), "vocab": a.vocab or meta["vocab"], "grid_size": meta["grid"],
              "num_classes": meta["num_classes"], "kind": a.kind}
     job = build_config(LMJob, a.config, _train_overrides(a), model=model)
     rows = train_lm(job, a.codes, a.out, resume=a.resume)
-    if rows:
+    if rows and is_main_process():
         print(json.dumps(rows[-1]))
 
 
@@ -151,7 +157,7 @@ def _sample_config(a):
     return SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, cfg_power=a.cfg_power,
                         cfg_interval=a.cfg_interval, temperature=a.temperature, temperature_end=a.temperature_end,
                         top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache, steps=a.steps,
-                        mask_noise=a.mask_noise, compile=a.compile)
+                        mask_noise=a.mask_noise, compile=a.compile, precision=a.precision)
 
 
 def _class_labels(a, num_classes: int):

@@ -154,7 +154,10 @@ class Attention(nn.Module):
         else:  # a query at position p sees the cached keys at positions <= p (unwritten slots lie beyond)
             k, v = cache.update(pos_T, k, v)
             mask_TS = torch.arange(k.shape[2], device=pos_T.device) <= pos_T[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS)
+            # Plain matmuls: for the one or few queries of a decode step the fused attention kernels
+            # (built for long query blocks) took over half the sampling time on the CPU.
+            scores_BHTS = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+            out = scores_BHTS.masked_fill(~mask_TS, float("-inf")).softmax(-1) @ v
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -258,10 +261,11 @@ class Transformer(nn.Module):
         so that every step has the same shapes), using the cache."""
         return self._run(self.embed_cells(sub_B1n), pos_1, caches)
 
-    def new_caches(self, batch: int) -> nn.ModuleList:
+    def new_caches(self, batch: int, dtype: torch.dtype | None = None) -> nn.ModuleList:
+        """Empty KV caches, in the weights' dtype unless given (bfloat16 under bf16 autocast)."""
         p = self.head.weight
         return nn.ModuleList(
-            KVCache(batch, self.cfg.n_head, self.cfg.num_cells, self.cfg.head_dim, p.dtype, p.device)
+            KVCache(batch, self.cfg.n_head, self.cfg.num_cells, self.cfg.head_dim, dtype or p.dtype, p.device)
             for _ in self.blocks
         )
 

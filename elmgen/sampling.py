@@ -16,6 +16,7 @@ from elmgen.errors import ElmgenError
 from elmgen.model import Transformer
 from elmgen.plots import image_grid
 from elmgen.tokenizer import Autoencoder
+from elmgen.training import autocast
 from elmgen.vocab import Vocab, cells_to_subcodes, subcodes_to_cells
 
 CFG_SCHEDULES = ("constant", "linear", "cosine", "power")
@@ -37,6 +38,7 @@ class SampleConfig:
     compile: bool = False  # AR: torch.compile the one-cell decode step (static shapes: traced once)
     steps: int = 10  # MLM: decoding steps
     mask_noise: float = 4.5  # MLM: Gumbel noise scale on confidences, annealed to 0 over the steps
+    precision: str = "fp32"  # "bf16": autocast the transformer and keep the KV cache in bfloat16
 
     def validate(self, vocab_size: int | None = None) -> None:
         if self.cfg_schedule not in CFG_SCHEDULES:
@@ -52,6 +54,8 @@ class SampleConfig:
             raise ElmgenError(f"top_k must be between 0 and the sub-code vocabulary size {vocab_size}")
         if self.steps < 1 or self.mask_noise < 0:
             raise ElmgenError("steps must be >= 1 and mask_noise >= 0")
+        if self.precision not in ("fp32", "bf16"):
+            raise ElmgenError(f"precision must be 'fp32' or 'bf16', not {self.precision!r}")
 
 
 def cfg_scale_at(step: int, num_steps: int, scale: float, schedule: str, power: float = 2.0,
@@ -186,24 +190,27 @@ def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
     def both(x):
         return torch.cat([x, x]) if guided else x
 
-    caches = model.new_caches(labels_in.shape[0]) if cfg.kv_cache else None
+    bf16 = cfg.precision == "bf16"
+    caches = model.new_caches(labels_in.shape[0], torch.bfloat16 if bf16 else None) if cfg.kv_cache else None
     decode_step = torch.compile(model.decode_step, dynamic=False) if cfg.compile else model.decode_step
-    logits = model(labels_in, both(out_BLn[:, :0]), caches)[:, -1]  # class token -> first cell
-    for t in range(L):
-        if t > 0 and caches is not None:
-            pos_1 = torch.tensor([t], device=labels_B.device)
-            logits = decode_step(both(out_BLn[:, t - 1: t]), pos_1, caches)[:, -1]
-        elif t > 0:
-            logits = model(labels_in, both(out_BLn[:, :t]))[:, -1]
-        logits = logits.float()
-        scale, temperature = _step_rules(cfg, t, L)
-        if guided:
-            cond, uncond = logits.chunk(2)
-            logits = apply_cfg(cond, uncond, scale)
-        draw_Bn = sample_logits(logits, temperature, cfg.top_k, cfg.top_p, uniforms_BLn[:, t])
-        if known_BL is not None:
-            draw_Bn = torch.where(known_BL[:, t, None], known_sub_BLn[:, t], draw_Bn)
-        out_BLn[:, t] = draw_Bn
+    # One autocast region for the whole loop: weights are cast to bfloat16 once, not at every step.
+    with autocast(labels_B.device, cfg.precision):
+        logits = model(labels_in, both(out_BLn[:, :0]), caches)[:, -1]  # class token -> first cell
+        for t in range(L):
+            if t > 0 and caches is not None:
+                pos_1 = torch.tensor([t], device=labels_B.device)
+                logits = decode_step(both(out_BLn[:, t - 1: t]), pos_1, caches)[:, -1]
+            elif t > 0:
+                logits = model(labels_in, both(out_BLn[:, :t]))[:, -1]
+            logits = logits.float()
+            scale, temperature = _step_rules(cfg, t, L)
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = apply_cfg(cond, uncond, scale)
+            draw_Bn = sample_logits(logits, temperature, cfg.top_k, cfg.top_p, uniforms_BLn[:, t])
+            if known_BL is not None:
+                draw_Bn = torch.where(known_BL[:, t, None], known_sub_BLn[:, t], draw_Bn)
+            out_BLn[:, t] = draw_Bn
     return out_BLn
 
 
@@ -245,7 +252,8 @@ def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, 
     unknown_B = masked_BL.sum(-1)
     for t in range(S):
         x = torch.cat([sub_BLn, sub_BLn]) if guided else sub_BLn
-        logits = model(labels_in, x)[:, 1:].float()
+        with autocast(device, cfg.precision):
+            logits = model(labels_in, x)[:, 1:].float()
         scale, temperature = _step_rules(cfg, t, S)
         if guided:
             cond, uncond = logits.chunk(2)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,7 @@ class EMA:
 
     def full_state(self) -> dict[str, torch.Tensor]:
         """Whole CPU tensors (a collective under FSDP: every process must call it)."""
-        return {name: _full(s).cpu() for name, s in self.shadow.items()}
+        return {name: (s.full_tensor() if isinstance(s, DTensor) else s).cpu() for name, s in self.shadow.items()}
 
     def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
         for name, s in self.shadow.items():
@@ -196,10 +197,6 @@ class EMA:
             if isinstance(s, DTensor):
                 value = distribute_tensor(value, s.device_mesh, s.placements)
             self.shadow[name] = value
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
 
 
 def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> None:
@@ -217,6 +214,8 @@ def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> None:
             raise ElmgenError(f"train.fsdp is not supported for {name} (small enough for plain data parallelism)")
         from torch.distributed.fsdp import fully_shard
 
+        # The logits are a reshaped view; no loss here modifies them in place, which is what FSDP warns about.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         for unit in model.fsdp_units:
             fully_shard(unit)
         fully_shard(model)
