@@ -35,7 +35,7 @@ class PipelineConfig:
     tokenizer: TokenizerJob = field(default_factory=lambda: TokenizerJob(
         tokenizer=TokenizerConfig(base_width=32, channel_mult=[1, 2, 2], num_res_blocks=1, num_bits=16),
         train=TrainConfig(steps=800, batch_size=64, lr=2e-3, warmup_steps=100, lr_decay="cosine",
-                          weight_decay=0.0, precision="bf16", save_every=300),
+                          weight_decay=0.0, precision="bf16", save_every=300, ema_decay=0.999),
     ))
     lm: LMJob = field(default_factory=lambda: LMJob(
         model=ModelConfig(**preset("tiny"), vocab="2-8"),
