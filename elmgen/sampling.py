@@ -190,8 +190,8 @@ def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
     def both(x):
         return torch.cat([x, x]) if guided else x
 
-    bf16 = cfg.precision == "bf16"
-    caches = model.new_caches(labels_in.shape[0], torch.bfloat16 if bf16 else None) if cfg.kv_cache else None
+    cache_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    caches = model.new_caches(labels_in.shape[0], cache_dtype) if cfg.kv_cache else None
     decode_step = torch.compile(model.decode_step, dynamic=False) if cfg.compile else model.decode_step
     # One autocast region for the whole loop: weights are cast to bfloat16 once, not at every step.
     with autocast(labels_B.device, cfg.precision):
