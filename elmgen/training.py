@@ -296,7 +296,7 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True)
-    window: list[float] = []
+    window: list[torch.Tensor] = []  # losses stay on the device: no host sync until a log or a checkpoint
     extras: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     with bar:
@@ -308,8 +308,6 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
             for micro_idx in local_micro_batches(step, cfg, num_items, rank, world):
                 with autocast(device, cfg.precision):
                     loss, extra = step_fn(model, step, micro_idx)
-                if not torch.isfinite(loss):
-                    raise ElmgenError(f"loss became {loss.item()} at step {step}; lower train.lr or use fp32")
                 (loss / cfg.grad_accum).backward()
                 losses.append(loss.detach())
             loss = torch.stack(losses).mean()
@@ -325,13 +323,17 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
             if ema is not None:
                 ema.update(step)
             step += 1
-            window.append(loss.item())
+            window.append(loss)
             for k, v in extra.items():
                 extras.setdefault(k, []).append(float(v))
             bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            log, checkpoint_now = step % cfg.log_every == 0 or step == cfg.steps, step % cfg.save_every == 0
+            if (log or checkpoint_now) and not torch.isfinite(torch.stack(window)).all():
+                raise ElmgenError(f"the loss became non-finite before step {step} (no checkpoint was written "
+                                  f"after it); lower train.lr or use fp32, then --resume")
+            if log:
                 elapsed = time.perf_counter() - t0
-                row = {"step": step, "loss": float(np.mean(window)), "lr": lr}
+                row = {"step": step, "loss": torch.stack(window).double().mean().item(), "lr": lr}
                 row.update({k: float(np.mean(v)) for k, v in extras.items()})
                 if units_per_step:
                     row[f"{unit}_per_s"] = units_per_step * len(window) / elapsed
@@ -340,7 +342,7 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
                         f.write(json.dumps(row) + "\n")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "lr")})
                 window, extras, t0 = [], {}, time.perf_counter()
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if checkpoint_now or step == cfg.steps:
                 save()
     model.eval()
     return read_metrics(metrics_path)

@@ -10,7 +10,7 @@ from elmgen.errors import ElmgenError
 from elmgen.model import ModelConfig, load_model, preset
 from elmgen.tokenizer import TokenizerConfig, load_tokenizer
 from elmgen.train import LMJob, TokenizerJob, train_lm, train_tokenizer
-from elmgen.training import TrainConfig, batch_indices, lr_at, make_optimizer, prepare, read_metrics
+from elmgen.training import TrainConfig, batch_indices, fit, lr_at, make_optimizer, prepare, read_metrics
 from elmgen.vocab import Vocab
 
 TOKENIZER = dict(base_width=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=16, num_bits=8)
@@ -159,6 +159,17 @@ def test_activation_checkpointing_and_compile_keep_the_losses(codes, tmp_path):
     assert [r["loss"] for r in compiled] == pytest.approx(plain, rel=1e-4)
     # the compiled run's checkpoint has the plain parameter names: it loads into an uncompiled model
     assert load_model(tmp_path / "compiled")[0].cfg.n_layer == 2
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_next_checkpoint(tmp_path):
+    def step_fn(model, step, idx):
+        loss = model(torch.ones(len(idx), 2)).pow(2).mean()
+        return (loss * float("nan") if step == 2 else loss), {}
+
+    cfg = TrainConfig(steps=10, batch_size=2, log_every=5, save_every=2)
+    with pytest.raises(ElmgenError, match="non-finite before step 4"):
+        fit(torch.nn.Linear(2, 1), cfg, tmp_path, step_fn, num_items=8, ckpt_config={"kind": "x"})
+    assert checkpoint.resolve(tmp_path).name == "step_00000002"
 
 
 def test_models_opt_in_to_recomputation_and_sharding():
