@@ -15,6 +15,6 @@ run() { "$py" "$@" | tee -a "$out"; }
 
 run benchmarks/train_step.py --presets tiny B --kind ar mlm --batch 16 --grid 16
 run benchmarks/train_step.py --presets tiny B --kind ar mlm --batch 16 --grid 16 --compile
-run benchmarks/sampling.py --preset tiny --grid 16 --batch 1 32 --mlm-steps 8 16
+run benchmarks/sampling.py --preset tiny --grid 16 --batch 1 32 --mlm-steps 8 16 --repeats 1  # recompute at batch 32: minutes a call
 run benchmarks/tokenizer.py --configs demo configs/tokenizer-folder-rgb64.yaml --batch 64
 echo "appended to $out" >&2
