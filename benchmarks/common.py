@@ -76,11 +76,10 @@ def _max_rss_mb() -> float:
 
 
 def run(args: argparse.Namespace, script: str, cases: list[dict], run_case: Callable[[dict], dict],
-        common: Callable[[], dict] | None = None, compare: Callable[[dict, list[dict]], None] | None = None) -> None:
+        compare: Callable[[dict, list[dict]], None] | None = None) -> None:
     """With --case: run that one case here and print its result. Otherwise run every case in a fresh
-    process, one after the other, and print one JSON line each: environment, `common()` (measured
-    once, before the cases), the case (with `repeats`), its result. `compare(row, earlier_rows)` may
-    add comparisons with earlier cases to a row."""
+    process, one after the other, and print one JSON line each: environment, the case (with
+    `repeats`), its result. `compare(row, earlier_rows)` may add comparisons with earlier cases to a row."""
     torch.set_num_threads(args.threads)
     if args.case:
         base = _max_rss_mb()
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace, script: str, cases: list[dict], run_case: Call
         peak = _max_rss_mb()
         print(json.dumps({**result, "peak_rss_mb": round(peak), "case_rss_mb": round(peak - base)}))
         return
-    head = {**environment(args.threads), **(common() if common else {})}
+    head = environment(args.threads)
     rows: list[dict] = []
     for case in cases:
         case = {**case, "repeats": args.repeats}

@@ -3,13 +3,14 @@ MaskGIT decoding of a masked model.
 
     python benchmarks/sampling.py --preset tiny --grid 16 --batch 1 32 --mlm-steps 8 16
 
-For each batch size, in this order: AR recomputing the whole prefix at every cell (`kv_cache=False`),
-AR with the KV cache (fp32, then bf16 autocast with a bfloat16 cache), AR with the KV cache and
-`compile=True` (the one-cell decode step compiled, static shapes), then MLM (`kind="mlm"`) at each number of MaskGIT steps. All cases use the same random
-weights (non-zero heads), labels, per-image seeds and sampling settings (CFG doubles the work of
-every case). Each case runs in a fresh process (peak memory: see benchmarks/common.py); it first
-warms up with one call (at the full batch when compiled, as the compiled step is specialised to its
-shapes, else at batch <= 2; `first_call_seconds`), then times `--repeats` calls.
+For each batch size, in this order: AR recomputing the whole prefix at every cell
+(`kv_cache=False`), AR with the KV cache (fp32, then bf16 autocast with a bfloat16 cache), AR with
+the KV cache and `compile=True` (the one-cell decode step compiled, static shapes), then MLM
+(`kind="mlm"`) at each number of MaskGIT steps. All cases use the same random weights (non-zero
+heads), labels, per-image seeds and sampling settings (CFG doubles the work of every case). Each
+case runs in a fresh process (peak memory: see benchmarks/common.py); it first warms up with one
+call (at the full batch when compiled, as the compiled step is specialised to its shapes, else at
+batch <= 2; `first_call_seconds`), then times `--repeats` calls.
 
 Prints one JSON line per case: seconds per call, tokens/s (generated grid cells per image x images)
 and images/s; KV rows add `speedup_vs_recompute` and `same_tokens_as_recompute` (sampled tokens equal to
