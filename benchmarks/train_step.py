@@ -7,8 +7,8 @@ Measures, in each case's own process: the bf16 and fp32 throughput of a large sq
 practical ceiling; before and after the timed steps, the better counts), and full training steps of
 each preset and model kind on random codes: the loss of the trainer (`elmgen.train.ar_loss` /
 `mlm_loss`) under autocast, backward, gradient clipping and AdamW, as `elmgen.training.fit` does
-them. `--compile` trains `torch.compile(model)` instead (the first, compiling step is the warm-up,
-reported as `first_step_seconds`).
+them. `--compile` compiles the model in place as `--compile` training does (the first, compiling
+step is the warm-up, reported as `first_step_seconds`).
 
 Prints one JSON line per (preset, kind): tokens/s (batch x grid cells per step), achieved FLOP/s (model
 FLOPs from `elmgen.model.flops_per_token`) and their share of the matmul ceiling of the same precision,
@@ -21,24 +21,23 @@ import torch
 from common import matmul_reference, median_seconds, parser, rounded, run
 
 from elmgen.model import ModelConfig, Transformer, flops_per_token, preset
-from elmgen.train import ar_loss, mlm_loss
-from elmgen.training import TrainConfig, autocast, make_optimizer
+from elmgen.train import LOSSES
+from elmgen.training import TrainConfig, autocast, make_optimizer, prepare
 
 
 def run_case(c: dict) -> dict:
     cfg = ModelConfig(**{**preset(c["preset"]), "dropout": 0.0}, kind=c["kind"], vocab=c["vocab"],
                       grid_size=c["grid"], num_classes=10)
     model = Transformer(cfg).train()
-    net = torch.compile(model) if c["compile"] else model
-    train = TrainConfig(precision=c["precision"])
+    train = TrainConfig(precision=c["precision"], compile=c["compile"])
+    prepare(model, train, world=1)  # compiles in place, as training does
     opt = make_optimizer(model, train)
-    loss_fn = mlm_loss if c["kind"] == "mlm" else ar_loss
     sub = torch.randint(0, cfg.vocabulary.size, (c["batch"], cfg.num_cells, cfg.vocabulary.num_subcodes))
-    labels = torch.randint(0, 10, (c["batch"],))
+    labels = torch.randint(0, cfg.num_classes, (c["batch"],))
 
     def step():
         with autocast(torch.device("cpu"), train.precision):
-            loss = loss_fn(net, labels, sub)
+            loss = LOSSES[c["kind"]](model, labels, sub)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         opt.step()
@@ -66,7 +65,7 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=16)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--compile", action="store_true", help="train torch.compile(model)")
+    p.add_argument("--compile", action="store_true", help="compile the model in place, as training with --compile does")
     p.add_argument("--matmul-size", type=int, default=2048, help="side of the reference matmul")
     a = p.parse_args()
     cases = [{"bench": "train_step", "preset": name, "kind": kind, "vocab": a.vocab, "grid": a.grid,

@@ -31,7 +31,8 @@ from scipy.stats import entropy as plugin_entropy
 
 from elmgen import checkpoint
 from elmgen.errors import ElmgenError
-from elmgen.model import Attention, Transformer, apply_rope, count_params, load_model
+from elmgen.model import Attention, Transformer, apply_rope, count_params, load_model, sequence_positions
+from elmgen.plots import pyplot
 from elmgen.training import read_metrics
 from elmgen.vocab import Vocab, cells_to_subcodes
 
@@ -84,8 +85,10 @@ def token_statistics(tokens_NHW: np.ndarray, vocab_size: int) -> dict:
 
 
 def code_space_size(meta: dict) -> int:
-    """Cell codes a code folder's tokenizer can emit: its checkpoint's num_codes (an FSQ or VQ code space
-    need not be a power of two), else 2^K when the tokenizer is not at hand."""
+    """Cell codes a code folder's tokenizer can emit (an FSQ or VQ code space need not be a power of two):
+    the folder's own record, else its tokenizer checkpoint's (older folders), else 2^K."""
+    if meta.get("num_codes") is not None:
+        return int(meta["num_codes"])
     try:
         return int(checkpoint.load_config(meta["tokenizer"])["num_codes"])
     except (ElmgenError, KeyError, OSError):
@@ -175,19 +178,10 @@ def analyze_randomness(out_dir, codes_dirs=(), text_files=(), bpe_vocab: int = 4
     return rows
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_randomness(rows: list[dict], path) -> None:
     """Left: KL from uniform of tokens and of neighbour pairs. Right: entropies as a share of ln V
     (1 = uniformly random), alone and given the neighbours."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_kl, ax_h) = plt.subplots(1, 2, figsize=(12, 0.55 * len(rows) + 2), dpi=110)
     y = np.arange(len(rows))
 
@@ -250,8 +244,7 @@ def capture_attention(model: Transformer):
 
 def cell_distances(grid: int) -> torch.Tensor:
     """(L, L) Euclidean distances between the cells of a grid, in cells (raster order)."""
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    xy_L2 = torch.stack([rows.flatten(), cols.flatten()], -1).float()
+    xy_L2 = sequence_positions(grid)[1:].float()  # the cells' (row, col), without the class token
     return torch.cdist(xy_L2, xy_L2)
 
 
@@ -403,7 +396,7 @@ def plot_heatmaps(maps: list[torch.Tensor], grid: int, queries: list[list[int]],
                   title: str) -> None:
     """Rows: layers; columns: query cells (red box); colour: attention (mean over heads and sequences) on
     each cell; the class token's share is in the title. Cells a query cannot see are blank."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(maps), len(queries), figsize=(2.3 * len(queries), 2.3 * len(maps)), dpi=110,
                              squeeze=False)
     for li, attn_HTS in enumerate(maps):
@@ -433,7 +426,7 @@ def plot_heatmaps(maps: list[torch.Tensor], grid: int, queries: list[list[int]],
 def plot_depth(reports: dict, path, cfg: AttentionConfig) -> None:
     """Per layer and model: mean attention distance, local share (r = 1), global share; dotted: the same
     figure for uniform attention."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     panels = [("mean_distance", "mean attention distance (cells)"),
@@ -489,7 +482,7 @@ def analyze_loss(runs: list, out_dir) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     reports = {name: run_losses(p) for name, p in zip(run_names(runs), runs, strict=True)}
     (out / "loss.json").write_text(json.dumps(reports, indent=2))
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_c, ax_s) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
     for name, r in reports.items():
         label = f"{name}: {r['kind']} {r['vocab']}, {r['params'] / 1e6:.2f}M"

@@ -114,10 +114,10 @@ def load_trainer_state(path: str | Path) -> dict | None:
 
 def fingerprint(path: str | Path) -> str:
     """Short hash of a checkpoint's weights (and EMA): names the exact tokenizer a code file came from."""
-    h = hashlib.sha256()
+    h, ckpt = hashlib.sha256(), resolve(path)
     for name in (WEIGHTS, EMA):
-        if (resolve(path) / name).is_file():
-            with open(resolve(path) / name, "rb") as f:
+        if (ckpt / name).is_file():
+            with open(ckpt / name, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()[:16]

@@ -161,7 +161,7 @@ def _sample_config(a):
 
 
 def _class_labels(a, num_classes: int):
-    """Labels, seeds and per-class count of --classes x --num-per-class (all classes by default)."""
+    """Labels and per-image seeds of --classes x --num-per-class (all classes by default)."""
     from elmgen.sampling import class_balanced, image_seeds
 
     classes = a.classes if a.classes is not None else list(range(num_classes))
@@ -206,7 +206,7 @@ def cmd_inpaint(a) -> None:
 
     from elmgen.data import DataConfig, load_dataset
     from elmgen.plots import image_grid
-    from elmgen.sampling import SampleConfig, image_seeds, inpaint_images
+    from elmgen.sampling import image_seeds, inpaint_images
 
     model, tokenizer, tok_meta = _load_lm(a)
     data = load_dataset(DataConfig(source=a.data or tok_meta["data"]["source"], split=a.split,
@@ -215,7 +215,7 @@ def cmd_inpaint(a) -> None:
     if bad:
         raise ElmgenError(f"image indices {bad} are out of range: the {a.split} split has {len(data)} images")
     images, labels = data.images(a.indices), torch.as_tensor(data.labels[a.indices])
-    cfg = SampleConfig(cfg_scale=a.cfg_scale, temperature=a.temperature, steps=a.steps, seed=a.seed)
+    cfg = _sample_config(a)
     seeds = image_seeds(a.seed, labels, torch.arange(len(labels)))
     result, blanked = inpaint_images(model, tokenizer, images, labels, tuple(a.region), cfg, seeds)
     out = Path(a.out)
@@ -491,10 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3], help="images of the split to edit")
     s.add_argument("--region", type=int, nargs=4, required=True, metavar=("TOP", "LEFT", "HEIGHT", "WIDTH"),
                    help="rectangle of grid cells to regenerate")
-    s.add_argument("--cfg-scale", type=float, default=3.0)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--steps", type=int, default=10)
-    s.add_argument("--seed", type=int, default=0)
+    _sampling_options(s)
     s.set_defaults(func=cmd_inpaint)
 
     s = sub.add_parser("model-info", help="parameters, FLOPs per token and memory of a preset (no weights allocated)",

@@ -23,13 +23,19 @@ def image_grid(images_NCHW: torch.Tensor, ncols: int, pad: int = 2, scale: int =
     return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
 
 
-def loss_curve(rows: list[dict], path: str | Path, title: str = "training loss", hline: float | None = None,
-               hline_label: str = "") -> None:
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, imported on first use (it is slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def loss_curve(rows: list[dict], path: str | Path, title: str = "training loss", hline: float | None = None,
+               hline_label: str = "") -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)
     if hline is not None:

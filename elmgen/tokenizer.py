@@ -344,8 +344,6 @@ class Autoencoder(nn.Module):
         return x
 
 
-
-
 def load_tokenizer(path, device="cpu") -> tuple[Autoencoder, dict]:
     """A trained tokenizer (its EMA weights when it kept them) and its checkpoint config."""
     from elmgen import checkpoint

@@ -183,11 +183,11 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
     ckpt_config = {"kind": "lm", "model": to_dict(cfg), "codes": {**meta, "path": str(Path(codes_dir).resolve())}}
     _write_job(out_dir, job)
     B = job.train.batch_size
+    loss_fn = LOSSES[cfg.kind]
 
     def step_fn(model, step, idx):
         sub_BLn, labels_B = codes.batch(idx, vocab, epoch=step * B // len(codes))  # a new Bernoulli draw each epoch
         sub_BLn, labels_B = sub_BLn.to(device), labels_B.to(device)
-        loss_fn = mlm_loss if cfg.kind == "mlm" else ar_loss
         return loss_fn(model, labels_B, sub_BLn), {}
 
     rows = fit(model, job.train, out_dir, step_fn, len(codes), ckpt_config, resume, desc=cfg.kind.upper(),
@@ -215,6 +215,9 @@ def mlm_loss(model: Transformer, labels_B: torch.Tensor, sub_BLn: torch.Tensor) 
     x = sub_BLn.masked_fill(masked_BL[..., None], model.mask_index)
     logits = model(labels_B, x)[:, 1:]
     return F.cross_entropy(logits[masked_BL].float().flatten(0, 1), sub_BLn[masked_BL].flatten())
+
+
+LOSSES = {"ar": ar_loss, "mlm": mlm_loss}  # the training loss of each model kind
 
 
 def _write_job(out_dir: Path, job) -> None:

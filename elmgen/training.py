@@ -199,8 +199,8 @@ class EMA:
             self.shadow[name] = value
 
 
-def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> None:
-    """Activation checkpointing, FSDP sharding and compilation, in place, as configured.
+def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
+    """Activation checkpointing, FSDP sharding and compilation, in place, as configured; True if sharded.
 
     Models opt in: `activation_checkpointing` is a flag they read in forward, `fsdp_units` the
     submodules sharded on their own (e.g. transformer blocks) before the root."""
@@ -221,6 +221,7 @@ def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> None:
         fully_shard(model)
     if cfg.compile:
         model.compile(dynamic=False)
+    return cfg.fsdp and world > 1
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -245,8 +246,7 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
     rank, world = distributed()
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
-    prepare(model, cfg, world)
-    sharded = cfg.fsdp and world > 1
+    sharded = prepare(model, cfg, world)
     opt = make_optimizer(model, cfg)
     metrics_path = run_dir / "metrics.jsonl"
     step = 0
@@ -328,12 +328,14 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
                 extras.setdefault(k, []).append(float(v))
             bar.update(1)
             log, checkpoint_now = step % cfg.log_every == 0 or step == cfg.steps, step % cfg.save_every == 0
-            if (log or checkpoint_now) and not torch.isfinite(torch.stack(window)).all():
-                raise ElmgenError(f"the loss became non-finite before step {step} (no checkpoint was written "
-                                  f"after it); lower train.lr or use fp32, then --resume")
+            if log or checkpoint_now:
+                losses_W = torch.stack(window)
+                if not torch.isfinite(losses_W).all():
+                    raise ElmgenError(f"the loss became non-finite before step {step} (no checkpoint was written "
+                                      f"after it); lower train.lr or use fp32, then --resume")
             if log:
                 elapsed = time.perf_counter() - t0
-                row = {"step": step, "loss": torch.stack(window).double().mean().item(), "lr": lr}
+                row = {"step": step, "loss": losses_W.double().mean().item(), "lr": lr}
                 row.update({k: float(np.mean(v)) for k, v in extras.items()})
                 if units_per_step:
                     row[f"{unit}_per_s"] = units_per_step * len(window) / elapsed
