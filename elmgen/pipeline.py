@@ -30,7 +30,7 @@ from elmgen.vocab import Vocab
 
 @dataclass
 class PipelineConfig:
-    """One full run. The defaults are the Fashion-MNIST demo: about 12.5 minutes on 2 CPU cores."""
+    """One full run. The defaults are the Fashion-MNIST demo: about 13 minutes on 2 CPU cores."""
 
     tokenizer: TokenizerJob = field(default_factory=lambda: TokenizerJob(
         tokenizer=TokenizerConfig(base_width=32, channel_mult=[1, 2, 2], num_res_blocks=1, num_bits=16),
