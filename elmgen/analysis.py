@@ -32,7 +32,7 @@ from scipy.stats import entropy as plugin_entropy
 from elmgen import checkpoint
 from elmgen.errors import ElmgenError
 from elmgen.model import Attention, Transformer, apply_rope, count_params, load_model, sequence_positions
-from elmgen.plots import pyplot
+from elmgen.plots import pyplot, save_figure
 from elmgen.training import read_metrics
 from elmgen.vocab import Vocab, cells_to_subcodes
 
@@ -166,14 +166,16 @@ def analyze_randomness(out_dir, codes_dirs=(), text_files=(), bpe_vocab: int = 4
     """randomness.json, randomness.md and randomness.png in `out_dir` for code folders and a text corpus."""
     if not codes_dirs and not text_files:
         raise ElmgenError("give at least one code folder (--codes) or text file (--text)")
+    if text_files and bpe_vocab < 256:  # byte-level BPE starts from the 256 bytes: fewer would silently be 256
+        raise ElmgenError(f"--bpe-vocab must be at least 256 (the byte alphabet BPE starts from), not {bpe_vocab}")
     streams = [s for d in codes_dirs for s in code_streams(d, limit)]
     if text_files:
         streams += text_streams(list(text_files), bpe_vocab)
     rows = [{"source": name, **token_statistics(tokens, size)} for name, tokens, size in streams]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "randomness.json").write_text(json.dumps(rows, indent=2))
-    (out / "randomness.md").write_text(randomness_markdown(rows))
+    checkpoint.atomic_write_text(out / "randomness.json", json.dumps(rows, indent=2))
+    checkpoint.atomic_write_text(out / "randomness.md", randomness_markdown(rows))
     plot_randomness(rows, out / "randomness.png")
     return rows
 
@@ -204,8 +206,7 @@ def plot_randomness(rows: list[dict], path) -> None:
     ax_h.set_xlabel("entropy / ln V (1 = uniformly random)")
     ax_h.tick_params(labelleft=False)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -387,7 +388,7 @@ def analyze_attention(models: list, out_dir, cfg: AttentionConfig) -> dict:
                       name)
         reports[name] = {"path": str(path), **report}
     result = {"config": asdict(cfg), "models": reports}
-    (out / "attention.json").write_text(json.dumps(result, indent=2))
+    checkpoint.atomic_write_text(out / "attention.json", json.dumps(result, indent=2))
     plot_depth(reports, out / "attention-depth.png", cfg)
     return result
 
@@ -419,8 +420,7 @@ def plot_heatmaps(maps: list[torch.Tensor], grid: int, queries: list[list[int]],
             ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_depth(reports: dict, path, cfg: AttentionConfig) -> None:
@@ -446,8 +446,7 @@ def plot_depth(reports: dict, path, cfg: AttentionConfig) -> None:
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, title="dotted: uniform attention", title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -481,7 +480,7 @@ def analyze_loss(runs: list, out_dir) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reports = {name: run_losses(p) for name, p in zip(run_names(runs), runs, strict=True)}
-    (out / "loss.json").write_text(json.dumps(reports, indent=2))
+    checkpoint.atomic_write_text(out / "loss.json", json.dumps(reports, indent=2))
     plt = pyplot()
     fig, (ax_c, ax_s) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
     for name, r in reports.items():
@@ -497,6 +496,5 @@ def analyze_loss(runs: list, out_dir) -> dict:
     for ax in (ax_c, ax_s):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "loss.png")
-    plt.close(fig)
+    save_figure(fig, out / "loss.png")
     return reports

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from elmgen import checkpoint
-from elmgen.config import from_dict, save_yaml, to_dict
+from elmgen.config import from_dict, to_dict
 from elmgen.data import DataConfig, ImageDataset, load_dataset, to_float
 from elmgen.errors import ElmgenError
 from elmgen.evaluation import class_accuracy
@@ -135,9 +135,6 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
         "dataset": dataset.name, "image_size": job.data.image_size, "channels": job.data.channels,
         "class_names": dataset.class_names,
     }
-    if is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(job, out_dir / "job.yaml")
 
     def step_fn(model, step, idx):
         x = augment(to_float(dataset.images(idx)).to(device), job.shift, job.hflip)
@@ -148,7 +145,7 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     fit(model, job.train, out_dir, step_fn, len(dataset), ckpt_config, resume, desc="classifier",
-        units_per_step=job.train.batch_size, unit="img")
+        units_per_step=job.train.batch_size, unit="img", job=job)
     # CPU seconds too: on a shared machine wall time says more about the neighbours than about the model
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     if not is_main_process():

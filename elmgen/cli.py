@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,72 @@ from elmgen.errors import ElmgenError
 from elmgen.sampling import CFG_SCHEDULES
 
 OVERRIDES_HELP = "config overrides as key=value, e.g. train.steps=500 tokenizer.num_bits=12"
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors are one line, as every other error (the full usage is one --help away)."""
+
+    def error(self, message):
+        self.exit(2, f"elmgen: error: {message} (see '{self.prog} --help')\n")
+
+
+def int_at_least(lo: int):
+    """An argparse type: an integer >= lo, or a one-line usage error naming the option."""
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError becomes argparse's "invalid int value"
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, not {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+positive_int, nonneg_int = int_at_least(1), int_at_least(0)
+
+
+def out_path(folder: bool):
+    """An argparse type for --out: refuse, before any work, a path elmgen could not write its results to (a
+    file where a folder goes or the reverse, a file among its parents, a place it may not create files in)."""
+    def check(text: str) -> str:
+        path = Path(text)
+        if path.exists() and path.is_dir() != folder:
+            raise argparse.ArgumentTypeError(f"{path} is a {'file' if folder else 'folder'}; pass a "
+                                             f"{'folder' if folder else 'file'} path")
+        parent = path if folder else path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise argparse.ArgumentTypeError(f"cannot write {path}: {parent} is a file, not a folder")
+        try:  # a real probe: permissions, read-only file systems and root's privileges all answer here
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot write {path}: {parent} is not writable ({e.strerror})") from None
+        return text
+
+    check.__name__ = "path"
+    return check
+
+
+out_folder, out_file = out_path(folder=True), out_path(folder=False)
+
+
+def check_training_memory(train, estimate_gb, what: str, fix: str) -> None:
+    """Refuse a training job whose estimated peak memory, `estimate_gb(micro_batch)`, exceeds the device's: at
+    its start, not when it runs out hours later."""
+    import torch
+
+    train.validate()  # a sound batch split before dividing by it
+    micro_batch = train.batch_size // train.grad_accum
+    needed = estimate_gb(micro_batch)
+    if train.device != "cpu" and torch.cuda.is_available():
+        total, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "the GPU"
+    else:
+        total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    if needed > total / 1e9:
+        raise ElmgenError(f"{what}, {micro_batch} at a time, needs about {needed:,.0f} GB of memory, more than the "
+                          f"{total / 1e9:,.0f} GB of {where}; {fix}")
 
 
 def _common(p: argparse.ArgumentParser, config_help: str) -> None:
@@ -27,7 +94,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast matmuls to bfloat16")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--grad-accum", type=int, metavar="N", help="split each batch into N micro-batches")
+    p.add_argument("--grad-accum", type=positive_int, metavar="N", help="split each batch into N micro-batches")
     p.add_argument("--ema-decay", type=float, metavar="D", help="keep an EMA of the weights (0: none)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (FSDP) instead of DDP")
     p.add_argument("--activation-checkpointing", action="store_true",
@@ -59,7 +126,7 @@ def _sampling_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--temperature-end", type=float, help="move the temperature linearly to this over the steps")
     s.add_argument("--top-k", type=int, default=0, help="keep the k most likely entries per sub-code (0: all)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass per sub-code")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=nonneg_int, default=0)
     s.add_argument("--no-kv-cache", action="store_true", help="AR: recompute the prefix each step (slow; for checks)")
     s.add_argument("--compile", action="store_true", help="AR: torch.compile the decode step (pays off on GPUs)")
     s.add_argument("--steps", type=int, default=10, help="MLM: MaskGIT decoding steps")
@@ -71,6 +138,7 @@ def _sampling_options(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_tokenizer(a) -> None:
+    from elmgen.tokenizer import training_memory_gb
     from elmgen.train import TokenizerJob, train_tokenizer
 
     base = {"data": {"source": a.data}} if a.data else {}
@@ -78,6 +146,9 @@ def cmd_train_tokenizer(a) -> None:
     if a.perceptual_weights:
         loss["perceptual_weights"] = a.perceptual_weights
     job = build_config(TokenizerJob, a.config, _train_overrides(a), **base, **({"loss": loss} if loss else {}))
+    check_training_memory(job.train, lambda batch: training_memory_gb(job.tokenizer, job.data.image_size, batch),
+                          f"training a tokenizer on {job.data.image_size} px images",
+                          "lower data.image_size or train.batch_size, or raise --grad-accum")
     report = train_tokenizer(job, a.out, resume=a.resume)
     if report:  # under torchrun only the main process reports
         print_report(report)
@@ -124,7 +195,7 @@ def cmd_eval_tokenizer(a) -> None:
 
 def cmd_train(a) -> None:
     from elmgen.codes import CodeDataset
-    from elmgen.model import preset
+    from elmgen.model import preset, training_memory_gb
     from elmgen.train import LMJob, train_lm
     from elmgen.training import is_main_process
 
@@ -132,6 +203,11 @@ def cmd_train(a) -> None:
     model = {**preset(a.preset), "vocab": a.vocab or meta["vocab"], "grid_size": meta["grid"],
              "num_classes": meta["num_classes"], "kind": a.kind}
     job = build_config(LMJob, a.config, _train_overrides(a), model=model)
+    t, g = job.train, job.model.grid_size
+    check_training_memory(t, lambda batch: training_memory_gb(job.model, batch, ema=t.ema_decay > 0,
+                                                              activation_checkpointing=t.activation_checkpointing),
+                          f"training this LM on {g}x{g}-cell sequences", "lower train.batch_size, raise --grad-accum, "
+                          "add --activation-checkpointing or use a smaller --preset")
     rows = train_lm(job, a.codes, a.out, resume=a.resume)
     if rows and is_main_process():
         print(json.dumps(rows[-1]))
@@ -151,13 +227,16 @@ def _load_lm(a):
     return model, tokenizer, tok_meta
 
 
-def _sample_config(a):
+def _sample_config(a, model):
+    """The sampling options, checked against the model before any work."""
     from elmgen.sampling import SampleConfig
 
-    return SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, cfg_power=a.cfg_power,
+    cfg = SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, cfg_power=a.cfg_power,
                         cfg_interval=a.cfg_interval, temperature=a.temperature, temperature_end=a.temperature_end,
                         top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache, steps=a.steps,
                         mask_noise=a.mask_noise, compile=a.compile, precision=a.precision)
+    cfg.validate(model.vocab_size)
+    return cfg
 
 
 def _class_labels(a, num_classes: int):
@@ -176,7 +255,7 @@ def cmd_sample(a) -> None:
     from elmgen.sampling import sample_images, write_samples
 
     model, tokenizer, _ = _load_lm(a)
-    cfg = _sample_config(a)
+    cfg = _sample_config(a, model)
     if not 0 <= a.rank < a.world_size:
         raise ElmgenError(f"--rank {a.rank} must be in [0, --world-size {a.world_size})")
     labels, seeds = _class_labels(a, model.cfg.num_classes)
@@ -192,10 +271,10 @@ def cmd_outpaint(a) -> None:
     from elmgen.sampling import outpaint_images, write_samples
 
     model, tokenizer, _ = _load_lm(a)
-    g = model.cfg.grid_size
-    height, width = a.height or g, a.width or 2 * g
+    cfg, g = _sample_config(a, model), model.cfg.grid_size
+    height, width, stride = a.height or g, a.width or 2 * g, a.stride or max(1, g // 2)  # 0 is refused by the parser
     labels, seeds = _class_labels(a, model.cfg.num_classes)
-    images = outpaint_images(model, tokenizer, labels, seeds, _sample_config(a), height, width, a.stride or g // 2)
+    images = outpaint_images(model, tokenizer, labels, seeds, cfg, height, width, stride)
     png, npz = write_samples(images, labels, seeds, a.out, ncols=a.num_per_class, name="outpaint")
     print(json.dumps({"png": str(png), "npz": str(npz), "images": len(labels), "grid": [height, width],
                       "image_size": list(images.shape[-2:])}))
@@ -205,23 +284,23 @@ def cmd_inpaint(a) -> None:
     import torch
 
     from elmgen.data import DataConfig, load_dataset
-    from elmgen.plots import image_grid
+    from elmgen.plots import image_grid, save_png
     from elmgen.sampling import image_seeds, inpaint_images
 
     model, tokenizer, tok_meta = _load_lm(a)
+    cfg = _sample_config(a, model)
     data = load_dataset(DataConfig(source=a.data or tok_meta["data"]["source"], split=a.split,
                                    image_size=tok_meta["image_size"], channels=tok_meta["channels"]))
     bad = [i for i in a.indices if not 0 <= i < len(data)]
     if bad:
         raise ElmgenError(f"image indices {bad} are out of range: the {a.split} split has {len(data)} images")
     images, labels = data.images(a.indices), torch.as_tensor(data.labels[a.indices])
-    cfg = _sample_config(a)
     seeds = image_seeds(a.seed, labels, torch.arange(len(labels)))
     result, blanked = inpaint_images(model, tokenizer, images, labels, tuple(a.region), cfg, seeds)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = torch.stack([images, blanked, result], 1).flatten(0, 1)  # per image: original, input, result
-    image_grid(rows, ncols=3, scale=2).save(out / "inpaint.png")
+    save_png(image_grid(rows, ncols=3, scale=2), out / "inpaint.png")
     print(json.dumps({"png": str(out / "inpaint.png"), "images": len(labels), "region": a.region}))
 
 
@@ -294,7 +373,7 @@ REF_HELP = "reference: 'fashion-mnist', a folder with one sub-folder per class, 
 def _feature_args(s: argparse.ArgumentParser, ref_help: str) -> None:
     s.add_argument("--ref", required=True, help=ref_help)
     s.add_argument("--split", default="train", help="split of a reference data set (default: train)")
-    s.add_argument("--limit", type=int, help="use only the first N images of a reference data set")
+    s.add_argument("--limit", type=positive_int, help="use only the first N images of a reference data set")
     s.add_argument("--backend", choices=["classifier", "inception"], default="classifier",
                    help="feature space: 'classifier' (a run of 'elmgen train-classifier', offline; default) or "
                         "'inception' (the standard FID Inception-v3 from a local weights file; needs "
@@ -302,8 +381,9 @@ def _feature_args(s: argparse.ArgumentParser, ref_help: str) -> None:
     s.add_argument("--classifier", help="classifier run folder or checkpoint, for --backend classifier")
     s.add_argument("--inception-weights", metavar="FILE",
                    help="FID Inception weights file for --backend inception (default: $ELMGEN_INCEPTION_WEIGHTS)")
-    s.add_argument("--k", type=int, default=3, help="neighbourhood size of the precision/recall manifolds (default 3)")
-    s.add_argument("--batch-size", type=int, default=250)
+    s.add_argument("--k", type=positive_int, default=3,
+                   help="neighbourhood size of the precision/recall manifolds (default 3)")
+    s.add_argument("--batch-size", type=positive_int, default=250)
     s.add_argument("--device", default="auto")
 
 
@@ -312,8 +392,6 @@ def _extractor_and_reference(a):
     from elmgen.evaluation import load_extractor
     from elmgen.training import resolve_device
 
-    if a.k < 1 or a.batch_size < 1:
-        raise ElmgenError("--k and --batch-size must be positive")
     extractor = load_extractor(a.backend, a.classifier, a.inception_weights, resolve_device(a.device))
     ref = a.ref if a.ref.endswith(".npz") else DataConfig(source=a.ref, split=a.split, limit=a.limit)
     return extractor, ref
@@ -323,8 +401,6 @@ def cmd_eval(a) -> None:
     from elmgen.checkpoint import atomic_write_text
     from elmgen.evaluation import evaluate_samples
 
-    if a.splits < 1:
-        raise ElmgenError("--splits must be positive")
     extractor, ref = _extractor_and_reference(a)
     text = json.dumps(evaluate_samples(a.samples, ref, extractor, a.k, a.splits, a.batch_size), indent=2)
     if a.out:
@@ -343,6 +419,19 @@ def cmd_ref_stats(a) -> None:
     path = save_ref_stats(stats, a.out)
     print(json.dumps({"out": str(path), "count": stats.count, "source": stats.source, "k": stats.k,
                       "feature_space": stats.feature_space}, indent=2))
+
+
+def cmd_check_data(a) -> None:
+    from elmgen.data import IMAGE_SUFFIXES, check_images
+
+    bad = check_images(a.folder, a.workers)
+    for path, reason in bad:
+        print(f"{path}: {reason}")
+    checked = sum(1 for f in Path(a.folder).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    summary = f"{checked} files checked, {len(bad)} bad"
+    if bad:
+        raise ElmgenError(f"{summary}; remove or replace the files listed above")
+    print(summary)
 
 
 def cmd_analyze_randomness(a) -> None:
@@ -378,7 +467,7 @@ def cmd_analyze_loss(a) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="elmgen",
         description="Language models for image generation: binary tokenizers, factorized vocabularies and "
                     "autoregressive transformers (ELM, arXiv 2410.16257).",
@@ -390,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a tokenizer (tokenizer.quantizer=bae|vq|fsq); writes checkpoints (with EMA "
                                    "weights), metrics.jsonl, loss.png, eval.json (PSNR, SSIM, code usage) and "
                                    "reconstructions.png.")
-    s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("--out", type=out_folder, required=True, help="run folder to write")
     s.add_argument("--data", help="'fashion-mnist' (default) or a folder with one sub-folder per class")
     s.add_argument("--gan", action="store_true",
                    help="add the hinge PatchGAN discriminator from step loss.gan_start (sets loss.gan=true)")
@@ -405,10 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bit) and codebook perplexity on held-out images; writes eval.json and "
                                    "reconstructions.png to --out and prints the JSON.")
     s.add_argument("--tokenizer", required=True, help="tokenizer run folder or checkpoint")
-    s.add_argument("--out", required=True, help="folder for eval.json and reconstructions.png")
+    s.add_argument("--out", type=out_folder, required=True, help="folder for eval.json and reconstructions.png")
     s.add_argument("--data", help="data source (default: the one the tokenizer was trained on)")
     s.add_argument("--split", default="test", help="train or test (default: test)")
-    s.add_argument("--limit", type=int, help="evaluate only the first N images")
+    s.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     s.add_argument("--vocab", help="sub-code split N-C for the usage figures (default: 2-K/2 for BAE, 1-K else)")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_eval_tokenizer)
@@ -418,29 +507,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "memory-mapped code files + labels.npy + meta.json. LM training reads these and "
                                    "never runs the encoder. An interrupted run resumes when re-run.")
     s.add_argument("--tokenizer", required=True, help="tokenizer run folder or checkpoint")
-    s.add_argument("--out", required=True, help="code folder to write")
+    s.add_argument("--out", type=out_folder, required=True, help="code folder to write")
     s.add_argument("--data", help="data source (default: the one the tokenizer was trained on)")
     s.add_argument("--split", default="train", help="train or test (default: train)")
     s.add_argument("--vocab", help="default vocabulary split N-C with N*C = K (default: 2-K/2 for BAE, 1-K else)")
     s.add_argument("--flip", action="store_true", help="also store codes of horizontally flipped images")
     s.add_argument("--crops", default="none", choices=["none", "five", "random"],
                    help="five: four corners + centre (with --flip: LlamaGen's ten-crop); random: --num-crops each")
-    s.add_argument("--num-crops", type=int, default=1, help="random crops per image")
+    s.add_argument("--num-crops", type=positive_int, default=1, help="random crops per image")
     s.add_argument("--crop-range", type=float, default=1.0,
                    help="crops are cut from images enlarged by this factor (LlamaGen: 1.1); 1 without crops")
-    s.add_argument("--draws", type=int, default=0,
+    s.add_argument("--draws", type=nonneg_int, default=0,
                    help="BAE: store N Bernoulli draws of every view (0: deterministic codes)")
-    s.add_argument("--seed", type=int, default=0, help="seed of random crops and draws")
-    s.add_argument("--limit", type=int, help="encode only the first N images")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--shard-size", type=int, default=8192, help="images per code shard (the unit of resuming)")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="seed of random crops and draws")
+    s.add_argument("--limit", type=positive_int, help="encode only the first N images")
+    s.add_argument("--batch-size", type=positive_int, default=256)
+    s.add_argument("--shard-size", type=positive_int, default=8192, help="images per code shard (the unit of resuming)")
     s.set_defaults(func=cmd_tokenize)
 
     s = sub.add_parser("train", help="train the AR or masked transformer on a code folder",
                        description="Train a class-conditional AR or MLM transformer on pre-tokenized codes; writes "
                                    "checkpoints (safetensors + JSON), metrics.jsonl and loss.png.")
     s.add_argument("--codes", required=True, help="code folder written by 'elmgen tokenize'")
-    s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("--out", type=out_folder, required=True, help="run folder to write")
     s.add_argument("--preset", default="tiny", help="model size: micro, tiny, small, B, L, XL, XXL, 2B")
     s.add_argument("--kind", default="ar", choices=["ar", "mlm"],
                    help="ar: autoregressive, raster order; mlm: masked model with MaskGIT decoding")
@@ -454,14 +543,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "guidance; writes "
                                    "samples.png (one row per class) and samples.npz (ADM layout).")
     _lm_options(s, "LM")
-    s.add_argument("--out", required=True, help="folder for samples.png and samples.npz")
-    s.add_argument("--num-per-class", type=int, default=10)
+    s.add_argument("--out", type=out_folder, required=True, help="folder for samples.png and samples.npz")
+    s.add_argument("--num-per-class", type=positive_int, default=10)
     s.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: all)")
-    s.add_argument("--batch-size", type=int, default=100)
+    s.add_argument("--batch-size", type=positive_int, default=100)
     _sampling_options(s)
-    s.add_argument("--rank", type=int, default=int(os.environ.get("RANK", 0)),
+    s.add_argument("--rank", type=nonneg_int, default=int(os.environ.get("RANK", 0)),
                    help="this shard's index (default: $RANK or 0); writes samples_rankNNNNN.npz")
-    s.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+    s.add_argument("--world-size", type=positive_int, default=int(os.environ.get("WORLD_SIZE", 1)),
                    help="number of shards (default: $WORLD_SIZE or 1)")
     s.set_defaults(func=cmd_sample)
 
@@ -471,11 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each new cell given the cells already generated in its window; writes "
                                    "outpaint.png (one row per class) and outpaint.npz.")
     _lm_options(s, "AR")
-    s.add_argument("--out", required=True, help="folder for outpaint.png and outpaint.npz")
-    s.add_argument("--height", type=int, help="grid cells high (default: the trained grid)")
-    s.add_argument("--width", type=int, help="grid cells wide (default: twice the trained grid)")
-    s.add_argument("--stride", type=int, help="cells the window moves each time (default: half the trained grid)")
-    s.add_argument("--num-per-class", type=int, default=4)
+    s.add_argument("--out", type=out_folder, required=True, help="folder for outpaint.png and outpaint.npz")
+    s.add_argument("--height", type=positive_int, help="grid cells high (default: the trained grid)")
+    s.add_argument("--width", type=positive_int, help="grid cells wide (default: twice the trained grid)")
+    s.add_argument("--stride", type=positive_int,
+                   help="cells the window moves each time (default: half the trained grid)")
+    s.add_argument("--num-per-class", type=positive_int, default=4)
     s.add_argument("--classes", type=int, nargs="+", help="class ids to sample (default: all)")
     _sampling_options(s)
     s.set_defaults(func=cmd_outpaint)
@@ -485,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "decoding (the other cells are kept exactly); writes inpaint.png with the "
                                    "original, the masked input and the result per row.")
     _lm_options(s, "MLM")
-    s.add_argument("--out", required=True, help="folder for inpaint.png")
+    s.add_argument("--out", type=out_folder, required=True, help="folder for inpaint.png")
     s.add_argument("--data", help="image source (default: the tokenizer's training data)")
     s.add_argument("--split", default="test")
     s.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3], help="images of the split to edit")
@@ -500,10 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpointing. The formulas are in docs/scaling.md.")
     s.add_argument("preset", help="micro, tiny, small, B, L, XL, XXL or 2B")
     s.add_argument("--vocab", default="2-12", help="vocabulary split N-C (default 2-12)")
-    s.add_argument("--grid", type=int, default=16, help="token grid side (default 16: 256 px at f=16)")
-    s.add_argument("--num-classes", type=int, default=1000)
-    s.add_argument("--batch-per-gpu", type=int, default=32, help="for the memory estimate (default 32)")
-    s.add_argument("--gpus", type=int, default=8, help="for the sharded (FSDP) memory estimate (default 8)")
+    s.add_argument("--grid", type=positive_int, default=16, help="token grid side (default 16: 256 px at f=16)")
+    s.add_argument("--num-classes", type=positive_int, default=1000)
+    s.add_argument("--batch-per-gpu", type=positive_int, default=32, help="for the memory estimate (default 32)")
+    s.add_argument("--gpus", type=positive_int, default=8, help="for the sharded (FSDP) memory estimate (default 8)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=30")
     s.set_defaults(func=cmd_model_info)
@@ -512,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the BAE, tokenize, train an AR model (2-8 vocabulary), sample 10 "
                                    "images per class with CFG; writes report.md, samples.png, samples.npz, "
                                    "reconstructions.png, loss.png and metrics.json. Re-running resumes.")
-    s.add_argument("--out", default="demo", help="output folder (default: demo)")
+    s.add_argument("--out", type=out_folder, default="demo", help="output folder (default: demo)")
     s.add_argument("--quick", action="store_true", help="a short smoke run on a data subset")
     _common(s, "YAML with tokenizer/lm/sample sections (see configs/demo.yaml)")
     s.set_defaults(func=cmd_demo)
@@ -522,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "shares tokenizers, code folders and models between runs, skips finished "
                                    "runs, writes summary.csv, summary.md and a plot per swept field.")
     s.add_argument("config", metavar="CONFIG.yaml", help="sweep file with base, grid and/or runs (configs/sweeps/)")
-    s.add_argument("--out", required=True, help="sweep folder (re-run to resume)")
+    s.add_argument("--out", type=out_folder, required=True, help="sweep folder (re-run to resume)")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. base.lm.train.steps=100")
     s.set_defaults(func=cmd_sweep)
 
@@ -530,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small CNN classifier (the offline feature space of 'elmgen eval' and "
                                    "the judge of class accuracy); writes checkpoints, metrics.jsonl, job.yaml and "
                                    "eval.json (test accuracy, per-class accuracy, training time, weights fingerprint).")
-    s.add_argument("--out", required=True, help="run folder to write")
+    s.add_argument("--out", type=out_folder, required=True, help="run folder to write")
     s.add_argument("--data", help="'fashion-mnist' (default) or a folder with one sub-folder per class")
     _train_options(s)
     _common(s, "YAML with data/classifier/train sections")
@@ -545,17 +635,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npz files (ADM layout: arr_0 uint8 NHWC, arr_1 labels; shards are read together), a "
                         "folder of .npz shards, or a folder of images (labelled when in sub-folders named 0, 1, ...)")
     _feature_args(s, REF_HELP + ", or an .npz of statistics from 'elmgen ref-stats'")
-    s.add_argument("--splits", type=int, default=10, help="splits of the Inception Score (default 10)")
-    s.add_argument("--out", help="also write the JSON to this file")
+    s.add_argument("--splits", type=positive_int, default=10, help="splits of the Inception Score (default 10)")
+    s.add_argument("--out", type=out_file, help="also write the JSON to this file")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("ref-stats", help="reference statistics for FID and precision/recall, computed once",
                        description="Compute the reference's feature mean and covariance (pytorch-fid fields mu, "
                                    "sigma) plus its features and k-NN radii for precision/recall; pass the file "
                                    "to 'elmgen eval --ref'.")
-    s.add_argument("--out", required=True, help=".npz file to write")
+    s.add_argument("--out", type=out_file, required=True, help=".npz file to write")
     _feature_args(s, REF_HELP)
     s.set_defaults(func=cmd_ref_stats)
+
+    s = sub.add_parser("check-data", help="decode every image of a class folder and list the bad ones",
+                       description="Decode every image file of a class folder (and its train/ and test/ splits), "
+                                   "in parallel, and list every file that does not decode and every class folder "
+                                   "without images, with the reason; exits with status 2 if any is bad.")
+    s.add_argument("folder", metavar="DIR", help="a folder with one sub-folder per class")
+    s.add_argument("--workers", type=positive_int, help="decoding threads (default: one per available core)")
+    s.set_defaults(func=cmd_check_data)
 
     s = sub.add_parser("analyze", help="the paper's analyses: token randomness, attention locality, loss curves",
                        description="Numbers and plots behind the paper's analyses (see docs/analysis.md).")
@@ -565,11 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "entropy given the left/upper neighbours, vocabulary usage) of code "
                                         "folders (each sub-code and the whole cell code) and of a text corpus as "
                                         "bytes and as BPE tokens; writes randomness.json, .md and .png.")
-    s.add_argument("--out", required=True, help="folder to write")
+    s.add_argument("--out", type=out_folder, required=True, help="folder to write")
     s.add_argument("--codes", nargs="+", help="code folders written by 'elmgen tokenize'")
     s.add_argument("--text", nargs="+", help="text files, read as one corpus (e.g. /usr/share/games/fortunes/*)")
     s.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary size trained on the text (4096)")
-    s.add_argument("--limit", type=int, help="use only the first N rows of each code folder")
+    s.add_argument("--limit", type=positive_int, help="use only the first N rows of each code folder")
     s.set_defaults(func=cmd_analyze_randomness)
 
     s = analyses.add_parser("attention", help="where a model's attention looks, per layer and head",
@@ -579,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "Writes attention.json, attention-depth.png (all models) and "
                                         "attention-<model>.png (heat-maps of query cells per layer).")
     s.add_argument("--model", required=True, nargs="+", help="LM run folders or checkpoints")
-    s.add_argument("--out", required=True, help="folder to write")
+    s.add_argument("--out", type=out_folder, required=True, help="folder to write")
     s.add_argument("--codes", help="code folder of the real sequences (default: the one each model was trained on)")
     s.add_argument("--sampled", action="store_true", help="analyse the models' own samples instead of real codes")
     s.add_argument("--num-sequences", type=int, default=64, help="sequences averaged over (64)")
@@ -588,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--global-radius", type=float, default=3.0, help="attention beyond this distance is global (3)")
     s.add_argument("--mask-ratio", type=float, default=0.5, help="MLM: share of the input cells masked (0.5)")
     s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--seed", type=int, default=0, help="picks the real rows, masks and sample seeds")
+    s.add_argument("--seed", type=nonneg_int, default=0, help="picks the real rows, masks and sample seeds")
     s.set_defaults(func=cmd_analyze_attention)
 
     s = analyses.add_parser("loss", help="training-loss curves of several runs, normalised by ln(vocabulary)",
@@ -596,17 +694,27 @@ def build_parser() -> argparse.ArgumentParser:
                                         "so 1 is a uniform guess) and the final loss against parameters; writes "
                                         "loss.json and loss.png.")
     s.add_argument("runs", nargs="+", metavar="RUN", help="LM run folders")
-    s.add_argument("--out", required=True, help="folder to write")
+    s.add_argument("--out", type=out_folder, required=True, help="folder to write")
     s.set_defaults(func=cmd_analyze_loss)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills `overrides` from the first run of positionals only: take key=value items after options too
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except ElmgenError as e:
         print(f"elmgen: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user gave cannot be read or written: permissions, a full disk, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"elmgen: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("elmgen: interrupted; re-run with --resume (demo: the same command) to continue", file=sys.stderr)

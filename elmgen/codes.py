@@ -12,16 +12,20 @@ with `flip`, LlamaGen's ten-crop) or a random crop, each optionally mirrored. Sh
 images [s * shard_size, (s + 1) * shard_size), view by view: all its images' view 0, then view 1, ...
 The split into sub-codes happens at load time, so one folder serves every vocabulary with n dividing K.
 
-Shards are written one at a time, each atomically, into `.<name>.partial/`, which is renamed into place
-when complete; a re-run with the same settings keeps the finished shards. Random crops and draws are
-seeded per (seed, image, view), so a resumed run writes the same files as an uninterrupted one.
+Shards are written one at a time, each atomically (fsynced, then renamed), into `.<name>.partial/`, which
+is renamed into place when complete; a re-run with the same settings keeps the finished shards. Random
+crops and draws are seeded per (seed, image, view), so a resumed run writes the same files as an
+uninterrupted one. elmgen never deletes what it did not write: `tokenize` refuses an output folder that
+is not empty and not a code folder with the same settings, and one inside the tokenizer folder; from a
+work folder left by a run with other settings it deletes only the files it writes there.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import reprlib
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +33,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from elmgen.checkpoint import TMP_PREFIX, atomic_write, fsync
 from elmgen.data import ImageDataset, to_float
 from elmgen.errors import ElmgenError
 from elmgen.tokenizer import Autoencoder
 from elmgen.vocab import Vocab, cells_to_subcodes
 
 CROPS = ("none", "five", "random")
+OWN_FILES = ("plan.json", "meta.json", "labels.npy", "shard_[0-9][0-9][0-9][0-9][0-9].npy")  # all a run writes
+DERIVED = ("views", "count", "shards")  # meta entries that follow from the settings
+META_TYPES = {"shards": list, "grid": int, "bits": int, "num_classes": int, "images": int, "views": int, "count": int,
+              "draws": int, "shard_size": int, "vocab": str, "kind": str}
 
 
 def code_dtype(bits: int) -> np.dtype:
@@ -100,7 +109,9 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
         raise ElmgenError("num_crops applies to random crops only (crops=random)")
     if draws and tokenizer_meta["kind"] != "bae":
         raise ElmgenError(f"Bernoulli draws need the binary autoencoder; this tokenizer is {tokenizer_meta['kind']}")
-    if len(dataset) == 0 or dataset.images([0]).shape[-1] != source:
+    if len(dataset) == 0:
+        raise ElmgenError(f"the data set {dataset.name} holds no images; pass a data set with images")
+    if dataset.images([0]).shape[-1] != source:
         raise ElmgenError(f"tokenize needs the images at {source} px (image size {size} x crop range {crop_range})")
     views = (5 if crops == "five" else num_crops) * (2 if flip else 1)
     n = len(dataset)
@@ -113,12 +124,14 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
         "seed": seed, "views": views, "count": n * views, "shard_size": shard_size,
         "shards": [f"shard_{s:05d}.npy" for s in range(-(-n // shard_size))],
     }
-    out_dir = Path(out_dir)
-    work = out_dir.parent / f".{out_dir.name}.partial"
-    if work.is_dir() and _read_json(work / "plan.json") != plan:
-        shutil.rmtree(work)  # left by a run with other settings: start over
-    work.mkdir(parents=True, exist_ok=True)
-    _write_atomic(work / "plan.json", lambda f: f.write(json.dumps(plan, indent=2).encode()))
+    out_dir = Path(out_dir).resolve()
+    try:
+        work = _work_folder(out_dir, Path(tokenizer_meta["path"]).resolve(), plan)
+    except OSError as e:
+        raise ElmgenError(f"cannot use --out {out_dir}: {e.strerror or e}; pass a writable folder") from None
+    if work is None:
+        return plan
+    atomic_write(work / "plan.json", lambda f: f.write(json.dumps(plan, indent=2).encode()))
     device = next(tokenizer.parameters()).device
     dtype, L = code_dtype(K), grid * grid
     for s, name in enumerate(tqdm(plan["shards"], desc="tokenize", unit="shard")):
@@ -137,16 +150,54 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
                     codes_DRL[:, rows] = tokenizer.draw_cells(view, uniforms).transpose(0, 1).cpu().numpy()
                 else:
                     codes_DRL[0, rows] = tokenizer.encode_cells(view).cpu().numpy()
-        _write_atomic(work / name, lambda f, a=codes_DRL: np.save(f, a))
+        atomic_write(work / name, lambda f, a=codes_DRL: np.save(f, a))
     labels = np.concatenate([np.tile(dataset.labels[s * shard_size: (s + 1) * shard_size], views)
                              for s in range(len(plan["shards"]))]).astype(np.int64)
-    _write_atomic(work / "labels.npy", lambda f: np.save(f, labels))
-    _write_atomic(work / "meta.json", lambda f: f.write(json.dumps(plan, indent=2).encode()))
+    atomic_write(work / "labels.npy", lambda f: np.save(f, labels))
+    atomic_write(work / "meta.json", lambda f: f.write(json.dumps(plan, indent=2).encode()))
     (work / "plan.json").unlink()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(work, out_dir)
+    try:
+        fsync(work)
+        os.replace(work, out_dir)  # out_dir is absent or empty
+        fsync(out_dir.parent)
+    except OSError as e:
+        raise ElmgenError(f"cannot move the finished codes {work} to {out_dir}: {e.strerror or e}; "
+                          "make sure it is absent or empty and re-run") from None
     return plan
+
+
+def _work_folder(out_dir: Path, tokenizer_dir: Path, plan: dict) -> Path | None:
+    """The work folder in which to write `out_dir`, or None when `out_dir` already holds these codes.
+
+    Refuses every `out_dir` that elmgen would have to delete or write into something not its own."""
+    if out_dir == tokenizer_dir or tokenizer_dir in out_dir.parents:
+        raise ElmgenError(f"--out {out_dir} is inside the tokenizer folder {tokenizer_dir}; pass a folder outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ElmgenError(f"--out {out_dir} is a file; pass an empty or new folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        done = _read_json(out_dir / "meta.json")
+        if not isinstance(done, dict) or "shards" not in done:
+            raise ElmgenError(f"--out {out_dir} is not empty and not an elmgen code folder; "
+                              "pass an empty or new folder")
+        differ = [k for k in plan if k not in DERIVED and done.get(k) != plan[k]]
+        if differ:
+            what = ", ".join(f"{k} {reprlib.repr(done.get(k))} there, {reprlib.repr(plan[k])} now" for k in differ[:3])
+            raise ElmgenError(f"{out_dir} holds codes made with other settings ({what}); pass another --out")
+        CodeDataset(out_dir)  # finished: only check that it reads
+        return None
+    work = out_dir.parent / f".{out_dir.name}.partial"
+    if work.is_dir():
+        # The same settings resume (meta.json without plan.json: killed just before the final rename).
+        resume = plan in (_read_json(work / "plan.json"), _read_json(work / "meta.json"))
+        for f in work.iterdir():
+            own = any(fnmatch(f.name, p) for p in OWN_FILES)
+            if f.is_file() and (own and not resume or any(fnmatch(f.name, f"{TMP_PREFIX}{p}.*") for p in OWN_FILES)):
+                f.unlink()  # temporaries of a killed write, or the files of a run with other settings
+        if not resume and any(work.iterdir()):
+            raise ElmgenError(f"{work} holds {next(work.iterdir()).name}, which elmgen did not write; "
+                              "move it away and re-run")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 def _read_json(path: Path):
@@ -156,11 +207,35 @@ def _read_json(path: Path):
         return None
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+def _damaged(file: Path, problem: str) -> ElmgenError:
+    return ElmgenError(f"{file} is damaged: {problem}; re-run `elmgen tokenize` into a new folder")
+
+
+def _meta_problem(meta) -> str | None:
+    """What makes a code folder's meta unusable, if anything."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    for key, kind in META_TYPES.items():
+        value, low = meta.get(key), 0 if key == "draws" else 1
+        if not isinstance(value, kind) or isinstance(value, bool) or kind is int and value < low:
+            wanted = f"an integer >= {low}" if kind is int else f"a {kind.__name__}"
+            return f"{key} is {reprlib.repr(value)}, not {wanted}"
+    if meta["shards"] != [f"shard_{s:05d}.npy" for s in range(-(-meta["images"] // meta["shard_size"]))]:
+        return f"shards {reprlib.repr(meta['shards'])} do not match {meta['images']} images of {meta['shard_size']}"
+    if meta["count"] != meta["images"] * meta["views"]:
+        return f"count {meta['count']} is not {meta['images']} images x {meta['views']} views"
+    return None
+
+
+def _load_npy(file: Path) -> np.ndarray:
+    """A memory-mapped array; never unpickles."""
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise _damaged(file, f"cannot be read as an array ({e})") from None
+    if not isinstance(array, np.ndarray):
+        raise _damaged(file, "is not a .npy array")
+    return array
 
 
 class ShardedRows:
@@ -197,16 +272,26 @@ class CodeDataset:
         if not (path / "meta.json").is_file():
             raise ElmgenError(f"{path} is not a code folder (no meta.json); create one with 'elmgen tokenize'")
         self.path = path
-        self.meta = json.loads((path / "meta.json").read_text())
-        if "shards" not in self.meta:
+        self.meta = meta = _read_json(path / "meta.json")
+        if isinstance(meta, dict) and "shards" not in meta:
             raise ElmgenError(f"{path} was written by an older elmgen; delete it and run 'elmgen tokenize' again")
-        shards = [np.load(path / name, mmap_mode="r") for name in self.meta["shards"]]
-        self.labels = np.load(path / "labels.npy", mmap_mode="r")
-        L = self.meta["grid"] ** 2
-        if any(s.ndim != 3 or s.shape[0] != shards[0].shape[0] or s.shape[2] != L for s in shards) or \
-                sum(s.shape[1] for s in shards) != len(self.labels):
-            raise ElmgenError(f"{path}: shards do not match {len(self.labels)} labels and a "
-                              f"{self.meta['grid']}x{self.meta['grid']} grid; re-run 'elmgen tokenize'")
+        problem = _meta_problem(meta)
+        if problem:
+            raise _damaged(path / "meta.json", problem)
+        L, images, size, views = meta["grid"] ** 2, meta["images"], meta["shard_size"], meta["views"]
+        shards = []
+        for s, name in enumerate(meta["shards"]):
+            shard = _load_npy(path / name)
+            expected = (max(1, meta["draws"]), views * min(size, images - s * size), L)
+            if shard.shape != expected or shard.dtype != code_dtype(meta["bits"]):
+                raise _damaged(path / name, f"holds {shard.dtype} codes of shape {shard.shape}; meta.json says "
+                                            f"{code_dtype(meta['bits'])} of shape {expected}")
+            shards.append(shard)
+        self.labels = _load_npy(path / "labels.npy")
+        if self.labels.shape != (meta["count"],) or not np.issubdtype(self.labels.dtype, np.integer) or \
+                self.labels.min() < 0 or self.labels.max() >= meta["num_classes"]:
+            raise _damaged(path / "labels.npy", f"holds {self.labels.dtype} of shape {self.labels.shape}; meta.json "
+                                                f"says {meta['count']} integer labels below {meta['num_classes']}")
         self.draws = [ShardedRows(shards, d) for d in range(shards[0].shape[0])]
         self.codes = self.draws[0]
 

@@ -6,32 +6,51 @@ import dataclasses
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from elmgen.checkpoint import atomic_write_text
 from elmgen.errors import ElmgenError
 
 T = TypeVar("T")
 
 
 def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides=(), **base) -> T:
-    """`cls` defaults <- `base` values <- YAML file <- `a.b=value` overrides, type-checked."""
+    """`cls` defaults <- `base` values <- YAML file <- `a.b=value` overrides, type-checked; a problem is one line
+    naming the key."""
     try:
         merged = OmegaConf.structured(cls)
         if base:
             merged = OmegaConf.merge(merged, base)
         if yaml_path is not None:
-            path = Path(yaml_path)
-            if not path.is_file():
-                raise ElmgenError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, load_yaml(Path(yaml_path)))
         for item in overrides:
             if "=" not in item:
                 raise ElmgenError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ElmgenError(f"invalid config: {str(e).splitlines()[0]}") from None
+        key = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
+        raise ElmgenError(f"invalid config: {key}{str(e).splitlines()[0]}") from None
+
+
+def load_yaml(path: Path) -> DictConfig:
+    """A config file: a YAML mapping of sections (`train: {steps: 100}`)."""
+    if not path.is_file():
+        raise ElmgenError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ElmgenError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    except OSError as e:
+        if e.errno:  # the file cannot be read: main() reports that, naming it
+            raise
+        loaded = None  # OmegaConf's refusal of a plain value (a number, a string) at the top level
+    if not isinstance(loaded, DictConfig):
+        raise ElmgenError(f"{path} does not hold a mapping of sections at its top level (a list or a plain value "
+                          "instead); write e.g. 'train: {steps: 100}'")
+    return loaded
 
 
 def to_dict(cfg: Any) -> dict:
@@ -44,4 +63,4 @@ def from_dict(cls: type[T], values: dict) -> T:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))

@@ -1,13 +1,15 @@
 """Image data: Fashion-MNIST from Debian's IDX files, and class-per-folder image trees.
 
 Every dataset yields uint8 images of shape (C, S, S) and integer labels; `to_float` maps
-them to [-1, 1] for the networks and `to_uint8` maps network output back.
+them to [-1, 1] for the networks and `to_uint8` maps network output back. `check_images` decodes
+every file of an image folder at once; a small folder is checked so whenever it is loaded.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,10 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+# An image folder of at most this many files is decoded in full when loaded (a few seconds), so a corrupt
+# file stops the run at once rather than hours into training; larger folders: `elmgen check-data`.
+CHECK_AT_LOAD_MAX_FILES = 5000
+IDX_TYPES = {0x09: "signed byte", 0x0B: "16-bit integer", 0x0C: "32-bit integer", 0x0D: "float", 0x0E: "double"}
 
 
 @dataclass
@@ -91,21 +97,19 @@ class ImageFolder(ImageDataset):
 
     def __init__(self, root: str | Path, split: str, image_size: int, channels: int):
         root = Path(root)
-        if not root.is_dir():
-            raise ElmgenError(f"data folder not found: {root}; pass a folder with one sub-folder per class")
         if (root / split).is_dir():
             root = root / split
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        files, labels = [], []
-        for label, cls in enumerate(classes):
-            for f in sorted((root / cls).rglob("*")):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    files.append(f)
-                    labels.append(label)
-        if not files:
-            raise ElmgenError(
-                f"no images found in {root}; expected {root}/<class name>/<image>.png|jpg"
-            )
+        classes, files, labels, empty = class_files(root)
+        if empty:
+            more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
+            raise ElmgenError(f"class folder {empty[0]} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}){more}; "
+                              "add images or remove it")
+        if len(files) <= CHECK_AT_LOAD_MAX_FILES:
+            bad = find_bad_images(files)
+            if bad:
+                first = ", ".join(f"{path} ({reason})" for path, reason in bad[:3])
+                raise ElmgenError(f"{len(bad)} corrupt or unreadable image(s) in {root}: {first}; remove or replace "
+                                  f"them (run `elmgen check-data {root}` for the full list)")
         self.files = files
         self.labels = np.asarray(labels, dtype=np.int64)
         self.class_names = classes
@@ -114,19 +118,78 @@ class ImageFolder(ImageDataset):
         self.name = str(root)
 
     def load(self, i: int) -> np.ndarray:
-        path = self.files[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert(self.mode)
-                img = center_crop_resize(img, self.image_size)
-                arr = np.asarray(img, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ElmgenError(f"corrupt or unreadable image {path}: {e}; remove or replace it") from None
+        arr = np.asarray(center_crop_resize(open_image(self.files[i], self.mode), self.image_size), dtype=np.uint8)
         return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
     def images(self, idx) -> torch.Tensor:
         idx = np.atleast_1d(np.asarray(idx))
         return torch.from_numpy(np.stack([self.load(int(i)) for i in idx]))
+
+
+def class_files(root: Path) -> tuple[list[str], list[Path], list[int], list[Path]]:
+    """The classes (sub-folders; hidden ones are not classes) of an image folder, its image files, their
+    labels, and the class folders that hold no image."""
+    if not root.is_dir():
+        raise ElmgenError(f"data folder not found: {root}; pass a folder with one sub-folder per class")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ElmgenError(f"{root} has no class sub-folders; expected {root}/<class name>/<image>.png|jpg")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((root / cls).rglob("*")):
+            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                files.append(f)
+                labels.append(label)
+    present = set(labels)
+    return classes, files, labels, [root / c for label, c in enumerate(classes) if label not in present]
+
+
+class BadImage(ElmgenError):
+    """An image file that does not decode; `reason` is the decoder's complaint."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"corrupt or unreadable image {path}: {reason}; remove or replace it")
+        self.path, self.reason = str(path), reason
+
+
+def open_image(path, mode: str | None = None) -> Image.Image:
+    """The fully decoded image at `path` (converted to `mode` when given); BadImage when it does not decode."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert(mode) if mode else img
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(path, str(e) or type(e).__name__) from None
+
+
+def _image_problem(path: Path) -> str | None:
+    try:
+        open_image(path)
+    except BadImage as e:
+        return e.reason
+    return None
+
+
+def find_bad_images(files: list[Path], workers: int | None = None) -> list[tuple[str, str]]:
+    """(path, reason) of every file in `files` that does not decode, decoding in parallel threads
+    (Pillow releases the GIL while decoding, and threads start at once)."""
+    workers = workers or len(os.sched_getaffinity(0))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = pool.map(_image_problem, files)
+        return [(str(f), p) for f, p in zip(files, problems, strict=True) if p is not None]
+
+
+def check_images(source: str | Path, workers: int | None = None) -> list[tuple[str, str]]:
+    """Decode every image of a class folder (its train/ and test/ splits when it has them) and return
+    (path, reason) for every bad one: files that do not decode and class folders without images."""
+    source = Path(source)
+    roots = [source / s for s in ("train", "test") if (source / s).is_dir()] or [source]
+    bad, files = [], []
+    for root in roots:
+        _, found, _, empty = class_files(root)
+        bad += [(str(folder), "class folder holds no images") for folder in empty]
+        files += found
+    return bad + find_bad_images(files, workers)
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
@@ -147,8 +210,12 @@ def read_idx(path: str | Path) -> np.ndarray:
             data = f.read()
     except (OSError, EOFError) as e:
         raise ElmgenError(f"cannot read IDX file {path}: {e}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ElmgenError(f"{path} is not an IDX file of unsigned bytes")
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ElmgenError(f"{path} is not an IDX file; pass Fashion-MNIST's IDX files (unsigned bytes)")
+    if data[2] != 0x08:  # labels of another type would be truncated or misread: refuse them
+        kind = IDX_TYPES.get(data[2], f"type 0x{data[2]:02x}")
+        raise ElmgenError(f"{path} holds {kind} values, not unsigned bytes; pass images and integer labels 0-255 "
+                          "as unsigned-byte IDX files")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -160,6 +227,8 @@ def read_idx(path: str | Path) -> np.ndarray:
 def load_dataset(cfg: DataConfig) -> ImageDataset:
     if cfg.channels not in (1, 3):
         raise ElmgenError(f"data.channels must be 1 or 3, not {cfg.channels}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ElmgenError(f"--limit (data.limit) must be positive, not {cfg.limit}; omit it to use every image")
     if cfg.source == "fashion-mnist":
         ds = FashionMNIST(cfg.split, cfg.image_size, cfg.channels)
     else:

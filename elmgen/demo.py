@@ -15,8 +15,10 @@ from elmgen.vocab import Vocab
 
 def run_demo(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     """The pipeline with fixed stage folders under `out_dir`, then the pictures and report.md."""
+    cfg.sample.validate(cfg.lm.model.vocabulary.size)  # now, not after the training stages
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_temporaries(out, "report.md", "reconstructions.png", "loss.png")
     dirs = StageDirs(out / "tokenizer", out / "codes", out / "lm", out, out / "classifier")
     metrics = run_pipeline(cfg, dirs)
     (out / "reconstructions.png").write_bytes((dirs.tokenizer / "reconstructions.png").read_bytes())

@@ -17,10 +17,19 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
-from elmgen.data import IMAGE_SUFFIXES, DataConfig, ImageDataset, center_crop_resize, load_dataset, to_float
+from elmgen.checkpoint import atomic_write
+from elmgen.data import (
+    IMAGE_SUFFIXES,
+    DataConfig,
+    ImageDataset,
+    center_crop_resize,
+    load_dataset,
+    open_image,
+    to_float,
+)
 from elmgen.errors import ElmgenError
 from elmgen.vocab import Vocab, cells_to_bits, cells_to_subcodes
 
@@ -290,18 +299,20 @@ class NpzImages(ImageSource):
                                           "arr_1 labels)")
                     with zf.open("arr_0.npy") as f:
                         shape, fortran, dtype = _npy_header(f, str(path))
-                    has_labels = "arr_1.npy" in zf.namelist()
+                with np.load(path, allow_pickle=False) as z:
+                    labels.append(z["arr_1"].reshape(-1) if "arr_1" in z else None)
             except (zipfile.BadZipFile, OSError, ValueError) as e:
                 raise ElmgenError(f"cannot read {path} as an .npz file: {e}") from None
-            if dtype != np.uint8 or fortran or len(shape) not in (3, 4):
-                raise ElmgenError(f"{path}: arr_0 is {dtype} of shape {shape}; expected uint8 images (N, H, W, C)")
+            if dtype != np.uint8 or fortran or len(shape) not in (3, 4) or shape[0] == 0:
+                raise ElmgenError(f"{path}: arr_0 is {dtype} of shape {shape}; expected uint8 images (N, H, W, C) "
+                                  "with N >= 1")
             self.counts.append(shape[0])
-            labels.append(np.load(path)["arr_1"].astype(np.int64).reshape(-1) if has_labels else None)
-            if has_labels and len(labels[-1]) != shape[0]:
-                raise ElmgenError(f"{path}: {shape[0]} images but {len(labels[-1])} labels")
+            if labels[-1] is not None and (labels[-1].dtype.kind not in "iu" or len(labels[-1]) != shape[0]):
+                raise ElmgenError(f"{path}: arr_1 holds {len(labels[-1])} {labels[-1].dtype} labels for {shape[0]} "
+                                  "images; expected one integer class id per image")
         if any(lab is None for lab in labels) and not all(lab is None for lab in labels):
             raise ElmgenError("some sample shards have labels (arr_1) and some do not; pass shards of one run")
-        self.labels = None if labels[0] is None else np.concatenate(labels)
+        self.labels = None if labels[0] is None else np.concatenate(labels).astype(np.int64)
         self.name = ", ".join(str(p) for p in self.paths)
 
     def __len__(self) -> int:
@@ -335,11 +346,8 @@ class FolderImages(ImageSource):
         return len(self.files)
 
     def load(self, path: Path) -> np.ndarray:
-        try:
-            with Image.open(path) as img:
-                return np.asarray(img.convert("L" if img.mode in ("1", "L", "LA") else "RGB"))
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ElmgenError(f"corrupt or unreadable image {path}: {e}; remove or replace it") from None
+        img = open_image(path)
+        return np.asarray(img.convert("L" if img.mode in ("1", "L", "LA") else "RGB"))
 
     def batches(self, batch_size: int, size: int, channels: int) -> Iterator[np.ndarray]:
         for start in range(0, len(self.files), batch_size):
@@ -433,6 +441,9 @@ class InceptionFeatures:
             raise ElmgenError(f"the Inception backend needs torch-fidelity ({e}); "
                               "install it with: pip install 'elmgen[inception]'") from None
         try:
+            # Read once as plain tensors first: a file that needs more is refused here, whatever the
+            # torch version lets the library's own load do.
+            torch.load(weights, map_location="cpu", weights_only=True)
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                    feature_extractor_weights_path=str(weights)).to(device)
         except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
@@ -509,10 +520,8 @@ def save_ref_stats(stats: RefStats, path: str | Path) -> Path:
         raise ElmgenError(f"reference statistics are written as .npz, not {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {} if stats.feats is None else {"feats": stats.feats, "radii": stats.radii, "k": stats.k}
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, count=stats.count, source=stats.source,
-             feature_space=json.dumps(stats.feature_space), **extra)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, mu=stats.mu, sigma=stats.sigma, count=stats.count, source=stats.source,
+                                          feature_space=json.dumps(stats.feature_space), **extra))
     return path
 
 
@@ -528,7 +537,7 @@ def load_ref_stats(path) -> RefStats:
     """Statistics written by `save_ref_stats`, or any .npz with pytorch-fid's `mu` and `sigma`."""
     if not is_stats_file(path):
         raise ElmgenError(f"{path} is not a statistics file: expected an .npz with 'mu' and 'sigma'")
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:
         feats = z["feats"] if "feats" in z else None
         return RefStats(
             mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64),
@@ -561,9 +570,10 @@ def check_stats(stats: RefStats, extractor, path) -> RefStats:
             f"{path} was computed with {stats.feature_space.get('name')} {stats.feature_space.get('fingerprint')}, "
             f"not with this {space['name']} {space['fingerprint']}; recompute it with 'elmgen ref-stats'"
         )
-    if stats.mu.shape != (space["feature_dim"],):
-        raise ElmgenError(f"{path} holds {stats.mu.shape[0]}-d statistics but {space['name']} makes "
-                          f"{space['feature_dim']}-d features")
+    D = space["feature_dim"]
+    if stats.mu.shape != (D,) or stats.sigma.shape != (D, D):
+        raise ElmgenError(f"{path} holds statistics of shapes mu {stats.mu.shape}, sigma {stats.sigma.shape} but "
+                          f"{space['name']} makes {D}-d features: expected ({D},) and ({D}, {D})")
     return stats
 
 

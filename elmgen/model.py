@@ -58,6 +58,10 @@ class ModelConfig:
         return m * math.ceil(int(8 * self.d_model / 3) / m)
 
     def validate(self) -> None:
+        small = [f"{k}={getattr(self, k)}" for k in ("n_layer", "d_model", "n_head", "grid_size", "num_classes")
+                 if getattr(self, k) < 1]
+        if small:
+            raise ElmgenError(f"model sizes must be at least 1, not {', '.join(small)}")
         if self.kind not in ("ar", "mlm"):
             raise ElmgenError(f"model.kind must be 'ar' or 'mlm', not {self.kind!r}")
         vocab = self.vocabulary

@@ -81,6 +81,13 @@ def classifier_job(cfg: PipelineConfig) -> ClassifierJob:
     return replace(cfg.classifier, data=replace(cfg.tokenizer.data, split="train"))
 
 
+def trained(run_dir: Path, steps: int) -> bool:
+    """Whether a training stage is finished: its latest checkpoint is that of the last step. (Its
+    metrics.jsonl can be complete while a kill interrupted that checkpoint.) The tokenizer and
+    classifier stages write eval.json after it, so that file says the same for them."""
+    return checkpoint.has_checkpoint(run_dir) and checkpoint.load_config(run_dir).get("step", 0) >= steps
+
+
 def evaluate_run(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     """Train (once) the feature-space classifier and its reference statistics, then score the samples."""
     if not (dirs.classifier / "eval.json").is_file():
@@ -100,6 +107,8 @@ def evaluate_run(cfg: PipelineConfig, dirs: StageDirs) -> dict:
 def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     """Run (or finish) every stage; returns the run's metrics, also written to samples/metrics.json."""
     timings: dict[str, float] = {}
+    if dirs.samples.is_dir():  # what a killed run left half-written
+        checkpoint.remove_temporaries(dirs.samples, "samples", "metrics.json", "config.yaml")
 
     t = time.perf_counter()
     if not (dirs.tokenizer / "eval.json").is_file():
@@ -115,9 +124,9 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     timings["tokenize"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    if not trained(dirs.lm, cfg.lm.train.steps):
+        train_lm(cfg.lm, dirs.codes, dirs.lm, resume=checkpoint.has_checkpoint(dirs.lm))
     rows = read_metrics(dirs.lm / "metrics.jsonl")
-    if not rows or rows[-1]["step"] < cfg.lm.train.steps:
-        rows = train_lm(cfg.lm, dirs.codes, dirs.lm, resume=checkpoint.has_checkpoint(dirs.lm))
     model, _ = load_model(dirs.lm)
     timings["lm"] = time.perf_counter() - t
 

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from elmgen.checkpoint import atomic_write
+
 
 def image_grid(images_NCHW: torch.Tensor, ncols: int, pad: int = 2, scale: int = 1) -> Image.Image:
     """uint8 images (N, C, H, W) -> one PIL image, row-major, with white padding."""
@@ -21,6 +23,16 @@ def image_grid(images_NCHW: torch.Tensor, ncols: int, pad: int = 2, scale: int =
         canvas[:, y:y + H, x:x + W] = img
     out = Image.fromarray(canvas[0] if C == 1 else canvas.transpose(1, 2, 0))
     return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
+
+
+def save_png(image: Image.Image, path: str | Path) -> None:
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG (atomically) and free it."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    pyplot().close(fig)
 
 
 def pyplot():
@@ -46,5 +58,4 @@ def loss_curve(rows: list[dict], path: str | Path, title: str = "training loss",
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

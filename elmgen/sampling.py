@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,15 +10,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from elmgen.checkpoint import atomic_write
 from elmgen.data import to_float, to_uint8
 from elmgen.errors import ElmgenError
 from elmgen.model import Transformer
-from elmgen.plots import image_grid
+from elmgen.plots import image_grid, save_png
 from elmgen.tokenizer import Autoencoder
 from elmgen.training import autocast
 from elmgen.vocab import Vocab, cells_to_subcodes, subcodes_to_cells
 
 CFG_SCHEDULES = ("constant", "linear", "cosine", "power")
+MAX_OUTPAINT_WINDOWS = 1024  # an outpainting canvas costs one full AR decode per window: bound it
 
 
 @dataclass
@@ -41,21 +42,29 @@ class SampleConfig:
     precision: str = "fp32"  # "bf16": autocast the transformer and keep the KV cache in bfloat16
 
     def validate(self, vocab_size: int | None = None) -> None:
-        if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ElmgenError(f"cfg_schedule must be one of {CFG_SCHEDULES}, not {self.cfg_schedule!r}")
-        lo, hi = self.cfg_interval
-        if not 0 <= lo <= hi <= 1:
-            raise ElmgenError(f"cfg_interval must be [lo, hi] with 0 <= lo <= hi <= 1, not {self.cfg_interval}")
-        if self.temperature < 0 or (self.temperature_end is not None and self.temperature_end < 0):
-            raise ElmgenError("temperature and temperature_end must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ElmgenError(f"top_p must be in (0, 1], not {self.top_p}")
-        if self.top_k < 0 or (vocab_size is not None and self.top_k > vocab_size):
-            raise ElmgenError(f"top_k must be between 0 and the sub-code vocabulary size {vocab_size}")
-        if self.steps < 1 or self.mask_noise < 0:
-            raise ElmgenError("steps must be >= 1 and mask_noise >= 0")
-        if self.precision not in ("fp32", "bf16"):
-            raise ElmgenError(f"precision must be 'fp32' or 'bf16', not {self.precision!r}")
+        """Refuse what would sample garbage (NaN, negative, out of range) before any work; the message names the
+        option, its valid range and the value. `vocab_size`: entries of one sub-code vocabulary, when known."""
+        inf = math.inf  # `0 <= x < inf` also refuses NaN: every comparison with NaN is false
+        ci, t_end = self.cfg_interval, self.temperature_end
+        checks = (
+            ("cfg_scale", 0 <= self.cfg_scale < inf, "a number >= 0 (1 disables guidance)"),
+            ("cfg_schedule", self.cfg_schedule in CFG_SCHEDULES, f"one of {', '.join(CFG_SCHEDULES)}"),
+            ("cfg_power", 0 < self.cfg_power < inf, "a number > 0"),
+            ("cfg_interval", len(ci) == 2 and 0 <= ci[0] <= ci[1] <= 1, "LO HI with 0 <= LO <= HI <= 1"),
+            ("temperature", 0 <= self.temperature < inf, "a number >= 0 (0 samples greedily)"),
+            ("temperature_end", t_end is None or 0 <= t_end < inf, "a number >= 0"),
+            ("top_k", 0 <= self.top_k <= (vocab_size or self.top_k),
+             "between 0 (all) and the sub-code vocabulary size" + (f" {vocab_size}" if vocab_size else "")),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("seed", self.seed >= 0, "an integer >= 0"),
+            ("steps", self.steps >= 1, "at least 1"),
+            ("mask_noise", 0 <= self.mask_noise < inf, "a number >= 0"),
+            ("precision", self.precision in ("fp32", "bf16"), "fp32 or bf16"),
+        )
+        for name, ok, valid in checks:
+            if not ok:
+                raise ElmgenError(f"--{name.replace('_', '-')} (sample.{name}) must be {valid}, "
+                                  f"not {getattr(self, name)}")
 
 
 def cfg_scale_at(step: int, num_steps: int, scale: float, schedule: str, power: float = 2.0,
@@ -166,7 +175,6 @@ def uniforms_for(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 
 def generate(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int]) -> torch.Tensor:
     """Class-conditional generation: labels (B,) -> sub-codes (B, L, n), one seed per image."""
-    cfg.validate(model.vocab_size)
     model.eval()
     return (generate_mlm if model.cfg.kind == "mlm" else generate_ar)(model, labels_B, cfg, seeds)
 
@@ -181,6 +189,7 @@ def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
                 known_sub_BLn: torch.Tensor | None = None, known_BL: torch.Tensor | None = None) -> torch.Tensor:
     """Raster-order decoding, one cell per step, with a KV cache unless cfg.kv_cache is off.
     Cells marked in `known_BL` are fed their `known_sub_BLn` codes instead of a draw (outpainting)."""
+    cfg.validate(model.vocab_size)
     B, L, n = labels_B.shape[0], model.cfg.num_cells, model.n_sub
     uniforms_BLn = uniforms_for(seeds, (L, n)).to(labels_B.device)
     guided = cfg.cfg_scale != 1.0
@@ -240,6 +249,7 @@ def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, 
     """MaskGIT: start with every unknown cell masked; each step samples every masked cell, keeps the most
     confident (log p averaged over sub-codes + annealed Gumbel noise) and re-masks the rest on a cosine
     schedule. Cells marked in `known_BL` keep their `known_sub_BLn` codes throughout (inpainting)."""
+    cfg.validate(model.vocab_size)
     B, L, n, S = labels_B.shape[0], model.cfg.num_cells, model.n_sub, cfg.steps
     device = labels_B.device
     noise_BSLm = uniforms_for(seeds, (S, L, n + 1)).to(device)  # n token draws + 1 Gumbel per cell
@@ -343,12 +353,16 @@ def outpaint_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
     if height < g or width < g or not 1 <= stride <= g:
         raise ElmgenError(f"outpainting needs a grid of at least {g}x{g} cells (got {height}x{width}) and "
                           f"a stride between 1 and {g} (got {stride})")
-    cfg.validate(model.vocab_size)
+    rows, cols = window_starts(height, g, stride), window_starts(width, g, stride)
+    if len(rows) * len(cols) > MAX_OUTPAINT_WINDOWS:
+        raise ElmgenError(f"outpainting {height}x{width} cells at stride {stride} takes {len(rows) * len(cols):,} "
+                          f"windows of {g}x{g} cells (each a full AR decode), more than {MAX_OUTPAINT_WINDOWS:,}; "
+                          "use a smaller --width/--height or a larger --stride")
     model.eval()
     B, device = labels_B.shape[0], labels_B.device
     canvas_BHWn = torch.zeros(B, height, width, n, dtype=torch.long, device=device)
     known_BHW = torch.zeros(B, height, width, dtype=torch.bool, device=device)
-    windows = [(r, c) for r in window_starts(height, g, stride) for c in window_starts(width, g, stride)]
+    windows = [(r, c) for r in rows for c in cols]
     for i, (r, c) in enumerate(tqdm(windows, desc="outpaint", unit="window", leave=False)):
         known = known_BHW[:, r:r + g, c:c + g].reshape(B, g * g)
         if bool(known.all()):
@@ -380,8 +394,7 @@ def write_samples(images_NCHW: torch.Tensor, labels_N: torch.Tensor, seeds: list
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
-    image_grid(images_NCHW, ncols=ncols, scale=2).save(png)
-    tmp = out_dir / f".{name}.tmp.npz"
-    np.savez(tmp, images_NCHW.permute(0, 2, 3, 1).numpy(), labels_N.numpy(), seeds=np.asarray(seeds, np.uint64))
-    os.replace(tmp, npz)
+    save_png(image_grid(images_NCHW, ncols=ncols, scale=2), png)
+    atomic_write(npz, lambda f: np.savez(f, images_NCHW.permute(0, 2, 3, 1).numpy(), labels_N.numpy(),
+                                         seeds=np.asarray(seeds, np.uint64)))
     return png, npz

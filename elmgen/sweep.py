@@ -9,6 +9,7 @@ re-running a finished sweep does no work, and a killed sweep completes only what
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from elmgen import checkpoint
 from elmgen.errors import ElmgenError
 from elmgen.pipeline import PipelineConfig, config_hash, run_pipeline, shared_dirs
+from elmgen.plots import pyplot, save_figure
 
 # Metrics gathered into the summary table: (column, path in a run's metrics.json).
 SUMMARY_METRICS = (
@@ -70,8 +72,12 @@ def run_name(overrides: dict[str, Any]) -> str:
 def run_sweep(cfg: SweepConfig, out_dir: str | Path) -> list[dict]:
     """Run every missing run, then write summary.csv, summary.md and one plot per swept field."""
     out = Path(out_dir)
+    if out.is_dir():
+        checkpoint.remove_temporaries(out, "summary", "plot_")
     runs = expand(cfg)
     configs = [apply_overrides(cfg.base, o) for o in runs]  # validate every run before training any
+    for run_cfg in configs:
+        run_cfg.sample.validate(run_cfg.lm.model.vocabulary.size)
     rows = []
     for i, (overrides, run_cfg) in enumerate(zip(runs, configs, strict=True)):
         run_dir = out / "runs" / run_name(overrides)
@@ -99,10 +105,11 @@ def summary_values(metrics: dict) -> dict:
 
 def write_summary(rows: list[dict], swept: list[str], out: Path) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint.atomic_write_text(out / "summary.csv", table.getvalue())
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
@@ -115,11 +122,7 @@ def write_summary(rows: list[dict], swept: list[str], out: Path) -> None:
 
 def plot_metric_vs(rows: list[dict], key: str, metrics: list[str], path: Path) -> None:
     """One panel per metric: its value against the swept field (other fields averaged over)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     values = list(dict.fromkeys(json.dumps(row.get(key)) for row in rows))
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), dpi=110, squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
@@ -133,5 +136,4 @@ def plot_metric_vs(rows: list[dict], key: str, metrics: list[str], path: Path) -
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from elmgen import checkpoint
 from elmgen.codes import CodeDataset
-from elmgen.config import save_yaml, to_dict
+from elmgen.config import to_dict
 from elmgen.data import DataConfig, load_dataset, to_float, to_uint8
 from elmgen.errors import ElmgenError
 from elmgen.evaluation import evaluate_tokenizer
@@ -25,7 +25,7 @@ from elmgen.losses import (
     load_perceptual,
 )
 from elmgen.model import ModelConfig, Transformer
-from elmgen.plots import image_grid, loss_curve
+from elmgen.plots import image_grid, loss_curve, save_png
 from elmgen.sampling import masked_fraction
 from elmgen.tokenizer import Autoencoder, TokenizerConfig, load_tokenizer
 from elmgen.training import TrainConfig, fit, is_main_process, resolve_device
@@ -124,7 +124,6 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
         "channels": job.data.channels, "grid": job.data.image_size // job.tokenizer.downsample,
         "class_names": dataset.class_names,
     }
-    _write_job(out_dir, job)
 
     def step_fn(trainer, step, idx):
         x = to_float(dataset.images(idx)).to(device)
@@ -134,7 +133,8 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
         return tokenizer_step(trainer, x, step, job.loss, perceptual)
 
     rows = fit(trainer, job.train, out_dir, step_fn, len(dataset), ckpt_config, resume,
-               desc=f"tokenizer ({job.tokenizer.quantizer})", units_per_step=job.train.batch_size, unit="img")
+               desc=f"tokenizer ({job.tokenizer.quantizer})", units_per_step=job.train.batch_size, unit="img",
+               job=job)
     if not is_main_process():
         return {}
     loss_curve(rows, out_dir / "loss.png", title="tokenizer loss")
@@ -147,8 +147,9 @@ def tokenizer_report(model: Autoencoder, dataset, out_dir: Path, vocab: Vocab | 
     """Reconstruction quality and code usage on `dataset`: eval.json and reconstructions.png in `out_dir`."""
     report = evaluate_tokenizer(model, dataset, vocab=vocab)
     report["dataset"] = dataset.name
-    checkpoint.atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
     save_reconstructions(model, dataset, out_dir / "reconstructions.png")
+    # last: the pipeline takes eval.json as the sign that the tokenizer stage is complete
+    checkpoint.atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))
     return report
 
 
@@ -160,7 +161,7 @@ def save_reconstructions(model: Autoencoder, dataset, path, n: int = 16) -> None
     x = to_float(dataset.images(list(range(min(n, len(dataset)))))).to(device)
     grid = x.shape[-1] // model.cfg.downsample
     recon = model.decode_cells(model.encode_cells(x), grid).clamp(-1, 1)
-    image_grid(to_uint8(torch.cat([x, recon])), ncols=x.shape[0], scale=3).save(path)
+    save_png(image_grid(to_uint8(torch.cat([x, recon])), ncols=x.shape[0], scale=3), path)
 
 
 def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: bool = False) -> list[dict]:
@@ -181,7 +182,6 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
     torch.manual_seed(job.train.seed)
     model = Transformer(cfg).to(device)
     ckpt_config = {"kind": "lm", "model": to_dict(cfg), "codes": {**meta, "path": str(Path(codes_dir).resolve())}}
-    _write_job(out_dir, job)
     B = job.train.batch_size
     loss_fn = LOSSES[cfg.kind]
 
@@ -191,7 +191,7 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
         return loss_fn(model, labels_B, sub_BLn), {}
 
     rows = fit(model, job.train, out_dir, step_fn, len(codes), ckpt_config, resume, desc=cfg.kind.upper(),
-               units_per_step=B * cfg.num_cells, unit="tok")
+               units_per_step=B * cfg.num_cells, unit="tok", job=job)
     if is_main_process():
         loss_curve(rows, out_dir / "loss.png", title=f"{cfg.kind.upper()} loss, vocabulary {vocab}",
                    hline=float(torch.log(torch.tensor(float(vocab.size)))), hline_label=f"ln {vocab.size} (uniform)")
@@ -218,9 +218,3 @@ def mlm_loss(model: Transformer, labels_B: torch.Tensor, sub_BLn: torch.Tensor) 
 
 
 LOSSES = {"ar": ar_loss, "mlm": mlm_loss}  # the training loss of each model kind
-
-
-def _write_job(out_dir: Path, job) -> None:
-    if is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(job, out_dir / "job.yaml")

@@ -31,7 +31,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 
 from elmgen import checkpoint
+from elmgen.config import save_yaml
 from elmgen.errors import ElmgenError
+
+RUN_FILES = ("metrics.jsonl", "job.yaml", "loss.png", "eval.json", "reconstructions.png")  # what trainers write
 
 
 @dataclass
@@ -58,15 +61,31 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
 
-    def validate(self) -> None:
+    def validate(self, world: int = 1) -> None:
+        """Refuse out-of-range settings (NaN included) before anything is written; `world`: processes."""
         if self.lr_decay not in ("constant", "cosine"):
             raise ElmgenError(f"train.lr_decay must be 'constant' or 'cosine', not {self.lr_decay!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ElmgenError(f"train.precision must be 'fp32' or 'bf16', not {self.precision!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ElmgenError("train.steps, train.batch_size and train.grad_accum must be positive")
-        if not 0 <= self.ema_decay < 1:
-            raise ElmgenError(f"train.ema_decay must be in [0, 1), not {self.ema_decay}")
+        # (field, holds, valid range): written so that NaN fails every test
+        ranges = [
+            ("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"), ("lr", 0 < self.lr < math.inf, "a finite number > 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, "in [0, train.lr]"),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, "a finite number >= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("grad_clip", 0 <= self.grad_clip < math.inf, "a finite number >= 0 (0 disables clipping)"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no EMA)"), ("seed", self.seed >= 0, ">= 0"),
+            ("log_every", self.log_every >= 1, ">= 1"), ("save_every", self.save_every >= 1, ">= 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+        ]
+        for name, holds, valid in ranges:
+            if not holds:
+                raise ElmgenError(f"train.{name}={getattr(self, name)} is out of range: it must be {valid}")
+        if self.batch_size % (world * self.grad_accum):
+            raise ElmgenError(f"train.batch_size={self.batch_size} must be divisible by processes x grad_accum "
+                              f"= {world} x {self.grad_accum}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -93,9 +112,19 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
-        raise ElmgenError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ElmgenError(f"unknown device {name!r}; use auto, cpu, mps or cuda[:N]")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ElmgenError("CUDA is not available in this torch build (or on this machine); use --device cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ElmgenError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s); "
+                          "use --device auto or cuda:N with a smaller N")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ElmgenError("MPS is not available in this torch build (or on this machine); use --device cpu or auto")
+    return device
 
 
 def is_main_process() -> bool:
@@ -133,10 +162,23 @@ def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> np.n
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A malformed last line is what a kill mid-append leaves: it is dropped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+            if i == lines[-1][0]:
+                break
+            raise ElmgenError(f"{path}, line {i}, is not a metrics row; delete that line (or the file)")
+        rows.append(row)
+    return rows
 
 
 # A step function takes the model, the step and the dataset indices of one micro-batch, and returns
@@ -146,10 +188,8 @@ StepFn = Callable[[torch.nn.Module, int, np.ndarray], tuple[torch.Tensor, dict]]
 
 def local_micro_batches(step: int, cfg: TrainConfig, num_items: int, rank: int, world: int) -> np.ndarray:
     """(grad_accum, micro batch) indices of this process at `step`: its contiguous share of the global
-    batch, cut into micro-batches. The global batch never depends on the number of processes."""
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ElmgenError(f"train.batch_size={cfg.batch_size} must be divisible by processes x grad_accum "
-                          f"= {world} x {cfg.grad_accum}")
+    batch, cut into micro-batches (cfg.validate(world) checked the split). The global batch never
+    depends on the number of processes."""
     idx = batch_indices(step, cfg.batch_size, num_items, cfg.seed)
     return idx.reshape(world, -1)[rank].reshape(cfg.grad_accum, -1)
 
@@ -229,7 +269,7 @@ FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: StepFn, num_items: int,
         ckpt_config: dict, resume: bool = False, desc: str = "train",
-        units_per_step: int | None = None, unit: str = "it") -> list[dict]:
+        units_per_step: int | None = None, unit: str = "it", job=None) -> list[dict]:
     """Train `model` for cfg.steps optimizer steps over a dataset of `num_items`, logging to
     run_dir/metrics.jsonl. Under torchrun every process takes its share of each global batch and
     gradients are averaged (with cfg.fsdp: reduce-scattered onto parameter shards), so any number of
@@ -239,11 +279,12 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
     Seed torch with cfg.seed before building the model: a fresh run continues from that RNG state.
     `units_per_step` (tokens or images per step) turns step time into a throughput figure.
     With cfg.ema_decay > 0 an EMA of the weights is kept and saved beside them (`ema.safetensors`);
-    loaders prefer it.
+    loaders prefer it. `job` (a config dataclass) is saved as run_dir/job.yaml once the run is accepted:
+    a refused run leaves the folder as it was.
     Returns the logged metric rows of this run (all of them, when resumed).
     """
-    cfg.validate()
     rank, world = distributed()
+    cfg.validate(world)
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     sharded = prepare(model, cfg, world)
@@ -272,15 +313,21 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         step = state["step"]
         ema_state = checkpoint.load_ema(run_dir)
-        kept = [row for row in read_metrics(metrics_path) if row["step"] <= step]
-        if is_main_process():
-            checkpoint.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     elif resume:
         raise ElmgenError(f"nothing to resume: {run_dir} holds no checkpoint")
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None and ema_state is not None:
         ema.load_full_state(ema_state)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        # What a killed run left: temporaries, and metric rows past its last checkpoint (all of them
+        # when it had none), which this run logs again.
+        checkpoint.remove_temporaries(run_dir / "checkpoints")
+        checkpoint.remove_temporaries(run_dir, *RUN_FILES)
+        kept = [row for row in read_metrics(metrics_path) if row["step"] <= step] if step else []
+        checkpoint.atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if job is not None:
+            save_yaml(job, run_dir / "job.yaml")
 
     def save():
         # Gathering whole tensors is a collective under FSDP: every process takes part, the main one writes.

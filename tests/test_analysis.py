@@ -127,7 +127,8 @@ def write_codes(path, n=48, grid=4, bits=8) -> None:
     np.save(path / "labels.npy", np.arange(n) % 3)
     meta = {"tokenizer": str(path / "missing-tokenizer"), "tokenizer_fingerprint": "0", "kind": "bae", "bits": bits,
             "grid": grid, "image_size": 16, "vocab": "2-4", "num_classes": 3, "class_names": ["a", "b", "c"],
-            "dataset": "test", "images": n, "count": n, "draws": 0, "shards": ["shard_00000.npy"]}
+            "dataset": "test", "images": n, "views": 1, "count": n, "draws": 0, "shard_size": n,
+            "shards": ["shard_00000.npy"]}
     (path / "meta.json").write_text(json.dumps(meta))
 
 

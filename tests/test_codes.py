@@ -111,7 +111,7 @@ def test_interrupted_tokenization_resumes_to_identical_files(tmp_path):
         tokenize(crashing, PIXEL_META, data, tmp_path / "resumed", Vocab.parse("2-4"), **args)
     partial = tmp_path / ".resumed.partial"
     assert sorted(p.name for p in partial.glob("shard_*")) == ["shard_00000.npy", "shard_00001.npy"]
-    (partial / ".shard_00002.npy.tmp").write_bytes(b"half a shard, as a kill during the write leaves it")
+    (partial / ".tmp_shard_00002.npy.k3j9x2").write_bytes(b"half a shard, as a kill during the write leaves it")
     assert not (tmp_path / "resumed").exists()
 
     again = PixelTokenizer()

@@ -1,9 +1,12 @@
+import gzip
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from elmgen.data import DataConfig, center_crop_resize, load_dataset, read_idx, to_float, to_uint8
+from elmgen import data
+from elmgen.data import DataConfig, center_crop_resize, check_images, load_dataset, read_idx, to_float, to_uint8
 from elmgen.errors import ElmgenError
 from tests.conftest import write_idx
 
@@ -54,6 +57,67 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(ElmgenError, match="no images"):
         load_dataset(DataConfig(source=str(tmp_path / "empty")))
+
+
+def test_image_folder_structure_errors(image_folder, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("L", (8, 8)).save(flat / "a.png")
+    with pytest.raises(ElmgenError, match=f"{flat} has no class sub-folders"):
+        load_dataset(DataConfig(source=str(flat)))
+    (image_folder / ".ipynb_checkpoints").mkdir()  # hidden: not a class
+    assert load_dataset(DataConfig(source=str(image_folder))).num_classes == 3
+    (image_folder / "class_3").mkdir()
+    (image_folder / "class_3" / "readme.txt").write_text("not an image")
+    with pytest.raises(ElmgenError, match=r"class folder \S*class_3 holds no images \(.bmp, .jpeg"):
+        load_dataset(DataConfig(source=str(image_folder)))
+    for limit in (0, -1):
+        with pytest.raises(ElmgenError, match="--limit .* must be positive"):
+            load_dataset(DataConfig(limit=limit))
+
+
+def test_float_labels_are_refused(fake_fmnist):
+    labels = fake_fmnist / "t10k-labels-idx1-ubyte.gz"
+    header = bytes([0, 0, 0x0D, 1]) + (50).to_bytes(4, "big")
+    with gzip.open(labels, "wb") as f:
+        f.write(header + (np.arange(50) % 10 + 0.7).astype(">f4").tobytes())
+    with pytest.raises(ElmgenError, match="holds float values, not unsigned bytes"):
+        load_dataset(DataConfig(split="test"))
+
+
+def break_images(root):
+    """A file that is no image, a truncated PNG and a truncated JPEG; returns their paths."""
+    png, jpg = sorted((root / "class_1").glob("*.png"))[0], sorted((root / "class_2").glob("*.jpg"))[0]
+    (root / "class_0" / "notes.png").write_bytes(b"not a png")
+    for f in (png, jpg):
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    return sorted(str(f) for f in (root / "class_0" / "notes.png", png, jpg))
+
+
+def test_check_images_reports_every_bad_file(image_folder, tmp_path):
+    assert check_images(image_folder) == []
+    bad = break_images(image_folder)
+    found = check_images(image_folder, workers=2)
+    assert sorted(path for path, _ in found) == bad and all(reason for _, reason in found)
+    split = tmp_path / "split"
+    (split / "train").mkdir(parents=True)
+    image_folder.rename(split / "test")
+    (split / "train" / "cls").mkdir()
+    moved = [path.replace(str(image_folder), str(split / "test")) for path in bad]
+    assert [path for path, _ in check_images(split)] == [str(split / "train" / "cls")] + moved
+
+
+def test_a_small_folder_is_checked_when_loaded(image_folder, monkeypatch):
+    bad = break_images(image_folder)
+    with pytest.raises(ElmgenError) as e:
+        load_dataset(DataConfig(source=str(image_folder)))
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"3 corrupt or unreadable image(s) in {image_folder}")
+    assert bad[0] in line and f"run `elmgen check-data {image_folder}` for the full list" in line
+    monkeypatch.setattr(data, "CHECK_AT_LOAD_MAX_FILES", 10)  # a large folder: found when read
+    ds = load_dataset(DataConfig(source=str(image_folder)))
+    with pytest.raises(ElmgenError, match="corrupt or unreadable image .*notes.png"):
+        ds.images(np.arange(len(ds)))
 
 
 def test_center_crop_keeps_the_middle():
