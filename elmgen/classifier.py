@@ -43,7 +43,7 @@ class ClassifierJob:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=1500, batch_size=128, lr=3e-3, warmup_steps=100, lr_decay="cosine", weight_decay=0.05,
-        precision="bf16", save_every=500))
+        precision="auto", save_every=500))
     shift: int = 0  # random translations of up to this many pixels (the short default schedule learns faster without)
     hflip: bool = True  # random horizontal flips
     label_smoothing: float = 0.1

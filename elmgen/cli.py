@@ -92,7 +92,8 @@ def _common(p: argparse.ArgumentParser, config_help: str) -> None:
 def _train_options(p: argparse.ArgumentParser) -> None:
     """Training-loop switches; each is a shortcut for a train.* override (see _train_overrides)."""
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: autocast matmuls to bfloat16")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"],
+                   help="bf16: autocast matmuls to bfloat16; auto: bf16 where the device computes it natively")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--grad-accum", type=positive_int, metavar="N", help="split each batch into N micro-batches")
     p.add_argument("--ema-decay", type=float, metavar="D", help="keep an EMA of the weights (0: none)")

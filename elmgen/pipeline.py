@@ -35,19 +35,19 @@ class PipelineConfig:
     tokenizer: TokenizerJob = field(default_factory=lambda: TokenizerJob(
         tokenizer=TokenizerConfig(base_width=32, channel_mult=[1, 2, 2], num_res_blocks=1, num_bits=16),
         train=TrainConfig(steps=800, batch_size=64, lr=2e-3, warmup_steps=100, lr_decay="cosine",
-                          weight_decay=0.0, precision="bf16", save_every=300, ema_decay=0.999),
+                          weight_decay=0.0, precision="auto", save_every=300, ema_decay=0.999),
     ))
     lm: LMJob = field(default_factory=lambda: LMJob(
         model=ModelConfig(**preset("tiny"), vocab="2-8"),
         train=TrainConfig(steps=600, batch_size=128, lr=2e-3, warmup_steps=100, lr_decay="cosine",
-                          min_lr=1e-4, precision="bf16", save_every=100),
+                          min_lr=1e-4, precision="auto", save_every=100),
     ))
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(cfg_scale=3.0, cfg_schedule="linear"))
     num_per_class: int = 10
     evaluate: bool = True  # FID, IS, precision/recall, class accuracy in the feature space of `classifier`
     classifier: ClassifierJob = field(default_factory=lambda: ClassifierJob(train=TrainConfig(
         steps=1000, batch_size=128, lr=3e-3, warmup_steps=100, lr_decay="cosine", weight_decay=0.05,
-        precision="bf16", save_every=500)))  # trained once on the tokenizer's data
+        precision="auto", save_every=500)))  # trained once on the tokenizer's data
     reference_images: int = 10000  # training images behind the reference statistics
 
 

@@ -34,6 +34,7 @@ from elmgen import checkpoint
 from elmgen.config import save_yaml
 from elmgen.errors import ElmgenError
 
+PRECISIONS = ("fp32", "bf16", "auto")
 RUN_FILES = ("metrics.jsonl", "job.yaml", "loss.png", "eval.json", "reconstructions.png")  # what trainers write
 
 
@@ -50,7 +51,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "auto" (bf16 where the device computes it natively)
     ema_decay: float = 0.0  # keep an EMA of the weights (saved beside them, used for sampling); 0: none
     compile: bool = False  # torch.compile the model's forward (fixed shapes: compiled once)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (language models)
@@ -65,8 +66,8 @@ class TrainConfig:
         """Refuse out-of-range settings (NaN included) before anything is written; `world`: processes."""
         if self.lr_decay not in ("constant", "cosine"):
             raise ElmgenError(f"train.lr_decay must be 'constant' or 'cosine', not {self.lr_decay!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ElmgenError(f"train.precision must be 'fp32' or 'bf16', not {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ElmgenError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         # (field, holds, valid range): written so that NaN fails every test
         ranges = [
             ("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
@@ -131,8 +132,28 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: CPUs without AVX512-BF16/AMX emulate it, many times
+    slower than fp32 (convolutions most of all)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where the device has native bf16, else "fp32"; other values as they are."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

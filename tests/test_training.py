@@ -202,3 +202,16 @@ def test_two_processes_train_like_one(codes, tmp_path, parallel):
     # ... and the 2-process checkpoint resumes in one process
     more = train_lm(deterministic_job(6), codes, tmp_path / "ddp", resume=True)
     assert [r["step"] for r in more] == list(range(1, 7))
+
+
+def test_auto_precision_follows_native_bf16(monkeypatch):
+    import elmgen.training as training
+
+    cpu = torch.device("cpu")
+    assert training.resolve_precision("auto", cpu) == ("bf16" if training.native_bf16(cpu) else "fp32")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(training, "native_bf16", lambda device, n=native: n)
+        assert training.resolve_precision("auto", cpu) == expected
+        assert training.resolve_precision("fp32", cpu) == "fp32" and training.resolve_precision("bf16", cpu) == "bf16"
+        with training.autocast(cpu, "auto"):
+            assert torch.is_autocast_enabled("cpu") == native
