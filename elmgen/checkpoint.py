@@ -34,6 +34,10 @@ CONFIG_TYPES = {"kind": str, "step": int, "tokenizer": dict, "model": dict, "cla
                 "grid": int, "class_names": list, "dataset": str}
 
 
+UMASK = os.umask(0o022)  # read once (it can only be read by setting it) and restored at once
+os.umask(UMASK)
+
+
 def fsync(path: Path) -> None:
     """Flush a file, or a folder's entries, to disk: what a rename publishes must be there first."""
     fd = os.open(path, os.O_RDONLY)
@@ -56,6 +60,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # the mode a plain open() would give, not mkstemp's private 0600
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

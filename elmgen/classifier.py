@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from elmgen import checkpoint
 from elmgen.config import from_dict, to_dict
-from elmgen.data import DataConfig, ImageDataset, load_dataset, to_float
+from elmgen.data import DataConfig, ImageDataset, absolute_source, load_dataset, to_float
 from elmgen.errors import ElmgenError
 from elmgen.evaluation import class_accuracy
 from elmgen.training import TrainConfig, fit, is_main_process, resolve_device
@@ -131,7 +131,7 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
     device = resolve_device(job.train.device)
     model = Classifier(job.classifier).to(device)
     ckpt_config = {
-        "kind": "classifier", "classifier": to_dict(job.classifier), "data": to_dict(job.data),
+        "kind": "classifier", "classifier": to_dict(job.classifier), "data": to_dict(absolute_source(job.data)),
         "dataset": dataset.name, "image_size": job.data.image_size, "channels": job.data.channels,
         "class_names": dataset.class_names,
     }

@@ -67,23 +67,6 @@ def out_path(folder: bool):
 out_folder, out_file = out_path(folder=True), out_path(folder=False)
 
 
-def check_training_memory(train, estimate_gb, what: str, fix: str) -> None:
-    """Refuse a training job whose estimated peak memory, `estimate_gb(micro_batch)`, exceeds the device's: at
-    its start, not when it runs out hours later."""
-    import torch
-
-    train.validate()  # a sound batch split before dividing by it
-    micro_batch = train.batch_size // train.grad_accum
-    needed = estimate_gb(micro_batch)
-    if train.device != "cpu" and torch.cuda.is_available():
-        total, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "the GPU"
-    else:
-        total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
-    if needed > total / 1e9:
-        raise ElmgenError(f"{what}, {micro_batch} at a time, needs about {needed:,.0f} GB of memory, more than the "
-                          f"{total / 1e9:,.0f} GB of {where}; {fix}")
-
-
 def _common(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("--config", metavar="YAML", help=config_help)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDES_HELP)
@@ -139,7 +122,6 @@ def _sampling_options(s: argparse.ArgumentParser) -> None:
 
 
 def cmd_train_tokenizer(a) -> None:
-    from elmgen.tokenizer import training_memory_gb
     from elmgen.train import TokenizerJob, train_tokenizer
 
     base = {"data": {"source": a.data}} if a.data else {}
@@ -147,9 +129,6 @@ def cmd_train_tokenizer(a) -> None:
     if a.perceptual_weights:
         loss["perceptual_weights"] = a.perceptual_weights
     job = build_config(TokenizerJob, a.config, _train_overrides(a), **base, **({"loss": loss} if loss else {}))
-    check_training_memory(job.train, lambda batch: training_memory_gb(job.tokenizer, job.data.image_size, batch),
-                          f"training a tokenizer on {job.data.image_size} px images",
-                          "lower data.image_size or train.batch_size, or raise --grad-accum")
     report = train_tokenizer(job, a.out, resume=a.resume)
     if report:  # under torchrun only the main process reports
         print_report(report)
@@ -196,7 +175,7 @@ def cmd_eval_tokenizer(a) -> None:
 
 def cmd_train(a) -> None:
     from elmgen.codes import CodeDataset
-    from elmgen.model import preset, training_memory_gb
+    from elmgen.model import preset
     from elmgen.train import LMJob, train_lm
     from elmgen.training import is_main_process
 
@@ -204,11 +183,6 @@ def cmd_train(a) -> None:
     model = {**preset(a.preset), "vocab": a.vocab or meta["vocab"], "grid_size": meta["grid"],
              "num_classes": meta["num_classes"], "kind": a.kind}
     job = build_config(LMJob, a.config, _train_overrides(a), model=model)
-    t, g = job.train, job.model.grid_size
-    check_training_memory(t, lambda batch: training_memory_gb(job.model, batch, ema=t.ema_decay > 0,
-                                                              activation_checkpointing=t.activation_checkpointing),
-                          f"training this LM on {g}x{g}-cell sequences", "lower train.batch_size, raise --grad-accum, "
-                          "add --activation-checkpointing or use a smaller --preset")
     rows = train_lm(job, a.codes, a.out, resume=a.resume)
     if rows and is_main_process():
         print(json.dumps(rows[-1]))
@@ -327,16 +301,29 @@ def cmd_model_info(a) -> None:
             print(f"{k:>18}: {v:,}" if isinstance(v, int) else f"{k:>18}: {v}")
 
 
-def cmd_demo(a) -> None:
+def cmd_run(a) -> None:
     from elmgen.demo import run_demo
-    from elmgen.pipeline import PipelineConfig
+    from elmgen.pipeline import PipelineConfig, folder_config
 
-    cfg = build_config(PipelineConfig, a.config, a.overrides)
+    base = {}
+    if a.data:
+        base, note = folder_config(a.data, a.image_size)
+        print(f"elmgen run: {note}", file=sys.stderr)
+    elif a.image_size:
+        raise ElmgenError("--image-size applies to --data DIR (Fashion-MNIST runs at 32 px)")
+    cfg = build_config(PipelineConfig, a.config, a.overrides, **base)
     if a.quick:
         cfg = quick_demo(cfg)
     metrics = run_demo(cfg, a.out)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {a.out}/report.md, samples.png, samples.npz, reconstructions.png, loss.png, metrics.json")
+
+
+def cmd_shapes(a) -> None:
+    from elmgen.shapes import make_shapes
+
+    out = make_shapes(a.out, a.classes, a.per_class, a.size, a.seed)
+    print(f"wrote {a.classes * a.per_class} images to {out}/<shape>/")
 
 
 def cmd_sweep(a) -> None:
@@ -599,14 +586,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model config overrides, e.g. n_layer=30")
     s.set_defaults(func=cmd_model_info)
 
-    s = sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST, with a report",
+    s = sub.add_parser("run", aliases=["demo"],
+                       help="the whole pipeline on Fashion-MNIST or your images, with a report",
                        description="Train the BAE, tokenize, train an AR model (2-8 vocabulary), sample 10 "
-                                   "images per class with CFG; writes report.md, samples.png, samples.npz, "
-                                   "reconstructions.png, loss.png and metrics.json. Re-running resumes.")
+                                   "images per class with CFG and evaluate them; writes report.md, samples.png, "
+                                   "samples.npz, reconstructions.png, loss.png and metrics.json. Re-running resumes. "
+                                   "With --data DIR: classes, class names, channels and image size come from the "
+                                   "folder, and without a DIR/test folder a fixed 10%% of each class is held out.")
     s.add_argument("--out", type=out_folder, default="demo", help="output folder (default: demo)")
+    s.add_argument("--data", metavar="DIR", help="a folder with one sub-folder of images per class (default: "
+                                                 "Fashion-MNIST); make one with 'elmgen shapes'")
+    s.add_argument("--image-size", type=int, metavar="PX",
+                   help="image side for --data: 32, 64, 128 or 256 (default: the largest the images support)")
     s.add_argument("--quick", action="store_true", help="a short smoke run on a data subset")
     _common(s, "YAML with tokenizer/lm/sample sections (see configs/demo.yaml)")
-    s.set_defaults(func=cmd_demo)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("shapes", help="write a synthetic class folder of coloured shapes",
+                       description="Coloured shapes on coloured backgrounds, one sub-folder per shape: the class is "
+                                   "the shape, never the colour. A folder to try 'elmgen run --data' on.")
+    s.add_argument("--out", type=out_folder, required=True, help="folder to write (new or empty)")
+    s.add_argument("--classes", type=positive_int, default=4, help="number of shapes (2-6, default 4)")
+    s.add_argument("--per-class", type=positive_int, default=1000, help="images per shape (default 1000)")
+    s.add_argument("--size", type=positive_int, default=32, help="image side in px (default 32)")
+    s.add_argument("--seed", type=nonneg_int, default=0)
+    s.set_defaults(func=cmd_shapes)
 
     s = sub.add_parser("sweep", help="run a grid of pipeline runs sharing common stages",
                        description="Run every combination of the swept fields over a base pipeline config; "

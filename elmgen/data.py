@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,15 @@ class DataConfig:
     image_size: int = 32  # side of the square images fed to the tokenizer
     channels: int = 1  # 1 (grey) or 3 (RGB)
     limit: int | None = None  # use only the first N images (quick runs, tests)
+    holdout: float = 0.1  # a folder without <source>/test: share of each class held out as its test split
+
+
+def absolute_source(cfg: DataConfig) -> DataConfig:
+    """`cfg` with a folder source as an absolute path: what a run records must resolve from any working folder."""
+    return cfg if cfg.source == "fashion-mnist" else replace(cfg, source=str(Path(cfg.source).resolve()))
+
+
+HOLDOUT_SEED = 0  # the held-out images are a fixed function of the folder's listing and the share
 
 
 class ImageDataset:
@@ -95,10 +104,16 @@ class FashionMNIST(ImageDataset):
 class ImageFolder(ImageDataset):
     """`root/<class>/<image>`; images are centre-cropped to a square and resized."""
 
-    def __init__(self, root: str | Path, split: str, image_size: int, channels: int):
+    def __init__(self, root: str | Path, split: str, image_size: int, channels: int, holdout: float = 0.0):
         root = Path(root)
+        held_out = None
         if (root / split).is_dir():
             root = root / split
+        elif split not in ("train", "test"):
+            raise ElmgenError(f"unknown split {split!r}: {root} has no {split}/ folder; use 'train' or 'test'")
+        elif holdout > 0:  # no folder for this split: a fixed share of each class is the test split
+            root = root / "train" if (root / "train").is_dir() else root
+            held_out = split == "test"
         classes, files, labels, empty = class_files(root)
         if empty:
             more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
@@ -110,12 +125,18 @@ class ImageFolder(ImageDataset):
                 first = ", ".join(f"{path} ({reason})" for path, reason in bad[:3])
                 raise ElmgenError(f"{len(bad)} corrupt or unreadable image(s) in {root}: {first}; remove or replace "
                                   f"them (run `elmgen check-data {root}` for the full list)")
-        self.files = files
-        self.labels = np.asarray(labels, dtype=np.int64)
+        labels = np.asarray(labels, dtype=np.int64)
+        self.name = str(root)
+        if held_out is not None:
+            keep = holdout_mask(labels, holdout) == held_out
+            files, labels = [f for f, k in zip(files, keep, strict=True) if k], labels[keep]
+            self.name += f" ({'held-out' if held_out else 'training'} part: {holdout:.0%} of each class held out)"
+        order = interleave_classes(labels)  # so that the first N images of a split cover every class
+        self.files = [files[i] for i in order]
+        self.labels = labels[order]
         self.class_names = classes
         self.image_size = image_size
         self.mode = {1: "L", 3: "RGB"}[channels]
-        self.name = str(root)
 
     def load(self, i: int) -> np.ndarray:
         arr = np.asarray(center_crop_resize(open_image(self.files[i], self.mode), self.image_size), dtype=np.uint8)
@@ -124,6 +145,25 @@ class ImageFolder(ImageDataset):
     def images(self, idx) -> torch.Tensor:
         idx = np.atleast_1d(np.asarray(idx))
         return torch.from_numpy(np.stack([self.load(int(i)) for i in idx]))
+
+
+def holdout_mask(labels_N: np.ndarray, share: float) -> np.ndarray:
+    """Which images are held out: round(share x n) of each class of n images (at least one, never all),
+    picked by a permutation seeded per class, so the split is the same on every run and machine."""
+    held_N = np.zeros(len(labels_N), dtype=bool)
+    for c in np.unique(labels_N):
+        idx = np.flatnonzero(labels_N == c)
+        k = min(len(idx) - 1, max(1, round(share * len(idx))))
+        held_N[np.random.default_rng([HOLDOUT_SEED, int(c)]).permutation(idx)[:k]] = True
+    return held_N
+
+
+def interleave_classes(labels_N: np.ndarray) -> np.ndarray:
+    """An order that takes one image of each class in turn (class folders list their images class by class)."""
+    rank_N = np.zeros(len(labels_N), dtype=np.int64)
+    for c in np.unique(labels_N):
+        rank_N[labels_N == c] = np.arange((labels_N == c).sum())
+    return np.lexsort((labels_N, rank_N))
 
 
 def class_files(root: Path) -> tuple[list[str], list[Path], list[int], list[Path]]:
@@ -179,6 +219,29 @@ def find_bad_images(files: list[Path], workers: int | None = None) -> list[tuple
         return [(str(f), p) for f, p in zip(files, problems, strict=True) if p is not None]
 
 
+RESOLUTIONS = (32, 64, 128, 256)  # image sides the pipeline has recipes for
+GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+def inspect_folder(source: str | Path, samples: int = 64) -> tuple[int, int]:
+    """(channels, image size) of a class folder, from up to `samples` of its images spread over the classes:
+    3 channels when any of them has colour, else 1; the largest of RESOLUTIONS no larger than the median
+    shorter side (at least the smallest resolution: smaller images are enlarged)."""
+    source = Path(source)
+    _, files, labels, _ = class_files(source / "train" if (source / "train").is_dir() else source)
+    order = interleave_classes(np.asarray(labels, dtype=np.int64))
+    picked = [files[i] for i in order[np.linspace(0, len(files) - 1, min(samples, len(files))).astype(int)]]
+    colour, sides = False, []
+    for f in picked:
+        img = open_image(f)
+        sides.append(min(img.size))
+        if img.mode not in GREY_MODES:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+            colour |= bool(np.abs(rgb - rgb[..., :1]).max() > 8)  # grey saved as RGB is still grey
+    side = float(np.median(sides))
+    return (3 if colour else 1), max([r for r in RESOLUTIONS if r <= side] or [RESOLUTIONS[0]])
+
+
 def check_images(source: str | Path, workers: int | None = None) -> list[tuple[str, str]]:
     """Decode every image of a class folder (its train/ and test/ splits when it has them) and return
     (path, reason) for every bad one: files that do not decode and class folders without images."""
@@ -227,12 +290,14 @@ def read_idx(path: str | Path) -> np.ndarray:
 def load_dataset(cfg: DataConfig) -> ImageDataset:
     if cfg.channels not in (1, 3):
         raise ElmgenError(f"data.channels must be 1 or 3, not {cfg.channels}")
+    if not 0 <= cfg.holdout < 1:
+        raise ElmgenError(f"data.holdout must be in [0, 1), not {cfg.holdout}")
     if cfg.limit is not None and cfg.limit < 1:
         raise ElmgenError(f"--limit (data.limit) must be positive, not {cfg.limit}; omit it to use every image")
     if cfg.source == "fashion-mnist":
         ds = FashionMNIST(cfg.split, cfg.image_size, cfg.channels)
     else:
-        ds = ImageFolder(cfg.source, cfg.split, cfg.image_size, cfg.channels)
+        ds = ImageFolder(cfg.source, cfg.split, cfg.image_size, cfg.channels, cfg.holdout)
     if cfg.limit is not None:
         ds = Subset(ds, range(min(cfg.limit, len(ds))))
     return ds

@@ -1,4 +1,4 @@
-"""The whole ELM path on Fashion-MNIST in one resumable command, with a report."""
+"""The whole ELM path on Fashion-MNIST or a folder of your images in one resumable command, with a report."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from elmgen import checkpoint
+from elmgen.data import DataConfig
 from elmgen.pipeline import PipelineConfig, StageDirs, run_pipeline
 from elmgen.plots import loss_curve
 from elmgen.training import read_metrics
@@ -27,22 +28,46 @@ def run_demo(cfg: PipelineConfig, out_dir: str | Path) -> dict:
                title=f"{cfg.lm.model.kind.upper()} training loss (vocabulary {vocab})",
                hline=math.log(vocab.size), hline_label=f"ln {vocab.size}: uniform guess")
     class_names = json.loads((dirs.codes / "meta.json").read_text())["class_names"]
-    checkpoint.atomic_write_text(out / "report.md", render_report(metrics, class_names))
+    checkpoint.atomic_write_text(out / "report.md", render_report(metrics, class_names, cfg.tokenizer.data))
     return metrics
 
 
-def render_report(m: dict, class_names: list[str]) -> str:
+def data_title(data: DataConfig) -> str:
+    return "Fashion-MNIST" if data.source == "fashion-mnist" else f"{Path(data.source).name}/ (your images)"
+
+
+def evaluation_images(data: DataConfig) -> str:
+    """Which images the held-out figures come from, in words."""
+    if data.source == "fashion-mnist":
+        return "held-out images: the Fashion-MNIST test set"
+    if (Path(data.source) / "test").is_dir():
+        return f"held-out images: {data.source}/test"
+    if data.holdout > 0:
+        return (f"held-out images: {data.holdout:.0%} of each class of {data.source}, chosen once by a fixed seed "
+                "and used by no training stage")
+    return f"training images of {data.source} (no held-out split: data.holdout is 0 and there is no test/ folder)"
+
+
+def render_report(m: dict, class_names: list[str], data: DataConfig) -> str:
     tok, lm, s = m["tokenizer"], m["lm"], m["sampling"]
     rows = "\n".join(f"| {i} | {name} |" for i, name in enumerate(class_names))
-    return f"""# elmgen demo: Fashion-MNIST with a binary tokenizer and an autoregressive transformer
+    per_class = "\n".join(f"| {name} | {'-' if v is None else f'{v:.2f}'} |"
+                           for name, v in zip(class_names, tok.get("psnr_per_class") or [], strict=False))
+    return f"""# elmgen: {data_title(data)} with a binary tokenizer and an autoregressive transformer
 
 ## 1. Tokenizer (binary autoencoder)
-Each 32x32 image becomes a {tok['grid'][0]}x{tok['grid'][1]} grid of {tok['bits']}-bit binary codes.
-On {tok['images']} held-out images ({tok['dataset']}):
+Each {data.image_size}x{data.image_size} image becomes a {tok['grid'][0]}x{tok['grid'][1]} grid of {tok['bits']}-bit
+binary codes. On {tok['images']} {evaluation_images(data)} ({tok['dataset']}):
 
 | PSNR (dB) | distinct codes | code usage | mean per-bit entropy (bits) |
 |---|---|---|---|
 | {tok['psnr']:.2f} | {tok['distinct_codes']} | {tok['code_usage']:.3f} | {tok['bit_entropy']:.3f} |
+
+Per class:
+
+| class | PSNR (dB) |
+|---|---|
+{per_class}
 
 Code usage is distinct codes / min(2^K, cells encoded). `reconstructions.png`: originals on top,
 reconstructions from deterministic codes below.
@@ -81,6 +106,7 @@ def render_eval(e: dict | None) -> str:
     if not e:
         return ""
     space = e["feature_space"]
+    per_class = "\n".join(f"| {name} | {acc:.2f} |" for name, acc in (e.get("per_class_accuracy") or {}).items())
     return f"""
 ## 4. Evaluation
 Measured in the feature space of the project's own classifier ({space['name']}, fingerprint
@@ -93,5 +119,11 @@ not Inception: these numbers compare runs of this project, not papers. {e['num_s
 | {e['fid']:.2f} | {e['inception_score']:.2f} | {e['precision']:.3f} | {e['recall']:.3f} | {e['class_accuracy']:.3f} |
 
 Class accuracy: the share of samples the classifier assigns to the class they were generated for.
+Per class:
+
+| class | class accuracy |
+|---|---|
+{per_class}
+
 With only {e['num_samples']} samples, FID is biased upwards; compare it across runs of equal size.
 """

@@ -102,11 +102,15 @@ def evaluate_tokenizer(model, dataset: ImageDataset, batch_size: int = 256, limi
         psnrs.append(psnr(recon, x).cpu())
         ssims.append(ssim(recon, x).cpu())
         cells.append(cells_BL.cpu().numpy())
-    all_cells = np.concatenate(cells)
+    all_cells, psnr_N = np.concatenate(cells), torch.cat(psnrs).numpy()
+    labels_N = np.asarray(dataset.labels[:n])
     bits_NK = cells_to_bits(torch.from_numpy(all_cells.reshape(1, -1)), K, 1, all_cells.size).reshape(K, -1).T
     return {
         "images": n,
-        "psnr": float(torch.cat(psnrs).mean()),
+        "psnr": float(psnr_N.mean()),
+        # one per class (None for a class with no image here): a tokenizer can serve some classes worse
+        "psnr_per_class": [float(psnr_N[labels_N == c].mean()) if (labels_N == c).any() else None
+                           for c in range(len(getattr(dataset, "class_names", ())) or labels_N.max(initial=-1) + 1)],
         "ssim": float(torch.cat(ssims).mean()),
         "quantizer": model.cfg.quantizer,
         "bits": K,

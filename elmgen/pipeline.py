@@ -18,7 +18,8 @@ from elmgen import checkpoint
 from elmgen.classifier import ClassifierJob, train_classifier
 from elmgen.codes import tokenize
 from elmgen.config import save_yaml, to_dict
-from elmgen.data import load_dataset
+from elmgen.data import inspect_folder, load_dataset
+from elmgen.errors import ElmgenError
 from elmgen.evaluation import evaluate_samples, load_extractor, open_reference, save_ref_stats
 from elmgen.model import ModelConfig, count_params, load_model, preset
 from elmgen.sampling import SampleConfig, class_balanced, image_seeds, sample_images, write_samples
@@ -38,7 +39,7 @@ class PipelineConfig:
                           weight_decay=0.0, precision="auto", save_every=300, ema_decay=0.999),
     ))
     lm: LMJob = field(default_factory=lambda: LMJob(
-        model=ModelConfig(**preset("tiny"), vocab="2-8"),
+        model=ModelConfig(**preset("tiny"), vocab="2-8", grid_size=0, num_classes=0),  # 0: from the code folder
         train=TrainConfig(steps=600, batch_size=128, lr=2e-3, warmup_steps=100, lr_decay="cosine",
                           min_lr=1e-4, precision="auto", save_every=100),
     ))
@@ -49,6 +50,26 @@ class PipelineConfig:
         steps=1000, batch_size=128, lr=3e-3, warmup_steps=100, lr_decay="cosine", weight_decay=0.05,
         precision="auto", save_every=500)))  # trained once on the tokenizer's data
     reference_images: int = 10000  # training images behind the reference statistics
+
+
+# The tokenizer's levels at each image side: a downsampling factor that keeps the grid at 8x8 up to 128 px
+# (16x16 at 256 px, the paper's), so the LM's cost stays that of the 32 px demo.
+RESOLUTION_LEVELS = {32: [1, 2, 2], 64: [1, 2, 2, 2], 128: [1, 1, 2, 2, 4], 256: [1, 1, 2, 2, 4]}
+
+
+def folder_config(source: str | Path, image_size: int | None = None) -> tuple[dict, str]:
+    """Pipeline settings for a class folder (channels and image side detected, or the side given) and a
+    line saying what was chosen."""
+    channels, detected = inspect_folder(source)
+    size = image_size or detected
+    if size not in RESOLUTION_LEVELS:
+        raise ElmgenError(f"--image-size {size} has no recipe; use one of {', '.join(map(str, RESOLUTION_LEVELS))}")
+    levels = RESOLUTION_LEVELS[size]
+    grid = size // 2 ** (len(levels) - 1)
+    data = {"source": str(Path(source).resolve()), "channels": channels, "image_size": size}
+    note = (f"{source}: {'colour' if channels == 3 else 'grey'} images at {size} px "
+            f"({'given' if image_size else 'detected'}), a {grid}x{grid} grid of codes")
+    return {"tokenizer": {"data": data, "tokenizer": {"channel_mult": levels}}}, note
 
 
 @dataclass
@@ -88,7 +109,7 @@ def trained(run_dir: Path, steps: int) -> bool:
     return checkpoint.has_checkpoint(run_dir) and checkpoint.load_config(run_dir).get("step", 0) >= steps
 
 
-def evaluate_run(cfg: PipelineConfig, dirs: StageDirs) -> dict:
+def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, num_samples: int) -> dict:
     """Train (once) the feature-space classifier and its reference statistics, then score the samples."""
     if not (dirs.classifier / "eval.json").is_file():
         train_classifier(classifier_job(cfg), dirs.classifier, resume=checkpoint.has_checkpoint(dirs.classifier))
@@ -99,9 +120,22 @@ def evaluate_run(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     else:
         ref = open_reference(replace(cfg.tokenizer.data, split="train", limit=cfg.reference_images), extractor)
         save_ref_stats(ref, ref_file)
-    result = evaluate_samples(dirs.samples / "samples.npz", ref, extractor)
+    # the Inception Score needs a sample per split: few classes x few samples get fewer splits
+    result = evaluate_samples(dirs.samples / "samples.npz", ref, extractor, splits=min(10, num_samples))
     result["classifier_test_accuracy"] = json.loads((dirs.classifier / "eval.json").read_text())["accuracy"]
     return result
+
+
+def fit_to_codes(job: LMJob, meta: dict) -> LMJob:
+    """The LM job with the grid and class count of the code folder where the config leaves them at 0; a
+    value the config sets must agree with the data."""
+    model = job.model
+    for key, data_key, what in (("grid_size", "grid", "a grid of"), ("num_classes", "num_classes", "classes:")):
+        value = getattr(model, key)
+        if value and value != meta[data_key]:
+            raise ElmgenError(f"lm.model.{key}={value} is set in the config, but the data gives {what} "
+                              f"{meta[data_key]} ({meta['dataset']}); drop lm.model.{key} to take it from the data")
+    return replace(job, model=replace(model, grid_size=meta["grid"], num_classes=meta["num_classes"]))
 
 
 def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
@@ -124,8 +158,9 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     timings["tokenize"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if not trained(dirs.lm, cfg.lm.train.steps):
-        train_lm(cfg.lm, dirs.codes, dirs.lm, resume=checkpoint.has_checkpoint(dirs.lm))
+    lm_job = fit_to_codes(cfg.lm, json.loads((dirs.codes / "meta.json").read_text()))
+    if not trained(dirs.lm, lm_job.train.steps):
+        train_lm(lm_job, dirs.codes, dirs.lm, resume=checkpoint.has_checkpoint(dirs.lm))
     rows = read_metrics(dirs.lm / "metrics.jsonl")
     model, _ = load_model(dirs.lm)
     timings["lm"] = time.perf_counter() - t
@@ -140,14 +175,14 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     evaluation = None
     if cfg.evaluate:
         t = time.perf_counter()
-        evaluation = evaluate_run(cfg, dirs)
+        evaluation = evaluate_run(cfg, dirs, len(labels))
         timings["evaluate"] = time.perf_counter() - t
 
     metrics = {
         "tokenizer": {k: v for k, v in tok_eval.items() if k != "bit_mean"},
         "lm": {
-            "kind": cfg.lm.model.kind, "layers": cfg.lm.model.n_layer, "width": cfg.lm.model.d_model,
-            "vocab": str(vocab), "params": count_params(cfg.lm.model), "steps": rows[-1]["step"],
+            "kind": lm_job.model.kind, "layers": lm_job.model.n_layer, "width": lm_job.model.d_model,
+            "vocab": str(vocab), "params": count_params(lm_job.model), "steps": rows[-1]["step"],
             "final_loss": rows[-1]["loss"], "uniform_loss": math.log(vocab.size),
             "tokens_per_s": rows[-1].get("tok_per_s"),
         },

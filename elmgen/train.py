@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from elmgen import checkpoint
 from elmgen.codes import CodeDataset
 from elmgen.config import to_dict
-from elmgen.data import DataConfig, load_dataset, to_float, to_uint8
+from elmgen.data import DataConfig, absolute_source, load_dataset, to_float, to_uint8
 from elmgen.errors import ElmgenError
 from elmgen.evaluation import evaluate_tokenizer
 from elmgen.losses import (
@@ -25,10 +25,12 @@ from elmgen.losses import (
     load_perceptual,
 )
 from elmgen.model import ModelConfig, Transformer
+from elmgen.model import training_memory_gb as lm_memory_gb
 from elmgen.plots import image_grid, loss_curve, save_png
 from elmgen.sampling import masked_fraction
 from elmgen.tokenizer import Autoencoder, TokenizerConfig, load_tokenizer
-from elmgen.training import TrainConfig, fit, is_main_process, resolve_device
+from elmgen.tokenizer import training_memory_gb as tokenizer_memory_gb
+from elmgen.training import TrainConfig, check_training_memory, fit, is_main_process, resolve_device
 from elmgen.vocab import Vocab
 
 
@@ -105,6 +107,9 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
     job.loss.validate()
     dataset = load_dataset(job.data)
     job.tokenizer.in_channels = job.data.channels
+    check_training_memory(job.train, lambda batch: tokenizer_memory_gb(job.tokenizer, job.data.image_size, batch),
+                          f"training a tokenizer on {job.data.image_size} px images",
+                          "lower data.image_size or train.batch_size, or raise --grad-accum")
     if job.data.image_size % job.tokenizer.downsample:
         raise ElmgenError(f"image size {job.data.image_size} is not divisible by the tokenizer's "
                           f"downsampling factor {job.tokenizer.downsample}")
@@ -119,7 +124,8 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
         perceptual.to(device)
     model = trainer.tokenizer
     ckpt_config = {
-        "kind": job.tokenizer.quantizer, "tokenizer": to_dict(job.tokenizer), "data": to_dict(job.data),
+        "kind": job.tokenizer.quantizer, "tokenizer": to_dict(job.tokenizer),
+        "data": to_dict(absolute_source(job.data)),
         "bits": model.code_bits, "num_codes": model.num_codes, "image_size": job.data.image_size,
         "channels": job.data.channels, "grid": job.data.image_size // job.tokenizer.downsample,
         "class_names": dataset.class_names,
@@ -178,6 +184,11 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
         cfg.num_codes = num_codes  # the code folder's code space, unless the config states it
     if cfg.num_codes not in (None, num_codes):
         raise ElmgenError(f"model.num_codes={cfg.num_codes} does not match the code folder's {num_codes} codes")
+    t, g = job.train, cfg.grid_size
+    check_training_memory(t, lambda batch: lm_memory_gb(cfg, batch, ema=t.ema_decay > 0,
+                                                        activation_checkpointing=t.activation_checkpointing),
+                          f"training this LM on {g}x{g}-cell sequences", "lower train.batch_size, raise --grad-accum, "
+                          "add --activation-checkpointing or use a smaller --preset")
     device = resolve_device(job.train.device)
     torch.manual_seed(job.train.seed)
     model = Transformer(cfg).to(device)

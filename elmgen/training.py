@@ -128,6 +128,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_training_memory(train, estimate_gb, what: str, fix: str) -> None:
+    """Refuse a training job whose estimated peak memory, `estimate_gb(micro_batch)`, exceeds the device's: at
+    its start, not when it runs out hours later."""
+    train.validate()  # a sound batch split before dividing by it
+    micro_batch = train.batch_size // train.grad_accum
+    needed = estimate_gb(micro_batch)
+    if train.device != "cpu" and torch.cuda.is_available():
+        total, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "the GPU"
+    else:
+        total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    if needed > total / 1e9:
+        raise ElmgenError(f"{what}, {micro_batch} at a time, needs about {needed:,.0f} GB of memory, more than the "
+                          f"{total / 1e9:,.0f} GB of {where}; {fix}")
+
+
 def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 

@@ -119,11 +119,11 @@ def test_model_info_json(capsys):
 
 def test_every_command_has_help(capsys):
     for command in ("train-tokenizer", "tokenize", "train", "sample", "outpaint", "inpaint", "model-info",
-                    "demo"):
+                    "run", "demo", "shapes", "check-data"):
         with pytest.raises(SystemExit) as exc:
             main([command, "--help"])
         assert exc.value.code == 0
-        assert "usage: elmgen " + command in capsys.readouterr().out
+        assert "usage: elmgen " + ("run" if command == "demo" else command) in capsys.readouterr().out
 
 
 def test_mlm_trains_and_samples(pipeline, tmp_path, capsys):

@@ -83,7 +83,8 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(tmp_path, monkeypatch):
     real = os.fsync
 
     def fsync_until_full(fd):
-        if "shard_00001" in os.readlink(f"/proc/self/fd/{fd}"):  # plan.json and shard 0 fit, shard 1 finds the disk full
+        # plan.json and shard 0 fit, shard 1 finds the disk full
+        if "shard_00001" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd)
 

@@ -41,7 +41,7 @@ def test_idx_errors(tmp_path, monkeypatch):
 
 
 def test_image_folder(image_folder):
-    ds = load_dataset(DataConfig(source=str(image_folder), image_size=16, channels=3))
+    ds = load_dataset(DataConfig(source=str(image_folder), image_size=16, channels=3, holdout=0.0))
     assert len(ds) == 18 and ds.class_names == ["class_0", "class_1", "class_2"]
     x = ds.images(np.arange(18))
     assert x.shape == (18, 3, 16, 16)
@@ -49,6 +49,29 @@ def test_image_folder(image_folder):
     assert torch.equal(dominant, torch.as_tensor(ds.labels))  # class c is mostly colour channel c
     grey = load_dataset(DataConfig(source=str(image_folder), image_size=8, channels=1))
     assert grey.images([0]).shape == (1, 1, 8, 8)
+
+
+def test_folder_without_test_split_holds_out_a_fixed_share_of_each_class(image_folder):
+    def files(split, holdout=0.1):
+        ds = load_dataset(DataConfig(source=str(image_folder), split=split, holdout=holdout))
+        return ds, [f.name for f in ds.files]
+
+    train, train_files = files("train")
+    test, test_files = files("test")
+    assert (len(train), len(test)) == (15, 3)  # 6 images a class: one of each held out
+    assert sorted(test.labels.tolist()) == [0, 1, 2] and np.bincount(train.labels).tolist() == [5, 5, 5]
+    pairs = {(f, c) for f, c in zip(train_files, train.labels, strict=True)}
+    assert not pairs & {(f, c) for f, c in zip(test_files, test.labels, strict=True)}
+    assert files("test")[1] == test_files  # the same split every time
+    assert "held-out part: 10% of each class held out" in test.name and "training part" in train.name
+    assert train.labels[:3].tolist() == [0, 1, 2]  # classes interleaved: the first images cover every class
+    assert len(files("test", holdout=0.5)[0]) == 9
+    assert len(files("test", holdout=0.0)[0]) == 18  # no hold-out: the test split is the whole folder
+    (image_folder / "test" / "class_0").mkdir(parents=True)  # a real test/ folder wins over the hold-out
+    Image.new("RGB", (8, 8)).save(image_folder / "test" / "class_0" / "x.png")
+    assert len(files("test")[0]) == 1
+    with pytest.raises(ElmgenError, match="holdout must be in"):
+        files("train", holdout=1.0)
 
 
 def test_image_folder_errors(tmp_path):
@@ -116,8 +139,9 @@ def test_a_small_folder_is_checked_when_loaded(image_folder, monkeypatch):
     assert bad[0] in line and f"run `elmgen check-data {image_folder}` for the full list" in line
     monkeypatch.setattr(data, "CHECK_AT_LOAD_MAX_FILES", 10)  # a large folder: found when read
     ds = load_dataset(DataConfig(source=str(image_folder)))
-    with pytest.raises(ElmgenError, match="corrupt or unreadable image .*notes.png"):
+    with pytest.raises(ElmgenError, match="corrupt or unreadable image") as e:
         ds.images(np.arange(len(ds)))
+    assert any(f"image {path}:" in str(e.value) for path in bad)
 
 
 def test_center_crop_keeps_the_middle():

@@ -133,22 +133,23 @@ def test_train_eval_tokenize_on_colour_photos(photo_folder, tmp_path, capsys, qu
     out = run(capsys, "train-tokenizer", "--out", tok, "--data", photo_folder, "data.channels=3",
               "data.image_size=32", f"tokenizer.quantizer={quantizer}", *extra, *TINY_ARGS, "train.steps=4")
     report = json.loads(out)
-    assert report["quantizer"] == quantizer and report["grid"] == [8, 8] and 0 < report["ssim"] <= 1
+    assert report["quantizer"] == quantizer and report["grid"] == [8, 8] and -1 <= report["ssim"] <= 1
     model, meta = load_tokenizer(tok)
     assert (meta["kind"], meta["channels"], model.cfg.in_channels) == (quantizer, 3, 3)
     ev = tmp_path / "eval"
     report = json.loads(run(capsys, "eval-tokenizer", "--tokenizer", tok, "--out", ev, "--split", "train"))
-    assert report["images"] == 24 and (ev / "eval.json").is_file()
+    assert report["images"] == 21 and (ev / "eval.json").is_file()  # one crop of each photo is held out
     assert Image.open(ev / "reconstructions.png").mode == "RGB"
     codes = json.loads(run(capsys, "tokenize", "--tokenizer", tok, "--out", tmp_path / "codes", "--crops", "five",
                            "--crop-range", "1.25", "--flip"))
-    assert codes["count"] == 24 * 10 and codes["vocab"] == ("2-5" if quantizer == "bae" else f"1-{meta['bits']}")
+    assert codes["count"] == 21 * 10 and codes["vocab"] == ("2-5" if quantizer == "bae" else f"1-{meta['bits']}")
 
 
 @pytest.mark.parametrize("quantizer", ["bae", "vq", "fsq"])
 def test_each_quantizer_learns_colour_photos(photo_folder, quantizer):
     """40 steps of the training objective on 24 crops must clearly beat the untrained reconstruction."""
-    x = to_float(load_dataset(DataConfig(source=str(photo_folder), channels=3, image_size=16)).images(range(24)))
+    x = to_float(load_dataset(DataConfig(source=str(photo_folder), channels=3, image_size=16,
+                                                holdout=0.0)).images(range(24)))
     cfg = TokenizerConfig(**TINY, in_channels=3, quantizer=quantizer, num_bits=12, codebook_size=256,
                           fsq_levels=[5, 5, 5])
     trainer = TokenizerTraining(TokenizerJob(tokenizer=cfg))

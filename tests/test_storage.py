@@ -270,3 +270,9 @@ def test_a_broken_config_json_is_one_line(tmp_path, text):
     with pytest.raises(ElmgenError, match="re-train or re-export") as e:
         checkpoint.load_config(tmp_path)
     assert str(ckpt / checkpoint.CONFIG) in one_line_error(e)
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    elmgen.checkpoint.atomic_write_text(tmp_path / "report.md", "x")
+    (tmp_path / "plain.md").write_text("x")
+    assert (tmp_path / "report.md").stat().st_mode == (tmp_path / "plain.md").stat().st_mode

@@ -6,6 +6,7 @@ import elmgen.pipeline
 from elmgen.cli import main
 from elmgen.config import build_config
 from elmgen.errors import ElmgenError
+from elmgen.pipeline import fit_to_codes
 from elmgen.sweep import SweepConfig, apply_overrides, expand
 
 SWEEP = """
@@ -82,4 +83,5 @@ def test_shipped_sweeps_load_and_expand():
         runs = expand(cfg)
         assert len(runs) >= 2, path.name
         for overrides in runs:
-            apply_overrides(cfg.base, overrides).lm.model.validate()
+            fmnist = {"grid": 8, "num_classes": 10, "dataset": "fashion-mnist"}  # what the sweeps' codes hold
+            fit_to_codes(apply_overrides(cfg.base, overrides).lm, fmnist).model.validate()

@@ -1,0 +1,85 @@
+"""Your own images end to end: a class folder without a test split, through `elmgen run --data` and `sweep`."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from elmgen.cli import main
+from elmgen.data import inspect_folder
+from elmgen.errors import ElmgenError
+from elmgen.shapes import SHAPES, make_shapes
+
+# A run small enough for the test suite: the same pipeline, a fraction of its size.
+TINY = ["tokenizer.tokenizer.base_width=8", "tokenizer.tokenizer.num_bits=8", "tokenizer.train.batch_size=8",
+        "tokenizer.train.steps=4", "tokenizer.eval_images=12", "lm.model.vocab=2-4", "lm.model.n_layer=1",
+        "lm.model.d_model=64", "lm.model.n_head=2", "lm.train.batch_size=8", "lm.train.steps=4",
+        "classifier.train.batch_size=16", "classifier.train.steps=4", "num_per_class=2", "reference_images=30"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("data") / "shapes", num_classes=3, per_class=20, size=32)
+
+
+def test_shapes_differ_by_shape_not_colour(tmp_path):
+    root = make_shapes(tmp_path / "s", num_classes=6, per_class=3, size=24, seed=1)
+    assert sorted(p.name for p in root.iterdir()) == sorted(SHAPES)
+    first = {s: np.asarray(Image.open(root / s / "00000.png")) for s in SHAPES}
+    assert all(a.shape == (24, 24, 3) for a in first.values())
+    assert len({a.reshape(-1, 3)[0].tobytes() for a in first.values()}) > 1  # backgrounds are random
+    again = make_shapes(tmp_path / "t", num_classes=6, per_class=3, size=24, seed=1)
+    assert (again / "ring" / "00002.png").read_bytes() == (root / "ring" / "00002.png").read_bytes()
+    with pytest.raises(ElmgenError, match="not empty"):
+        make_shapes(root)
+
+
+def test_inspect_folder_detects_channels_and_size(shapes, tmp_path):
+    assert inspect_folder(shapes) == (3, 32)
+    grey = tmp_path / "grey" / "a"
+    grey.mkdir(parents=True)
+    for i in range(3):  # grey pictures saved as RGB are grey; 100 px supports 64 px
+        Image.new("RGB", (100, 120), (i * 40,) * 3).save(grey / f"{i}.png")
+    assert inspect_folder(grey.parent) == (1, 64)
+
+
+def test_run_on_a_class_folder_takes_everything_from_the_data(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(shapes), "--out", str(out), *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "colour images at 32 px (detected), a 8x8 grid of codes" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"]["num_samples"] == 6  # 3 classes from the folder, 2 samples each
+    codes = json.loads((out / "codes" / "meta.json").read_text())
+    assert codes["num_classes"] == 3 and codes["class_names"] == ["circle", "square", "triangle"]
+    assert codes["images"] == 54  # 20 a class, 2 of each held out
+    tok = json.loads((out / "tokenizer" / "eval.json").read_text())
+    assert "held-out part: 10% of each class held out" in tok["dataset"] and tok["images"] == 6
+    assert len(tok["psnr_per_class"]) == 3 and None not in tok["psnr_per_class"]
+    report = (out / "report.md").read_text()
+    assert report.startswith("# elmgen: shapes/ (your images)") and "Fashion-MNIST" not in report
+    assert "10% of each class" in report and "| triangle |" in report
+    assert np.load(out / "samples.npz")["arr_0"].shape == (6, 32, 32, 3)
+    tokenizer_config = json.loads(next((out / "tokenizer" / "checkpoints").glob("step_*/config.json")).read_text())
+    assert tokenizer_config["data"]["source"] == str(shapes.resolve())  # resolves from any working folder
+
+
+def test_a_config_that_contradicts_the_data_names_the_setting(shapes, tmp_path, capsys):
+    assert main(["demo", "--data", str(shapes), "--out", str(tmp_path / "r"), *TINY, "lm.model.num_classes=10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "lm.model.num_classes=10 is set in the config, but the data gives classes: 3" in err
+    assert "drop lm.model.num_classes" in err
+
+
+def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    base = "\n".join(f"  {line}" for line in [
+        f"tokenizer: {{data: {{source: {shapes}, channels: 3}}, tokenizer: {{base_width: 8, num_bits: 8}},",
+        "            train: {steps: 2, batch_size: 8}, eval_images: 6}",
+        "lm: {model: {n_layer: 1, d_model: 64, n_head: 2, vocab: 2-4}, train: {steps: 2, batch_size: 8}}",
+        "num_per_class: 1", "evaluate: false"])
+    sweep.write_text(f"base:\n{base}\ngrid:\n  sample.cfg_scale: [1.0, 2.0]\n")
+    assert main(["sweep", str(sweep), "--out", str(tmp_path / "sw")]) == 0
+    rows = (tmp_path / "sw" / "summary.csv").read_text().strip().splitlines()
+    assert len(rows) == 3
