@@ -592,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "images per class with CFG and evaluate them; writes report.md, samples.png, "
                                    "samples.npz, reconstructions.png, loss.png and metrics.json. Re-running resumes. "
                                    "With --data DIR: classes, class names, channels and image size come from the "
-                                   "folder, and without a DIR/test folder a fixed 10%% of each class is held out.")
+                                   "folder, and without a DIR/test folder a fixed 10% of each class is held out.")
     s.add_argument("--out", type=out_folder, default="demo", help="output folder (default: demo)")
     s.add_argument("--data", metavar="DIR", help="a folder with one sub-folder of images per class (default: "
                                                  "Fashion-MNIST); make one with 'elmgen shapes'")
