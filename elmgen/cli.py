@@ -410,13 +410,12 @@ def cmd_ref_stats(a) -> None:
 
 
 def cmd_check_data(a) -> None:
-    from elmgen.data import IMAGE_SUFFIXES, check_images
+    from elmgen.data import check_images, folder_images
 
     bad = check_images(a.folder, a.workers)
     for path, reason in bad:
         print(f"{path}: {reason}")
-    checked = sum(1 for f in Path(a.folder).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-    summary = f"{checked} files checked, {len(bad)} bad"
+    summary = f"{len(folder_images(a.folder)[0])} files checked, {len(bad)} bad"
     if bad:
         raise ElmgenError(f"{summary}; remove or replace the files listed above")
     print(summary)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from elmgen.checkpoint import TMP_PREFIX, atomic_write, fsync
+from elmgen.checkpoint import TMP_PREFIX, atomic_write, atomic_write_text, fsync
 from elmgen.data import ImageDataset, to_float
 from elmgen.errors import ElmgenError
 from elmgen.tokenizer import Autoencoder
@@ -131,7 +131,7 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
         raise ElmgenError(f"cannot use --out {out_dir}: {e.strerror or e}; pass a writable folder") from None
     if work is None:
         return plan
-    atomic_write(work / "plan.json", lambda f: f.write(json.dumps(plan, indent=2).encode()))
+    atomic_write_text(work / "plan.json", json.dumps(plan, indent=2))
     device = next(tokenizer.parameters()).device
     dtype, L = code_dtype(K), grid * grid
     for s, name in enumerate(tqdm(plan["shards"], desc="tokenize", unit="shard")):
@@ -154,7 +154,7 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
     labels = np.concatenate([np.tile(dataset.labels[s * shard_size: (s + 1) * shard_size], views)
                              for s in range(len(plan["shards"]))]).astype(np.int64)
     atomic_write(work / "labels.npy", lambda f: np.save(f, labels))
-    atomic_write(work / "meta.json", lambda f: f.write(json.dumps(plan, indent=2).encode()))
+    atomic_write_text(work / "meta.json", json.dumps(plan, indent=2))
     (work / "plan.json").unlink()
     try:
         fsync(work)

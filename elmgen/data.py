@@ -245,14 +245,20 @@ def inspect_folder(source: str | Path, samples: int = 64) -> tuple[int, int]:
 def check_images(source: str | Path, workers: int | None = None) -> list[tuple[str, str]]:
     """Decode every image of a class folder (its train/ and test/ splits when it has them) and return
     (path, reason) for every bad one: files that do not decode and class folders without images."""
+    files, empty = folder_images(source)
+    return [(str(folder), "class folder holds no images") for folder in empty] + find_bad_images(files, workers)
+
+
+def folder_images(source: str | Path) -> tuple[list[Path], list[Path]]:
+    """The image files of a class folder (of its train/ and test/ splits when it has them) and the class
+    folders that hold none."""
     source = Path(source)
-    roots = [source / s for s in ("train", "test") if (source / s).is_dir()] or [source]
-    bad, files = [], []
-    for root in roots:
-        _, found, _, empty = class_files(root)
-        bad += [(str(folder), "class folder holds no images") for folder in empty]
+    files, empty = [], []
+    for root in [source / s for s in ("train", "test") if (source / s).is_dir()] or [source]:
+        _, found, _, no_images = class_files(root)
         files += found
-    return bad + find_bad_images(files, workers)
+        empty += no_images
+    return files, empty
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from elmgen import checkpoint
 from elmgen.classifier import ClassifierJob, train_classifier
-from elmgen.codes import tokenize
+from elmgen.codes import CodeDataset, tokenize
 from elmgen.config import save_yaml, to_dict
 from elmgen.data import inspect_folder, load_dataset
 from elmgen.errors import ElmgenError
@@ -141,6 +141,7 @@ def fit_to_codes(job: LMJob, meta: dict) -> LMJob:
 def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     """Run (or finish) every stage; returns the run's metrics, also written to samples/metrics.json."""
     timings: dict[str, float] = {}
+    cfg.sample.validate(cfg.lm.model.vocabulary.size)  # now, not after the training stages
     if dirs.samples.is_dir():  # what a killed run left half-written
         checkpoint.remove_temporaries(dirs.samples, "samples", "metrics.json", "config.yaml")
 
@@ -158,7 +159,7 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     timings["tokenize"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    lm_job = fit_to_codes(cfg.lm, json.loads((dirs.codes / "meta.json").read_text()))
+    lm_job = fit_to_codes(cfg.lm, CodeDataset(dirs.codes).meta)
     if not trained(dirs.lm, lm_job.train.steps):
         train_lm(lm_job, dirs.codes, dirs.lm, resume=checkpoint.has_checkpoint(dirs.lm))
     rows = read_metrics(dirs.lm / "metrics.jsonl")
