@@ -106,14 +106,15 @@ class ImageFolder(ImageDataset):
 
     def __init__(self, root: str | Path, split: str, image_size: int, channels: int, holdout: float = 0.0):
         root = Path(root)
-        held_out = None
+        held_out, note = None, " (no held-out split)"  # the name says what the images are
         if (root / split).is_dir():
-            root = root / split
+            root, note = root / split, ""
         elif split not in ("train", "test"):
             raise ElmgenError(f"unknown split {split!r}: {root} has no {split}/ folder; use 'train' or 'test'")
         elif holdout > 0:  # no folder for this split: a fixed share of each class is the test split
             root = root / "train" if (root / "train").is_dir() else root
             held_out = split == "test"
+            note = f" ({'held-out' if held_out else 'training'} part: {holdout:.0%} of each class held out)"
         classes, files, labels, empty = class_files(root)
         if empty:
             more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
@@ -126,11 +127,10 @@ class ImageFolder(ImageDataset):
                 raise ElmgenError(f"{len(bad)} corrupt or unreadable image(s) in {root}: {first}; remove or replace "
                                   f"them (run `elmgen check-data {root}` for the full list)")
         labels = np.asarray(labels, dtype=np.int64)
-        self.name = str(root)
+        self.name = str(root) + note
         if held_out is not None:
             keep = holdout_mask(labels, holdout) == held_out
             files, labels = [f for f, k in zip(files, keep, strict=True) if k], labels[keep]
-            self.name += f" ({'held-out' if held_out else 'training'} part: {holdout:.0%} of each class held out)"
         order = interleave_classes(labels)  # so that the first N images of a split cover every class
         self.files = [files[i] for i in order]
         self.labels = labels[order]

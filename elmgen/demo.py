@@ -35,18 +35,6 @@ def data_title(data: DataConfig) -> str:
     return "Fashion-MNIST" if data.source == "fashion-mnist" else f"{Path(data.source).name}/ (your images)"
 
 
-def evaluation_images(data: DataConfig) -> str:
-    """Which images the held-out figures come from, in words."""
-    if data.source == "fashion-mnist":
-        return "held-out images: the Fashion-MNIST test set"
-    if (Path(data.source) / "test").is_dir():
-        return f"held-out images: {data.source}/test"
-    if data.holdout > 0:
-        return (f"held-out images: {data.holdout:.0%} of each class of {data.source}, chosen once by a fixed seed "
-                "and used by no training stage")
-    return f"training images of {data.source} (no held-out split: data.holdout is 0 and there is no test/ folder)"
-
-
 def render_report(m: dict, class_names: list[str], data: DataConfig) -> str:
     tok, lm, s = m["tokenizer"], m["lm"], m["sampling"]
     rows = "\n".join(f"| {i} | {name} |" for i, name in enumerate(class_names))
@@ -56,7 +44,7 @@ def render_report(m: dict, class_names: list[str], data: DataConfig) -> str:
 
 ## 1. Tokenizer (binary autoencoder)
 Each {data.image_size}x{data.image_size} image becomes a {tok['grid'][0]}x{tok['grid'][1]} grid of {tok['bits']}-bit
-binary codes. On {tok['images']} {evaluation_images(data)} ({tok['dataset']}):
+binary codes. On {tok['images']} images of {tok['dataset']}:
 
 | PSNR (dB) | distinct codes | code usage | mean per-bit entropy (bits) |
 |---|---|---|---|
