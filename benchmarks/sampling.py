@@ -24,7 +24,7 @@ import hashlib
 import torch
 from common import median_seconds, parser, rounded, run
 
-from elmgen.model import ModelConfig, Transformer, preset
+from elmgen.models import ModelConfig, Transformer, preset
 from elmgen.sampling import SampleConfig, generate
 
 

@@ -17,10 +17,10 @@ import torch
 from common import median_seconds, parser, rounded, run
 
 from elmgen.config import build_config
+from elmgen.device import autocast
 from elmgen.pipeline import PipelineConfig
-from elmgen.tokenizer import Autoencoder
+from elmgen.tokenizers import Autoencoder
 from elmgen.train import TokenizerJob
-from elmgen.training import autocast
 
 
 def tokenizer_job(name: str) -> TokenizerJob:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from common import matmul_reference, median_seconds, parser, rounded, run
 
-from elmgen.model import ModelConfig, Transformer, flops_per_token, preset
-from elmgen.train import LOSSES
-from elmgen.training import TrainConfig, autocast, make_optimizer, prepare
+from elmgen.device import autocast
+from elmgen.models import ModelConfig, Transformer, flops_per_token, preset
+from elmgen.train import LOSSES, TrainConfig, make_optimizer, prepare
 
 
 def run_case(c: dict) -> dict:

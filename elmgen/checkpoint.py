@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors weights + JSON config, trainer state beside them, written atomically.
+"""Checkpoints: safetensors weights + JSON metadata, trainer state beside them, written atomically.
 
 A run directory holds `checkpoints/step_XXXXXXXX/` folders and a `latest` file naming the newest.
 Each folder is written under a temporary name, flushed to disk and renamed into place, so a crash
@@ -8,82 +8,57 @@ no checkpoint can run code.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
-import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from elmgen.errors import ElmgenError
+from elmgen.io import TMP_PREFIX, atomic_write_text, file_hash, fsync, publish_folder
 
 WEIGHTS, EMA, CONFIG, TRAINER = "model.safetensors", "ema.safetensors", "config.json", "trainer.pt"
-TMP_PREFIX = ".tmp_"  # every temporary elmgen writes starts with it, so leftovers of a crash are recognisable
-
-# Types of the config.json entries elmgen writes (absent ones are not checked): an edited or foreign
-# config fails here, in one line, rather than deep inside a loader.
-CONFIG_TYPES = {"kind": str, "step": int, "tokenizer": dict, "model": dict, "classifier": dict, "data": dict,
-                "codes": dict, "bits": int, "num_codes": (int, type(None)), "image_size": int, "channels": int,
-                "grid": int, "class_names": list, "dataset": str}
 
 
-UMASK = os.umask(0o022)  # read once (it can only be read by setting it) and restored at once
-os.umask(UMASK)
+@dataclass
+class CheckpointMeta:
+    """What a checkpoint's config.json says besides its step, for every kind of trained model; the fields a
+    kind does not use stay None and are not written. `load_config` checks a file against these types, so an
+    edited or foreign config fails there, in one line, rather than deep inside a loader."""
+
+    kind: str  # "bae", "vq", "fsq" (tokenizers), "lm" or "classifier"
+    tokenizer: dict | None = None  # tokenizers: the TokenizerConfig
+    model: dict | None = None  # lm: the ModelConfig
+    classifier: dict | None = None  # classifier: the ClassifierConfig
+    data: dict | None = None  # tokenizers, classifier: the DataConfig trained on (its source an absolute path)
+    codes: dict | None = None  # lm: the code folder's meta, with its path
+    bits: int | None = None  # tokenizers: K, bits of one cell code
+    num_codes: int | None = field(default=None, metadata={"nullable": True})  # tokenizers: size of the code space
+    image_size: int | None = None
+    channels: int | None = None
+    grid: int | None = None  # tokenizers: cells per side of the code grid
+    class_names: list | None = None
+    dataset: str | None = None  # classifier: the name of the data set trained on
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk: what a rename publishes must be there first."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """`write(f)` into a temporary beside `path`, fsync, rename: `path` holds its old content or all of the
-    new, whatever happens (kill, power loss, full disk). A full or read-only disk is one clear error."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
-    except OSError as e:
-        raise ElmgenError(f"cannot write {path}: {e.strerror or e}; choose a writable folder") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # the mode a plain open() would give, not mkstemp's private 0600
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise ElmgenError(f"cannot write {path}: {e.strerror or e}; free disk space or choose a writable "
-                              "folder, then re-run (finished work is kept)") from None
-        raise
-    fsync(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def remove_temporaries(folder: str | Path, *names: str) -> None:
-    """Delete what killed writes left in `folder`: the temporaries of `names` (of every file if none are named;
-    only for folders that elmgen alone writes into)."""
-    for name in names or ("",):
-        for p in Path(folder).glob(f"{TMP_PREFIX}{name}*"):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+def _json_types() -> dict[str, tuple[type, ...]]:
+    """The types each config.json entry may have (absent entries are not checked), from CheckpointMeta."""
+    hints = typing.get_type_hints(CheckpointMeta)
+    types = {"step": (int,)}
+    for f in dataclasses.fields(CheckpointMeta):
+        allowed = typing.get_args(hints[f.name]) or (hints[f.name],)
+        types[f.name] = allowed if f.metadata.get("nullable") else tuple(t for t in allowed if t is not type(None))
+    return types
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -96,11 +71,11 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: torch.nn.Module | dict[str, torch.Tensor], config: dict,
+def save_checkpoint(run_dir: Path, step: int, weights: torch.nn.Module | dict[str, torch.Tensor], meta: CheckpointMeta,
                     trainer_state: dict | None = None, keep: int = 2,
                     ema: dict[str, torch.Tensor] | None = None) -> Path:
     """A new checkpoint folder with the weights (a module or a state dict), their EMA if any, the
-    config and the trainer state; keeps the newest `keep` folders.
+    metadata and the trainer state; keeps the newest `keep` folders.
 
     Older folders are pruned before the new one is written: with it, the disk holds at most `keep`
     checkpoints (two for keep=1, whose latest stays until its successor is published)."""
@@ -115,19 +90,17 @@ def save_checkpoint(run_dir: Path, step: int, weights: torch.nn.Module | dict[st
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.items()}, tmp / EMA)
-        (tmp / CONFIG).write_text(json.dumps({**config, "step": step}, indent=2))
+        (tmp / CONFIG).write_text(json.dumps({**meta.to_json(), "step": step}, indent=2))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
         for f in tmp.iterdir():
             fsync(f)
-        fsync(tmp)
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_folder(tmp, final)
     except BaseException:  # a full disk or an interrupt: leave nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync(root)
     atomic_write_text(root / "latest", final.name)
     _prune(root, keep)
     return final
@@ -163,7 +136,7 @@ def load_config(path: str | Path) -> dict:
         raise ElmgenError(f"{f} is not valid JSON ({e}); re-train or re-export that checkpoint") from None
     if not isinstance(config, dict):
         raise ElmgenError(f"{f} is not a JSON object; re-train or re-export that checkpoint")
-    for key, types in CONFIG_TYPES.items():
+    for key, types in _json_types().items():
         # bool is an int to Python, not to JSON
         if key in config and (not isinstance(config[key], types) or isinstance(config[key], bool)):
             raise ElmgenError(f"{f}: {key!r} has the wrong type ({type(config[key]).__name__}); "
@@ -224,10 +197,5 @@ def load_trainer_state(path: str | Path) -> dict | None:
 
 def fingerprint(path: str | Path) -> str:
     """Short hash of a checkpoint's weights (and EMA): names the exact tokenizer a code file came from."""
-    h, ckpt = hashlib.sha256(), resolve(path)
-    for name in (WEIGHTS, EMA):
-        if (ckpt / name).is_file():
-            with open(ckpt / name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
+    ckpt = resolve(path)
+    return file_hash(ckpt / WEIGHTS, ckpt / EMA)

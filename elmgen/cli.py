@@ -7,13 +7,12 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from elmgen import __version__
 from elmgen.config import build_config, to_dict
 from elmgen.errors import ElmgenError
-from elmgen.sampling import CFG_SCHEDULES
+from elmgen.schedules import CFG_SCHEDULES
 
 OVERRIDES_HELP = "config overrides as key=value, e.g. train.steps=500 tokenizer.num_bits=12"
 
@@ -140,9 +139,9 @@ def print_report(report: dict) -> None:
 
 
 def cmd_tokenize(a) -> None:
-    from elmgen.codes import crop_source_size, tokenize
-    from elmgen.data import DataConfig, load_dataset
-    from elmgen.tokenizer import load_tokenizer
+    from elmgen.codes import tokenize
+    from elmgen.data import DataConfig, crop_source_size, load_dataset
+    from elmgen.tokenizers import load_tokenizer
     from elmgen.vocab import Vocab
 
     tokenizer, meta = load_tokenizer(a.tokenizer)
@@ -156,12 +155,10 @@ def cmd_tokenize(a) -> None:
 
 
 def cmd_eval_tokenizer(a) -> None:
-    from pathlib import Path
-
     from elmgen.data import DataConfig, load_dataset
-    from elmgen.tokenizer import load_tokenizer
-    from elmgen.train import tokenizer_report
-    from elmgen.training import resolve_device
+    from elmgen.device import resolve_device
+    from elmgen.evaluation import tokenizer_report
+    from elmgen.tokenizers import load_tokenizer
     from elmgen.vocab import Vocab
 
     tokenizer, meta = load_tokenizer(a.tokenizer, resolve_device(a.device))
@@ -175,9 +172,9 @@ def cmd_eval_tokenizer(a) -> None:
 
 def cmd_train(a) -> None:
     from elmgen.codes import CodeDataset
-    from elmgen.model import preset
+    from elmgen.models import preset
     from elmgen.train import LMJob, train_lm
-    from elmgen.training import is_main_process
+    from elmgen.train.distributed import is_main_process
 
     meta = CodeDataset(a.codes).meta
     model = {**preset(a.preset), "vocab": a.vocab or meta["vocab"], "grid_size": meta["grid"],
@@ -190,10 +187,10 @@ def cmd_train(a) -> None:
 
 def _load_lm(a):
     """The LM of --model and its tokenizer (--tokenizer, or the one its codes came from), checked to match."""
-    from elmgen.model import load_model
+    from elmgen.device import resolve_device
+    from elmgen.models import load_model
     from elmgen.sampling import check_compatible
-    from elmgen.tokenizer import load_tokenizer
-    from elmgen.training import resolve_device
+    from elmgen.tokenizers import load_tokenizer
 
     device = resolve_device(a.device)
     model, lm_meta = load_model(a.model, device, ema=not a.no_ema)
@@ -280,7 +277,7 @@ def cmd_inpaint(a) -> None:
 
 
 def cmd_model_info(a) -> None:
-    from elmgen.model import ModelConfig, count_params, flops_per_token, preset, training_memory_gb
+    from elmgen.models import ModelConfig, count_params, flops_per_token, preset, training_memory_gb
 
     cfg = build_config(ModelConfig, None, a.overrides, **preset(a.preset), vocab=a.vocab, grid_size=a.grid,
                        num_classes=a.num_classes)
@@ -302,8 +299,7 @@ def cmd_model_info(a) -> None:
 
 
 def cmd_run(a) -> None:
-    from elmgen.demo import run_demo
-    from elmgen.pipeline import PipelineConfig, folder_config
+    from elmgen.pipeline import PipelineConfig, folder_config, quick_demo, run_demo
 
     base = {}
     if a.data:
@@ -320,35 +316,21 @@ def cmd_run(a) -> None:
 
 
 def cmd_shapes(a) -> None:
-    from elmgen.shapes import make_shapes
+    from elmgen.data.shapes import make_shapes
 
     out = make_shapes(a.out, a.classes, a.per_class, a.size, a.seed)
     print(f"wrote {a.classes * a.per_class} images to {out}/<shape>/")
 
 
 def cmd_sweep(a) -> None:
-    from elmgen.sweep import SweepConfig, run_sweep
+    from elmgen.pipeline import SweepConfig, run_sweep
 
     rows = run_sweep(build_config(SweepConfig, a.config, a.overrides), a.out)
     print(f"{len(rows)} runs; wrote {a.out}/summary.md, summary.csv and plots")
 
 
-def quick_demo(cfg):
-    """A minutes-long smoke run of the same pipeline on a data subset (looks worse, proves the wiring)."""
-    tok, lm, clf = cfg.tokenizer, cfg.lm, cfg.classifier
-    return replace(
-        cfg,
-        tokenizer=replace(tok, data=replace(tok.data, limit=2000), eval_images=200,
-                          train=replace(tok.train, steps=60, warmup_steps=10, save_every=60)),
-        lm=replace(lm, train=replace(lm.train, steps=40, warmup_steps=5, save_every=40)),
-        classifier=replace(clf, train=replace(clf.train, steps=40, warmup_steps=5, save_every=40)),
-        num_per_class=2,
-        reference_images=500,
-    )
-
-
 def cmd_train_classifier(a) -> None:
-    from elmgen.classifier import ClassifierJob, train_classifier
+    from elmgen.train import ClassifierJob, train_classifier
 
     base = {"data": {"source": a.data}} if a.data else {}
     job = build_config(ClassifierJob, a.config, _train_overrides(a), **base)
@@ -377,8 +359,8 @@ def _feature_args(s: argparse.ArgumentParser, ref_help: str) -> None:
 
 def _extractor_and_reference(a):
     from elmgen.data import DataConfig
+    from elmgen.device import resolve_device
     from elmgen.evaluation import load_extractor
-    from elmgen.training import resolve_device
 
     extractor = load_extractor(a.backend, a.classifier, a.inception_weights, resolve_device(a.device))
     ref = a.ref if a.ref.endswith(".npz") else DataConfig(source=a.ref, split=a.split, limit=a.limit)
@@ -386,8 +368,8 @@ def _extractor_and_reference(a):
 
 
 def cmd_eval(a) -> None:
-    from elmgen.checkpoint import atomic_write_text
     from elmgen.evaluation import evaluate_samples
+    from elmgen.io import atomic_write_text
 
     extractor, ref = _extractor_and_reference(a)
     text = json.dumps(evaluate_samples(a.samples, ref, extractor, a.k, a.splits, a.batch_size), indent=2)

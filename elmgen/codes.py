@@ -23,23 +23,22 @@ work folder left by a run with other settings it deletes only the files it write
 from __future__ import annotations
 
 import json
-import os
 import reprlib
 from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from elmgen.checkpoint import TMP_PREFIX, atomic_write, atomic_write_text, fsync
 from elmgen.data import ImageDataset, to_float
+from elmgen.data.transforms import CROPS, crop_source_size, crop_views
 from elmgen.errors import ElmgenError
-from elmgen.tokenizer import Autoencoder
+from elmgen.io import TMP_PREFIX, atomic_save_npy, atomic_write_text, publish_folder, read_json
+from elmgen.rng import item_seed, uniforms_for
+from elmgen.tokenizers import Autoencoder
 from elmgen.vocab import Vocab, cells_to_subcodes
 
-CROPS = ("none", "five", "random")
 OWN_FILES = ("plan.json", "meta.json", "labels.npy", "shard_[0-9][0-9][0-9][0-9][0-9].npy")  # all a run writes
 DERIVED = ("views", "count", "shards")  # meta entries that follow from the settings
 META_TYPES = {"shards": list, "grid": int, "bits": int, "num_classes": int, "images": int, "views": int, "count": int,
@@ -48,40 +47,6 @@ META_TYPES = {"shards": list, "grid": int, "bits": int, "num_classes": int, "ima
 
 def code_dtype(bits: int) -> np.dtype:
     return np.dtype(np.uint16 if bits <= 16 else np.uint32 if bits <= 32 else np.int64)
-
-
-def crop_source_size(image_size: int, crop_range: float) -> int:
-    """Side at which to load images so that crops of `image_size` cover a `crop_range` share of them."""
-    return round(image_size * crop_range)
-
-
-def _crops(x_BCSS: torch.Tensor, size: int, crops: str, num_crops: int, image_ids: np.ndarray,
-           seed: int) -> list[torch.Tensor]:
-    """The crops of a batch, one (B, C, size, size) tensor per crop."""
-    S = x_BCSS.shape[-1]
-    if crops == "none":
-        return [x_BCSS]
-    if crops == "five":
-        m = S - size
-        return [x_BCSS[..., t: t + size, le: le + size] for t, le in ((0, 0), (0, m), (m, 0), (m, m), (m // 2, m // 2))]
-    # Random crops, LlamaGen-style: resize to a random side in [size, S], then crop at a random place.
-    out: list[list[torch.Tensor]] = [[] for _ in range(num_crops)]
-    for b, image in enumerate(image_ids):
-        rng = np.random.default_rng([seed, int(image)])
-        for c in range(num_crops):
-            side = int(rng.integers(size, S + 1))
-            top, left = (int(v) for v in rng.integers(0, side - size + 1, size=2))
-            img = x_BCSS[b: b + 1]
-            if side != S:
-                img = F.interpolate(img, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-            out[c].append(img[..., top: top + size, left: left + size])
-    return [torch.cat(views) for views in out]
-
-
-def _draw_uniforms(seed: int, image_ids: np.ndarray, view: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """(B, *shape) uniforms, each row from its own generator seeded with (seed, image, view)."""
-    seeds = [int(np.random.SeedSequence([seed, int(i), view]).generate_state(1, np.uint64)[0] >> 1) for i in image_ids]
-    return torch.stack([torch.rand(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 @torch.no_grad()
@@ -96,23 +61,7 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
     deterministic codes; N > 0 (binary autoencoder only) stores N Bernoulli draws of every view.
     """
     K, grid, size = tokenizer.code_bits, tokenizer_meta["grid"], tokenizer_meta["image_size"]
-    Vocab.for_bits(str(vocab), K)
-    if crops not in CROPS:
-        raise ElmgenError(f"crops must be one of {', '.join(CROPS)}, not {crops!r}")
-    source = crop_source_size(size, crop_range)
-    if crops == "none" and crop_range != 1.0 or crops != "none" and source <= size:
-        raise ElmgenError(f"crops need a crop_range that enlarges {size} px images (LlamaGen: 1.1) and no crops "
-                          f"need 1; got crops={crops}, crop_range={crop_range}")
-    if num_crops < 1 or draws < 0 or batch_size < 1 or shard_size < 1:
-        raise ElmgenError("num_crops, batch_size and shard_size must be >= 1 and draws >= 0")
-    if num_crops != 1 and crops != "random":
-        raise ElmgenError("num_crops applies to random crops only (crops=random)")
-    if draws and tokenizer_meta["kind"] != "bae":
-        raise ElmgenError(f"Bernoulli draws need the binary autoencoder; this tokenizer is {tokenizer_meta['kind']}")
-    if len(dataset) == 0:
-        raise ElmgenError(f"the data set {dataset.name} holds no images; pass a data set with images")
-    if dataset.images([0]).shape[-1] != source:
-        raise ElmgenError(f"tokenize needs the images at {source} px (image size {size} x crop range {crop_range})")
+    _check_settings(tokenizer_meta, dataset, vocab, K, crops, num_crops, crop_range, draws, batch_size, shard_size)
     views = (5 if crops == "five" else num_crops) * (2 if flip else 1)
     n = len(dataset)
     plan = {
@@ -132,38 +81,64 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
     if work is None:
         return plan
     atomic_write_text(work / "plan.json", json.dumps(plan, indent=2))
-    device = next(tokenizer.parameters()).device
-    dtype, L = code_dtype(K), grid * grid
     for s, name in enumerate(tqdm(plan["shards"], desc="tokenize", unit="shard")):
-        if (work / name).is_file():
-            continue
-        images = np.arange(s * shard_size, min(n, (s + 1) * shard_size))
-        codes_DRL = np.empty((max(1, draws), views * len(images), L), dtype=dtype)
-        for start in range(0, len(images), batch_size):
-            ids = images[start: start + batch_size]
-            x = to_float(dataset.images(ids)).to(device)
-            cut = _crops(x, size, crops, num_crops, ids, seed)
-            for v, view in enumerate(cut + [c.flip(-1) for c in cut] if flip else cut):
-                rows = v * len(images) + start + np.arange(len(ids))
-                if draws:
-                    uniforms = _draw_uniforms(seed, ids, v, (draws, K, grid, grid)).to(device)
-                    codes_DRL[:, rows] = tokenizer.draw_cells(view, uniforms).transpose(0, 1).cpu().numpy()
-                else:
-                    codes_DRL[0, rows] = tokenizer.encode_cells(view).cpu().numpy()
-        atomic_write(work / name, lambda f, a=codes_DRL: np.save(f, a))
+        if not (work / name).is_file():
+            atomic_save_npy(work / name, _encode_shard(tokenizer, dataset, plan, s, batch_size))
     labels = np.concatenate([np.tile(dataset.labels[s * shard_size: (s + 1) * shard_size], views)
                              for s in range(len(plan["shards"]))]).astype(np.int64)
-    atomic_write(work / "labels.npy", lambda f: np.save(f, labels))
+    atomic_save_npy(work / "labels.npy", labels)
     atomic_write_text(work / "meta.json", json.dumps(plan, indent=2))
     (work / "plan.json").unlink()
     try:
-        fsync(work)
-        os.replace(work, out_dir)  # out_dir is absent or empty
-        fsync(out_dir.parent)
+        publish_folder(work, out_dir)  # out_dir is absent or empty
     except OSError as e:
         raise ElmgenError(f"cannot move the finished codes {work} to {out_dir}: {e.strerror or e}; "
                           "make sure it is absent or empty and re-run") from None
     return plan
+
+
+def _check_settings(tokenizer_meta: dict, dataset: ImageDataset, vocab: Vocab, K: int, crops: str, num_crops: int,
+                    crop_range: float, draws: int, batch_size: int, shard_size: int) -> None:
+    """Refuse, before any work, settings `tokenize` cannot honour."""
+    size = tokenizer_meta["image_size"]
+    Vocab.for_bits(str(vocab), K)
+    if crops not in CROPS:
+        raise ElmgenError(f"crops must be one of {', '.join(CROPS)}, not {crops!r}")
+    source = crop_source_size(size, crop_range)
+    if crops == "none" and crop_range != 1.0 or crops != "none" and source <= size:
+        raise ElmgenError(f"crops need a crop_range that enlarges {size} px images (LlamaGen: 1.1) and no crops "
+                          f"need 1; got crops={crops}, crop_range={crop_range}")
+    if num_crops < 1 or draws < 0 or batch_size < 1 or shard_size < 1:
+        raise ElmgenError("num_crops, batch_size and shard_size must be >= 1 and draws >= 0")
+    if num_crops != 1 and crops != "random":
+        raise ElmgenError("num_crops applies to random crops only (crops=random)")
+    if draws and tokenizer_meta["kind"] != "bae":
+        raise ElmgenError(f"Bernoulli draws need the binary autoencoder; this tokenizer is {tokenizer_meta['kind']}")
+    if len(dataset) == 0:
+        raise ElmgenError(f"the data set {dataset.name} holds no images; pass a data set with images")
+    if dataset.images([0]).shape[-1] != source:
+        raise ElmgenError(f"tokenize needs the images at {source} px (image size {size} x crop range {crop_range})")
+
+
+def _encode_shard(tokenizer: Autoencoder, dataset: ImageDataset, plan: dict, shard: int,
+                  batch_size: int) -> np.ndarray:
+    """The codes (D, rows, L) of one shard: every view of its images, view by view (see the module docstring)."""
+    device = next(tokenizer.parameters()).device
+    K, grid, size, seed, draws = plan["bits"], plan["grid"], plan["image_size"], plan["seed"], plan["draws"]
+    images = np.arange(shard * plan["shard_size"], min(plan["images"], (shard + 1) * plan["shard_size"]))
+    codes_DRL = np.empty((max(1, draws), plan["views"] * len(images), grid * grid), dtype=code_dtype(K))
+    for start in range(0, len(images), batch_size):
+        ids = images[start: start + batch_size]
+        x = to_float(dataset.images(ids)).to(device)
+        cut = crop_views(x, size, plan["crops"], plan["num_crops"], ids, seed)
+        for v, view in enumerate(cut + [c.flip(-1) for c in cut] if plan["flip"] else cut):
+            rows = v * len(images) + start + np.arange(len(ids))
+            if draws:
+                uniforms = uniforms_for([item_seed(seed, i, v) for i in ids], (draws, K, grid, grid)).to(device)
+                codes_DRL[:, rows] = tokenizer.draw_cells(view, uniforms).transpose(0, 1).cpu().numpy()
+            else:
+                codes_DRL[0, rows] = tokenizer.encode_cells(view).cpu().numpy()
+    return codes_DRL
 
 
 def _work_folder(out_dir: Path, tokenizer_dir: Path, plan: dict) -> Path | None:
@@ -175,7 +150,7 @@ def _work_folder(out_dir: Path, tokenizer_dir: Path, plan: dict) -> Path | None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ElmgenError(f"--out {out_dir} is a file; pass an empty or new folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        done = _read_json(out_dir / "meta.json")
+        done = read_json(out_dir / "meta.json")
         if not isinstance(done, dict) or "shards" not in done:
             raise ElmgenError(f"--out {out_dir} is not empty and not an elmgen code folder; "
                               "pass an empty or new folder")
@@ -188,7 +163,7 @@ def _work_folder(out_dir: Path, tokenizer_dir: Path, plan: dict) -> Path | None:
     work = out_dir.parent / f".{out_dir.name}.partial"
     if work.is_dir():
         # The same settings resume (meta.json without plan.json: killed just before the final rename).
-        resume = plan in (_read_json(work / "plan.json"), _read_json(work / "meta.json"))
+        resume = plan in (read_json(work / "plan.json"), read_json(work / "meta.json"))
         for f in work.iterdir():
             own = any(fnmatch(f.name, p) for p in OWN_FILES)
             if f.is_file() and (own and not resume or any(fnmatch(f.name, f"{TMP_PREFIX}{p}.*") for p in OWN_FILES)):
@@ -198,13 +173,6 @@ def _work_folder(out_dir: Path, tokenizer_dir: Path, plan: dict) -> Path | None:
                               "move it away and re-run")
     work.mkdir(parents=True, exist_ok=True)
     return work
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _damaged(file: Path, problem: str) -> ElmgenError:
@@ -272,7 +240,7 @@ class CodeDataset:
         if not (path / "meta.json").is_file():
             raise ElmgenError(f"{path} is not a code folder (no meta.json); create one with 'elmgen tokenize'")
         self.path = path
-        self.meta = meta = _read_json(path / "meta.json")
+        self.meta = meta = read_json(path / "meta.json")
         if isinstance(meta, dict) and "shards" not in meta:
             raise ElmgenError(f"{path} was written by an older elmgen; delete it and run 'elmgen tokenize' again")
         problem = _meta_problem(meta)

@@ -10,8 +10,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from elmgen.checkpoint import atomic_write_text
 from elmgen.errors import ElmgenError
+from elmgen.io import atomic_write_text
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from elmgen.checkpoint import atomic_write
+from elmgen.io import atomic_write
 
 
 def image_grid(images_NCHW: torch.Tensor, ncols: int, pad: int = 2, scale: int = 1) -> Image.Image:

@@ -16,9 +16,8 @@ from elmgen.analysis import (
 )
 from elmgen.cli import main
 from elmgen.errors import ElmgenError
-from elmgen.model import ModelConfig, Transformer, preset
-from elmgen.train import LMJob, train_lm
-from elmgen.training import TrainConfig
+from elmgen.models import ModelConfig, Transformer, preset
+from elmgen.train import LMJob, TrainConfig, train_lm
 
 LN2 = math.log(2)
 

@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from elmgen import checkpoint
-from elmgen.classifier import ClassifierJob, load_classifier, train_classifier
+from elmgen.checkpoint import CheckpointMeta
 from elmgen.config import build_config
 from elmgen.data import DataConfig, load_dataset
 from elmgen.errors import ElmgenError
+from elmgen.models import load_classifier
+from elmgen.train import ClassifierJob, train_classifier
 
 # small enough to train in seconds on the fake data, large enough to separate its ten square sizes
 FAST = ["classifier.widths=[8,16,32]", "classifier.feature_dim=32", "train.steps=60", "train.batch_size=32",
@@ -58,6 +60,6 @@ def test_rgb_folder_at_another_size(image_folder, tmp_path):
 
 
 def test_other_checkpoint_is_refused(tmp_path):
-    checkpoint.save_checkpoint(tmp_path / "bae", 1, nn.Linear(2, 2), {"kind": "bae"})
+    checkpoint.save_checkpoint(tmp_path / "bae", 1, nn.Linear(2, 2), CheckpointMeta(kind="bae"))
     with pytest.raises(ElmgenError, match="not a classifier checkpoint"):
         load_classifier(tmp_path / "bae")

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from elmgen.cli import main
-from elmgen.codes import CodeDataset, crop_source_size, tokenize
-from elmgen.data import ImageDataset, to_float, to_uint8
+from elmgen.codes import CodeDataset, tokenize
+from elmgen.data import ImageDataset, crop_source_size, to_float, to_uint8
 from elmgen.errors import ElmgenError
-from elmgen.tokenizer import Autoencoder, TokenizerConfig
+from elmgen.tokenizers import Autoencoder, TokenizerConfig
 from elmgen.vocab import Vocab, cells_to_subcodes
 
 SIZE = 8  # images are tokenized at 8x8; crops come from 10x10 (crop range 1.25)

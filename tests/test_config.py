@@ -4,6 +4,7 @@ import pytest
 
 from elmgen.config import build_config, from_dict, save_yaml, to_dict
 from elmgen.errors import ElmgenError
+from elmgen.models import PRESETS
 from elmgen.pipeline import PipelineConfig
 from elmgen.train import LMJob, TokenizerJob
 
@@ -39,3 +40,11 @@ def test_dict_and_yaml_round_trip(tmp_path):
 
 def test_demo_yaml_states_the_demo_defaults():
     assert build_config(PipelineConfig, CONFIGS / "demo.yaml") == PipelineConfig()
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("lm-*.yaml")), ids=lambda p: p.name)
+def test_lm_configs_agree_with_their_preset(path):
+    """configs/lm-<...>-NAME.yaml restates the size of preset NAME for its readers; the presets are the source."""
+    model = build_config(LMJob, path).model
+    size = PRESETS[path.stem.split("-")[-1]]
+    assert {k: getattr(model, k) for k in size} == size

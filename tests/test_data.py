@@ -5,8 +5,16 @@ import pytest
 import torch
 from PIL import Image
 
-from elmgen import data
-from elmgen.data import DataConfig, center_crop_resize, check_images, load_dataset, read_idx, to_float, to_uint8
+from elmgen.data import (
+    DataConfig,
+    center_crop_resize,
+    check_images,
+    datasets,
+    load_dataset,
+    read_idx,
+    to_float,
+    to_uint8,
+)
 from elmgen.errors import ElmgenError
 from tests.conftest import write_idx
 
@@ -137,7 +145,7 @@ def test_a_small_folder_is_checked_when_loaded(image_folder, monkeypatch):
     line = str(e.value)
     assert "\n" not in line and line.startswith(f"3 corrupt or unreadable image(s) in {image_folder}")
     assert bad[0] in line and f"run `elmgen check-data {image_folder}` for the full list" in line
-    monkeypatch.setattr(data, "CHECK_AT_LOAD_MAX_FILES", 10)  # a large folder: found when read
+    monkeypatch.setattr(datasets, "CHECK_AT_LOAD_MAX_FILES", 10)  # a large folder: found when read
     ds = load_dataset(DataConfig(source=str(image_folder)))
     with pytest.raises(ElmgenError, match="corrupt or unreadable image") as e:
         ds.images(np.arange(len(ds)))

@@ -11,11 +11,13 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 
 from elmgen import evaluation as ev
-from elmgen.classifier import ClassifierJob, train_classifier
 from elmgen.cli import main
 from elmgen.config import build_config
 from elmgen.data import DataConfig, load_dataset
 from elmgen.errors import ElmgenError
+from elmgen.evaluation import metrics
+from elmgen.io import file_hash
+from elmgen.train import ClassifierJob, train_classifier
 
 # --- metrics on features ------------------------------------------------------------------------------------------
 
@@ -84,7 +86,7 @@ def reference_precision_recall(real, fake, k):
 @pytest.mark.parametrize("rows_per_block", [None, 7])
 def test_precision_recall_match_brute_force(rows_per_block, monkeypatch):
     if rows_per_block:  # exercise the blocked distance loops
-        monkeypatch.setattr(ev, "_rows_per_block", lambda n: rows_per_block)
+        monkeypatch.setattr(metrics, "_rows_per_block", lambda n: rows_per_block)
     rng = np.random.default_rng(2)
     real = rng.normal(size=(80, 5))
     fake = rng.normal(size=(60, 5)) * 1.5 + 0.7  # overlaps the real cloud only in part
@@ -286,7 +288,7 @@ def test_inception_backend_wiring(fake_fmnist, tmp_path, monkeypatch):
     torch.save({"w": torch.zeros(2)}, tmp_path / "w.pth")  # plain tensors: handed on to the (fake) network
     monkeypatch.setenv(ev.INCEPTION_WEIGHTS_ENV, str(tmp_path / "w.pth"))
     extractor = ev.load_extractor("inception")
-    assert extractor.feature_space["fingerprint"] == ev.file_hash(tmp_path / "w.pth")
+    assert extractor.feature_space["fingerprint"] == file_hash(tmp_path / "w.pth")
     assert extractor.class_names is None  # Inception's classes are not the data set's: no class accuracy
     test = load_dataset(DataConfig(split="test", limit=20))
     write_adm(tmp_path / "s.npz", test.images(np.arange(20)), test.labels[:20])

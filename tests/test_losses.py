@@ -7,12 +7,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import elmgen.training
+import elmgen.train.loop
 from elmgen import checkpoint
 from elmgen.cli import main
 from elmgen.data import DataConfig
 from elmgen.errors import ElmgenError
-from elmgen.losses import (
+from elmgen.io import read_metrics
+from elmgen.tokenizers import TokenizerConfig, load_tokenizer
+from elmgen.tokenizers.losses import (
     LossConfig,
     PatchDiscriminator,
     PerceptualLoss,
@@ -21,9 +23,7 @@ from elmgen.losses import (
     load_perceptual,
     lpips_state_dict,
 )
-from elmgen.tokenizer import TokenizerConfig, load_tokenizer
-from elmgen.train import TokenizerJob, TokenizerTraining, tokenizer_step, train_tokenizer
-from elmgen.training import TrainConfig, read_metrics
+from elmgen.train import TokenizerJob, TokenizerTraining, TrainConfig, tokenizer_step, train_tokenizer
 
 TINY = TokenizerConfig(base_width=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=16, num_bits=8)
 
@@ -143,17 +143,17 @@ def test_gan_starts_late_and_resume_is_exact(fake_fmnist, tmp_path, monkeypatch)
     rows = read_metrics(straight / "metrics.jsonl")
     assert ["disc" in r for r in rows] == [False, False, True, True, True]  # gan_start=2
 
-    real = elmgen.training.batch_indices
+    real = elmgen.train.loop.batch_indices
 
     def crash_at_step_4(step, *args):
         if step == 4:
             raise KeyboardInterrupt
         return real(step, *args)
 
-    monkeypatch.setattr(elmgen.training, "batch_indices", crash_at_step_4)
+    monkeypatch.setattr(elmgen.train.loop, "batch_indices", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer(job(5, 3), tmp_path / "b")  # checkpoint at step 3: discriminator and its Adam state in use
-    monkeypatch.setattr(elmgen.training, "batch_indices", real)
+    monkeypatch.setattr(elmgen.train.loop, "batch_indices", real)
     train_tokenizer(job(5, 3), tmp_path / "b", resume=True)
     assert [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [r["loss"] for r in rows]
     for name in (checkpoint.WEIGHTS, checkpoint.EMA):

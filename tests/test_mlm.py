@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from elmgen.model import ModelConfig, Transformer, preset
-from elmgen.sampling import SampleConfig, cells_left_masked, generate, generate_mlm, masked_fraction
+from elmgen.models import ModelConfig, Transformer, preset
+from elmgen.sampling import SampleConfig, generate, generate_mlm
+from elmgen.schedules import cells_left_masked, masked_fraction
 from elmgen.train import mlm_loss
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from elmgen.errors import ElmgenError
-from elmgen.model import ModelConfig, Transformer, count_params, preset
+from elmgen.models import ModelConfig, Transformer, count_params, preset
 
 
 def random_model(**overrides) -> Transformer:
@@ -93,7 +93,7 @@ def test_invalid_config_is_a_clear_error():
 def test_flops_formula_matches_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from elmgen.model import flops_per_token
+    from elmgen.models import flops_per_token
 
     cfg = ModelConfig(n_layer=2, d_model=128, n_head=2, vocab="2-6", grid_size=8, num_classes=3, kind="mlm")
     model = Transformer(cfg).eval()
@@ -107,7 +107,7 @@ def test_flops_formula_matches_torch_flop_counter():
 
 
 def test_memory_estimate_orders():
-    from elmgen.model import training_memory_gb
+    from elmgen.models import training_memory_gb
 
     cfg = ModelConfig(**preset("XL"), vocab="2-12", grid_size=16, num_classes=1000)
     ddp = training_memory_gb(cfg, 32, 8)

@@ -8,8 +8,8 @@ from PIL import Image
 
 from elmgen.cli import main
 from elmgen.data import inspect_folder
+from elmgen.data.shapes import SHAPES, make_shapes
 from elmgen.errors import ElmgenError
-from elmgen.shapes import SHAPES, make_shapes
 
 # A run small enough for the test suite: the same pipeline, a fraction of its size.
 TINY = ["tokenizer.tokenizer.base_width=8", "tokenizer.tokenizer.num_bits=8", "tokenizer.train.batch_size=8",

@@ -12,8 +12,14 @@ from elmgen.cli import main
 from elmgen.data import DataConfig, load_dataset, to_float
 from elmgen.errors import ElmgenError
 from elmgen.evaluation import psnr
-from elmgen.losses import LossConfig
-from elmgen.tokenizer import Autoencoder, FiniteScalarQuantizer, TokenizerConfig, VectorQuantizer, load_tokenizer
+from elmgen.tokenizers import (
+    Autoencoder,
+    FiniteScalarQuantizer,
+    LossConfig,
+    TokenizerConfig,
+    VectorQuantizer,
+    load_tokenizer,
+)
 from elmgen.train import TokenizerJob, TokenizerTraining, tokenizer_step
 
 TINY = dict(base_width=16, channel_mult=[1, 2], num_res_blocks=1, latent_dim=16)

@@ -4,22 +4,21 @@ import pytest
 import torch
 
 from elmgen.errors import ElmgenError
-from elmgen.model import ModelConfig, Transformer, preset
+from elmgen.models import ModelConfig, Transformer, preset
 from elmgen.sampling import (
     SampleConfig,
     apply_cfg,
-    cfg_scale_at,
     class_balanced,
     generate,
     generate_ar,
     image_seeds,
     outpaint_ar,
     sample_logits,
-    temperature_at,
     top_k_filter,
     top_p_filter,
     window_starts,
 )
+from elmgen.schedules import cfg_scale_at, temperature_at
 
 
 def test_top_k_keeps_exactly_the_k_largest():
@@ -175,7 +174,7 @@ def test_outpainting_extends_the_trained_grid(model):
 
 def test_bf16_kv_decoding_tracks_the_fp32_logits(model):
     """Teacher-forced through the bfloat16 KV cache under autocast, the logits stay close to fp32."""
-    from elmgen.training import autocast
+    from elmgen.device import autocast
 
     labels, seeds = torch.tensor([0, 1, 2, 1]), [7, 8, 9, 10]
     sub = generate(model, labels, SampleConfig(), seeds)

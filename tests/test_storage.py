@@ -12,14 +12,18 @@ import pytest
 import torch
 
 import elmgen.checkpoint
-import elmgen.pipeline
+import elmgen.io
+import elmgen.pipeline.stages
 from elmgen import checkpoint
-from elmgen.classifier import ClassifierConfig, ClassifierJob, train_classifier
+from elmgen.checkpoint import CheckpointMeta
 from elmgen.config import build_config
 from elmgen.data import DataConfig
+from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
+from elmgen.io import read_metrics
+from elmgen.models import ClassifierConfig
 from elmgen.pipeline import PipelineConfig, run_pipeline, shared_dirs
-from elmgen.training import TrainConfig, fit, read_metrics, resolve_device
+from elmgen.train import ClassifierJob, TrainConfig, fit, train_classifier
 
 
 def linear_fit(run, steps, resume=False, crash_at=None, **train):
@@ -30,7 +34,7 @@ def linear_fit(run, steps, resume=False, crash_at=None, **train):
         return model(torch.ones(len(idx), 2)).pow(2).mean(), {}
 
     cfg = TrainConfig(**{"steps": steps, "batch_size": 2, "log_every": 1, "save_every": 2, **train})
-    return fit(torch.nn.Linear(2, 1), cfg, run, step_fn, num_items=8, ckpt_config={"kind": "x"}, resume=resume)
+    return fit(torch.nn.Linear(2, 1), cfg, run, step_fn, num_items=8, meta=CheckpointMeta(kind="x"), resume=resume)
 
 
 def one_line_error(excinfo) -> str:
@@ -127,8 +131,8 @@ def test_a_kill_during_the_last_lm_checkpoint_is_finished_not_skipped(fake_fmnis
     assert checkpoint.load_config(dirs.lm)["step"] == 2
     monkeypatch.setattr(elmgen.checkpoint, "save_checkpoint", real_save)
     calls = []
-    real_train_lm = elmgen.pipeline.train_lm
-    monkeypatch.setattr(elmgen.pipeline, "train_lm", lambda *a, **k: calls.append(k) or real_train_lm(*a, **k))
+    real_train_lm = elmgen.pipeline.stages.train_lm
+    monkeypatch.setattr(elmgen.pipeline.stages, "train_lm", lambda *a, **k: calls.append(k) or real_train_lm(*a, **k))
     metrics = run_pipeline(cfg, dirs)
     assert calls == [{"resume": True}]  # the MLM trainer state resumes as plain data
     assert checkpoint.load_config(dirs.lm)["step"] == 4 and metrics["lm"]["steps"] == 4
@@ -173,14 +177,15 @@ def test_old_checkpoints_are_pruned_before_a_new_one_is_written(tmp_path, monkey
     for keep in (2, 3):
         on_disk.clear()
         for step in range(1, 6):
-            checkpoint.save_checkpoint(tmp_path / str(keep), step, torch.nn.Linear(2, 2), {"kind": "x"}, keep=keep)
+            checkpoint.save_checkpoint(tmp_path / str(keep), step, torch.nn.Linear(2, 2), CheckpointMeta(kind="x"),
+                                       keep=keep)
         # with the one being written, never more than `keep` checkpoints
         assert max(on_disk) == keep - 1
         names = sorted(p.name for p in (tmp_path / str(keep) / "checkpoints").iterdir())
         assert names == ["latest"] + [f"step_{s:08d}" for s in range(6 - keep, 6)]
     on_disk.clear()
     for step in (1, 2):  # keep=1: the latest stays until its successor is published
-        checkpoint.save_checkpoint(tmp_path / "1", step, torch.nn.Linear(2, 2), {"kind": "x"}, keep=1)
+        checkpoint.save_checkpoint(tmp_path / "1", step, torch.nn.Linear(2, 2), CheckpointMeta(kind="x"), keep=1)
     assert on_disk == [0, 1] and checkpoint.resolve(tmp_path / "1").name == "step_00000002"
 
 
@@ -192,9 +197,9 @@ def test_what_a_checkpoint_publishes_is_on_disk_first(tmp_path, monkeypatch):
         synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
         real_fsync(fd)
 
-    monkeypatch.setattr(elmgen.checkpoint.os, "fsync", recording)
+    monkeypatch.setattr(os, "fsync", recording)
     model = torch.nn.Linear(2, 2)
-    checkpoint.save_checkpoint(tmp_path, 1, model, {"kind": "x"}, {"step": 1}, ema=model.state_dict())
+    checkpoint.save_checkpoint(tmp_path, 1, model, CheckpointMeta(kind="x"), {"step": 1}, ema=model.state_dict())
     assert {checkpoint.WEIGHTS, checkpoint.EMA, checkpoint.CONFIG, checkpoint.TRAINER, "checkpoints"} <= set(synced)
     assert any(name.startswith(".tmp_latest.") for name in synced)
 
@@ -247,7 +252,7 @@ def safetensors_header(header: dict, payload: bytes = b"") -> bytes:
 
 @pytest.mark.parametrize("corrupt", ["huge header", "offsets past the end", "truncated", "empty"])
 def test_a_malformed_weights_file_is_one_line(tmp_path, corrupt):
-    ckpt = checkpoint.save_checkpoint(tmp_path, 1, torch.nn.Linear(2, 2), {"kind": "x"})
+    ckpt = checkpoint.save_checkpoint(tmp_path, 1, torch.nn.Linear(2, 2), CheckpointMeta(kind="x"))
     f = ckpt / checkpoint.WEIGHTS
     good = f.read_bytes()
     f.write_bytes({
@@ -265,7 +270,7 @@ def test_a_malformed_weights_file_is_one_line(tmp_path, corrupt):
 @pytest.mark.parametrize("text", ['{"kind": "x", ', "[1, 2]", '{"kind": 3}', '{"kind": "lm", "model": "tiny"}',
                                   '{"kind": "bae", "bits": true}', "\udcff"])
 def test_a_broken_config_json_is_one_line(tmp_path, text):
-    ckpt = checkpoint.save_checkpoint(tmp_path, 1, torch.nn.Linear(2, 2), {"kind": "x"})
+    ckpt = checkpoint.save_checkpoint(tmp_path, 1, torch.nn.Linear(2, 2), CheckpointMeta(kind="x"))
     (ckpt / checkpoint.CONFIG).write_bytes(text.encode(errors="surrogateescape"))
     with pytest.raises(ElmgenError, match="re-train or re-export") as e:
         checkpoint.load_config(tmp_path)
@@ -273,6 +278,6 @@ def test_a_broken_config_json_is_one_line(tmp_path, text):
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
-    elmgen.checkpoint.atomic_write_text(tmp_path / "report.md", "x")
+    elmgen.io.atomic_write_text(tmp_path / "report.md", "x")
     (tmp_path / "plain.md").write_text("x")
     assert (tmp_path / "report.md").stat().st_mode == (tmp_path / "plain.md").stat().st_mode

@@ -2,12 +2,11 @@ import json
 
 import pytest
 
-import elmgen.pipeline
+import elmgen.pipeline.stages
 from elmgen.cli import main
 from elmgen.config import build_config
 from elmgen.errors import ElmgenError
-from elmgen.pipeline import fit_to_codes
-from elmgen.sweep import SweepConfig, apply_overrides, expand
+from elmgen.pipeline import SweepConfig, apply_overrides, expand, fit_to_codes
 
 SWEEP = """
 base:
@@ -41,7 +40,7 @@ def test_sweep_shares_stages_skips_done_runs_and_resumes(fake_fmnist, tmp_path, 
     assert len(expand(build_config(SweepConfig, path))) == 4
     calls = {"train_lm": 0, "sample_images": 0}
     for name in calls:
-        real = getattr(elmgen.pipeline, name)
+        real = getattr(elmgen.pipeline.stages, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
@@ -50,7 +49,7 @@ def test_sweep_shares_stages_skips_done_runs_and_resumes(fake_fmnist, tmp_path, 
                 raise KeyboardInterrupt  # killed during the third run
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(elmgen.pipeline, name, counted)
+        monkeypatch.setattr(elmgen.pipeline.stages, name, counted)
     out = tmp_path / "out"
     assert main(["sweep", str(path), "--out", str(out)]) == 130
     assert calls == {"train_lm": 2, "sample_images": 3, "crashed": True}

@@ -5,7 +5,7 @@ from skimage.metrics import structural_similarity
 
 from elmgen.errors import ElmgenError
 from elmgen.evaluation import bit_stats, code_usage, evaluate_tokenizer, psnr, ssim, subcode_usage
-from elmgen.tokenizer import Autoencoder, TokenizerConfig, binarize
+from elmgen.tokenizers import Autoencoder, TokenizerConfig, binarize
 from elmgen.vocab import Vocab
 
 SMALL = dict(base_width=16, channel_mult=[1, 2], num_res_blocks=1, latent_dim=16, num_bits=12)

@@ -2,15 +2,27 @@ import numpy as np
 import pytest
 import torch
 
-import elmgen.training
+import elmgen.train.loop
 from elmgen import checkpoint
+from elmgen.checkpoint import CheckpointMeta
 from elmgen.codes import CodeDataset, tokenize
 from elmgen.data import DataConfig, load_dataset
 from elmgen.errors import ElmgenError
-from elmgen.model import ModelConfig, load_model, preset
-from elmgen.tokenizer import TokenizerConfig, load_tokenizer
-from elmgen.train import LMJob, TokenizerJob, train_lm, train_tokenizer
-from elmgen.training import TrainConfig, batch_indices, fit, lr_at, make_optimizer, prepare, read_metrics
+from elmgen.io import read_metrics
+from elmgen.models import ModelConfig, load_model, preset
+from elmgen.schedules import lr_at
+from elmgen.tokenizers import TokenizerConfig, load_tokenizer
+from elmgen.train import (
+    LMJob,
+    TokenizerJob,
+    TrainConfig,
+    batch_indices,
+    fit,
+    make_optimizer,
+    prepare,
+    train_lm,
+    train_tokenizer,
+)
 from elmgen.vocab import Vocab
 
 TOKENIZER = dict(base_width=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=16, num_bits=8)
@@ -76,17 +88,17 @@ def lm_job(steps: int, save_every: int) -> LMJob:
 def test_resume_reproduces_an_uninterrupted_run(codes, tmp_path, monkeypatch):
     straight = train_lm(lm_job(8, 100), codes, tmp_path / "a")
 
-    real_batch_indices = elmgen.training.batch_indices
+    real_batch_indices = elmgen.train.loop.batch_indices
 
     def crash_at_step_6(step, *args):
         if step == 6:
             raise KeyboardInterrupt  # killed after the step-4 checkpoint and two more logged steps
         return real_batch_indices(step, *args)
 
-    monkeypatch.setattr(elmgen.training, "batch_indices", crash_at_step_6)
+    monkeypatch.setattr(elmgen.train.loop, "batch_indices", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train_lm(lm_job(8, 4), codes, tmp_path / "b")
-    monkeypatch.setattr(elmgen.training, "batch_indices", real_batch_indices)
+    monkeypatch.setattr(elmgen.train.loop, "batch_indices", real_batch_indices)
     assert len(read_metrics(tmp_path / "b" / "metrics.jsonl")) == 6
     resumed = train_lm(lm_job(8, 4), codes, tmp_path / "b", resume=True)
     assert [r["step"] for r in resumed] == list(range(1, 9))
@@ -127,7 +139,7 @@ def test_vocab_must_match_code_bits(codes, tmp_path):
 def test_checkpoint_writes_are_atomic_and_pruned(tmp_path):
     model = torch.nn.Linear(2, 2)
     for step in (1, 2, 3):
-        checkpoint.save_checkpoint(tmp_path, step, model, {"kind": "x"}, keep=2)
+        checkpoint.save_checkpoint(tmp_path, step, model, CheckpointMeta(kind="x"), keep=2)
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["latest", "step_00000002", "step_00000003"]
     assert checkpoint.resolve(tmp_path).name == "step_00000003"
@@ -168,7 +180,7 @@ def test_a_non_finite_loss_stops_the_run_before_the_next_checkpoint(tmp_path):
 
     cfg = TrainConfig(steps=10, batch_size=2, log_every=5, save_every=2)
     with pytest.raises(ElmgenError, match="non-finite before step 4"):
-        fit(torch.nn.Linear(2, 1), cfg, tmp_path, step_fn, num_items=8, ckpt_config={"kind": "x"})
+        fit(torch.nn.Linear(2, 1), cfg, tmp_path, step_fn, num_items=8, meta=CheckpointMeta(kind="x"))
     assert checkpoint.resolve(tmp_path).name == "step_00000002"
 
 
@@ -205,13 +217,13 @@ def test_two_processes_train_like_one(codes, tmp_path, parallel):
 
 
 def test_auto_precision_follows_native_bf16(monkeypatch):
-    import elmgen.training as training
+    from elmgen import device
 
     cpu = torch.device("cpu")
-    assert training.resolve_precision("auto", cpu) == ("bf16" if training.native_bf16(cpu) else "fp32")
+    assert device.resolve_precision("auto", cpu) == ("bf16" if device.native_bf16(cpu) else "fp32")
     for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(training, "native_bf16", lambda device, n=native: n)
-        assert training.resolve_precision("auto", cpu) == expected
-        assert training.resolve_precision("fp32", cpu) == "fp32" and training.resolve_precision("bf16", cpu) == "bf16"
-        with training.autocast(cpu, "auto"):
+        monkeypatch.setattr(device, "native_bf16", lambda device, n=native: n)
+        assert device.resolve_precision("auto", cpu) == expected
+        assert device.resolve_precision("fp32", cpu) == "fp32" and device.resolve_precision("bf16", cpu) == "bf16"
+        with device.autocast(cpu, "auto"):
             assert torch.is_autocast_enabled("cpu") == native

@@ -15,23 +15,22 @@ from dataclasses import dataclass, field, is_dataclass, replace
 from pathlib import Path
 
 from elmgen import checkpoint
-from elmgen.classifier import ClassifierJob, train_classifier
 from elmgen.codes import CodeDataset, tokenize
 from elmgen.config import save_yaml, to_dict
 from elmgen.data import inspect_folder, load_dataset
 from elmgen.errors import ElmgenError
 from elmgen.evaluation import evaluate_samples, load_extractor, open_reference, save_ref_stats
-from elmgen.model import ModelConfig, count_params, load_model, preset
+from elmgen.io import atomic_write_text, read_metrics, remove_temporaries
+from elmgen.models import ModelConfig, count_params, load_model, preset
 from elmgen.sampling import SampleConfig, class_balanced, image_seeds, sample_images, write_samples
-from elmgen.tokenizer import TokenizerConfig, load_tokenizer
-from elmgen.train import LMJob, TokenizerJob, train_lm, train_tokenizer
-from elmgen.training import TrainConfig, read_metrics
+from elmgen.tokenizers import TokenizerConfig, load_tokenizer
+from elmgen.train import ClassifierJob, LMJob, TokenizerJob, TrainConfig, train_classifier, train_lm, train_tokenizer
 from elmgen.vocab import Vocab
 
 
 @dataclass
 class PipelineConfig:
-    """One full run. The defaults are the Fashion-MNIST demo: about 13 minutes on 2 CPU cores."""
+    """One full run. The defaults are the Fashion-MNIST demo (its time: README, docs/performance.md)."""
 
     tokenizer: TokenizerJob = field(default_factory=lambda: TokenizerJob(
         tokenizer=TokenizerConfig(base_width=32, channel_mult=[1, 2, 2], num_res_blocks=1, num_bits=16),
@@ -43,12 +42,11 @@ class PipelineConfig:
         train=TrainConfig(steps=600, batch_size=128, lr=2e-3, warmup_steps=100, lr_decay="cosine",
                           min_lr=1e-4, precision="auto", save_every=100),
     ))
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(cfg_scale=3.0, cfg_schedule="linear"))
+    sample: SampleConfig = field(default_factory=SampleConfig)
     num_per_class: int = 10
     evaluate: bool = True  # FID, IS, precision/recall, class accuracy in the feature space of `classifier`
-    classifier: ClassifierJob = field(default_factory=lambda: ClassifierJob(train=TrainConfig(
-        steps=1000, batch_size=128, lr=3e-3, warmup_steps=100, lr_decay="cosine", weight_decay=0.05,
-        precision="auto", save_every=500)))  # trained once on the tokenizer's data
+    classifier: ClassifierJob = field(  # the classifier's own recipe, shorter; trained once on the tokenizer's data
+        default_factory=lambda: ClassifierJob(train=replace(ClassifierJob().train, steps=1000)))
     reference_images: int = 10000  # training images behind the reference statistics
 
 
@@ -143,7 +141,7 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     timings: dict[str, float] = {}
     cfg.sample.validate(cfg.lm.model.vocabulary.size)  # now, not after the training stages
     if dirs.samples.is_dir():  # what a killed run left half-written
-        checkpoint.remove_temporaries(dirs.samples, "samples", "metrics.json", "config.yaml")
+        remove_temporaries(dirs.samples, "samples", "metrics.json", "config.yaml")
 
     t = time.perf_counter()
     if not (dirs.tokenizer / "eval.json").is_file():
@@ -193,5 +191,5 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
         "dirs": {k: str(v) for k, v in vars(dirs).items()},
     }
     save_yaml(cfg, dirs.samples / "config.yaml")
-    checkpoint.atomic_write_text(dirs.samples / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(dirs.samples / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

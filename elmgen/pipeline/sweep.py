@@ -19,9 +19,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from elmgen import checkpoint
 from elmgen.errors import ElmgenError
-from elmgen.pipeline import PipelineConfig, config_hash, run_pipeline, shared_dirs
+from elmgen.io import atomic_write_text, remove_temporaries
+from elmgen.pipeline.stages import PipelineConfig, config_hash, run_pipeline, shared_dirs
 from elmgen.plots import pyplot, save_figure
 
 # Metrics gathered into the summary table: (column, path in a run's metrics.json).
@@ -73,7 +73,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path) -> list[dict]:
     """Run every missing run, then write summary.csv, summary.md and one plot per swept field."""
     out = Path(out_dir)
     if out.is_dir():
-        checkpoint.remove_temporaries(out, "summary", "plot_")
+        remove_temporaries(out, "summary", "plot_")
     runs = expand(cfg)
     configs = [apply_overrides(cfg.base, o) for o in runs]  # validate every run before training any
     for run_cfg in configs:
@@ -109,11 +109,11 @@ def write_summary(rows: list[dict], swept: list[str], out: Path) -> None:
     writer = csv.DictWriter(table, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    checkpoint.atomic_write_text(out / "summary.csv", table.getvalue())
+    atomic_write_text(out / "summary.csv", table.getvalue())
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-    checkpoint.atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
     metrics = [c for c, _ in SUMMARY_METRICS if any(c in row for row in rows)]
     for key in swept:
         if len({json.dumps(row.get(key)) for row in rows}) > 1:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
-from elmgen import checkpoint
 from elmgen.data import DataConfig
-from elmgen.pipeline import PipelineConfig, StageDirs, run_pipeline
+from elmgen.io import atomic_write_text, read_metrics, remove_temporaries
+from elmgen.pipeline.stages import PipelineConfig, StageDirs, run_pipeline
 from elmgen.plots import loss_curve
-from elmgen.training import read_metrics
 from elmgen.vocab import Vocab
 
 
@@ -18,7 +18,7 @@ def run_demo(cfg: PipelineConfig, out_dir: str | Path) -> dict:
     """The pipeline with fixed stage folders under `out_dir`, then the pictures and report.md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_temporaries(out, "report.md", "reconstructions.png", "loss.png")
+    remove_temporaries(out, "report.md", "reconstructions.png", "loss.png")
     dirs = StageDirs(out / "tokenizer", out / "codes", out / "lm", out, out / "classifier")
     metrics = run_pipeline(cfg, dirs)
     (out / "reconstructions.png").write_bytes((dirs.tokenizer / "reconstructions.png").read_bytes())
@@ -27,8 +27,22 @@ def run_demo(cfg: PipelineConfig, out_dir: str | Path) -> dict:
                title=f"{cfg.lm.model.kind.upper()} training loss (vocabulary {vocab})",
                hline=math.log(vocab.size), hline_label=f"ln {vocab.size}: uniform guess")
     class_names = json.loads((dirs.codes / "meta.json").read_text())["class_names"]
-    checkpoint.atomic_write_text(out / "report.md", render_report(metrics, class_names, cfg.tokenizer.data))
+    atomic_write_text(out / "report.md", render_report(metrics, class_names, cfg.tokenizer.data))
     return metrics
+
+
+def quick_demo(cfg: PipelineConfig) -> PipelineConfig:
+    """A short smoke run of the same pipeline on a data subset (looks worse, proves the wiring)."""
+    tok, lm, clf = cfg.tokenizer, cfg.lm, cfg.classifier
+    return replace(
+        cfg,
+        tokenizer=replace(tok, data=replace(tok.data, limit=2000), eval_images=200,
+                          train=replace(tok.train, steps=60, warmup_steps=10, save_every=60)),
+        lm=replace(lm, train=replace(lm.train, steps=40, warmup_steps=5, save_every=40)),
+        classifier=replace(clf, train=replace(clf.train, steps=40, warmup_steps=5, save_every=40)),
+        num_per_class=2,
+        reference_images=500,
+    )
 
 
 def data_title(data: DataConfig) -> str:

@@ -20,7 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from elmgen import checkpoint
+from elmgen.config import from_dict
 from elmgen.errors import ElmgenError
+from elmgen.models.kv_cache import KVCache
 from elmgen.vocab import Vocab
 
 
@@ -74,25 +77,6 @@ class ModelConfig:
             raise ElmgenError(f"head dim {self.head_dim} must be divisible by 4 for 2-D RoPE")
 
 
-# Sizes: tiny ones for this CPU, then the paper's (head dim 64).
-PRESETS: dict[str, dict] = {
-    "micro": dict(n_layer=2, d_model=64, n_head=2, dropout=0.0),
-    "tiny": dict(n_layer=4, d_model=256, n_head=4, dropout=0.0),
-    "small": dict(n_layer=8, d_model=384, n_head=6, dropout=0.0),
-    "B": dict(n_layer=12, d_model=768, n_head=12, dropout=0.1),
-    "L": dict(n_layer=24, d_model=1024, n_head=16, dropout=0.1),
-    "XL": dict(n_layer=36, d_model=1280, n_head=20, dropout=0.1),
-    "XXL": dict(n_layer=48, d_model=1536, n_head=24, dropout=0.1),
-    "2B": dict(n_layer=48, d_model=1792, n_head=28, dropout=0.1),
-}
-
-
-def preset(name: str) -> dict:
-    if name not in PRESETS:
-        raise ElmgenError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -126,22 +110,6 @@ def apply_rope(x_BHTd: torch.Tensor, cos_Tp: torch.Tensor, sin_Tp: torch.Tensor)
     return out.flatten(-2).type_as(x_BHTd)
 
 
-class KVCache(nn.Module):
-    """Preallocated keys/values for one layer: (B, H, T_max, head_dim). Shapes never change, so a
-    compiled decode step is traced once."""
-
-    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (batch, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, pos_T: torch.Tensor, k_BHTd, v_BHTd):
-        self.k.index_copy_(2, pos_T, k_BHTd)
-        self.v.index_copy_(2, pos_T, v_BHTd)
-        return self.k, self.v
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -158,8 +126,8 @@ class Attention(nn.Module):
         else:  # a query at position p sees the cached keys at positions <= p (unwritten slots lie beyond)
             k, v = cache.update(pos_T, k, v)
             mask_TS = torch.arange(k.shape[2], device=pos_T.device) <= pos_T[:, None]
-            # Plain matmuls: for the one or few queries of a decode step the fused attention kernels
-            # (built for long query blocks) took over half the sampling time on the CPU.
+            # Plain matmuls: the fused attention kernels are built for long query blocks, not for the one or
+            # few queries of a decode step (docs/performance.md, sampling).
             scores_BHTS = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
             out = scores_BHTS.masked_fill(~mask_TS, float("-inf")).softmax(-1) @ v
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
@@ -274,57 +242,9 @@ class Transformer(nn.Module):
         )
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """Parameter count without allocating weights (built on the meta device)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_token(cfg: ModelConfig) -> dict:
-    """Training and forward FLOPs per sequence position (multiply-add = 2 FLOPs).
-
-    Matmuls: 2 x the matmul parameters (all but the embedding tables, which are lookups). Attention:
-    scores and weighted values take 2 * 2 * T * d per layer at full context; causal AR attends to
-    T/2 positions on average. Training = forward + backward = 3 x forward.
-    """
-    T, d, L = cfg.num_cells, cfg.d_model, cfg.n_layer
-    per_layer = 4 * d * d + 3 * d * cfg.mlp_hidden
-    n = cfg.vocabulary.num_subcodes
-    matmul_params = L * per_layer + n * d * d + d * n * cfg.vocabulary.size  # blocks, input projection, heads
-    attention = 4 * L * T * d // (2 if cfg.kind == "ar" else 1)
-    forward = 2 * matmul_params + attention
-    return {"matmul": 2 * matmul_params, "attention": attention, "forward": forward, "train": 3 * forward}
-
-
-def training_memory_gb(cfg: ModelConfig, batch_per_gpu: int, gpus: int = 1, sharded: bool = False,
-                       activation_checkpointing: bool = False, ema: bool = True) -> float:
-    """Estimated peak memory per GPU (GB) of bf16-autocast AdamW training.
-
-    States: fp32 weights, grads and two Adam moments = 16 B/param (+4 with fp32 EMA), divided by the
-    number of GPUs when sharded (FSDP). Activations per layer and token, in bf16: 34 d + 5 h T bytes
-    (Korthikanti et al. 2022) without checkpointing; 2 d bytes (the layer input) with it, plus one
-    layer recomputed at a time.
-    """
-    params = count_params(cfg)
-    states = params * (16 + 4 * ema) / (gpus if sharded else 1)
-    T, d, h = cfg.num_cells, cfg.d_model, cfg.n_head
-    per_layer_token = 34 * d + 5 * h * T
-    tokens = batch_per_gpu * T
-    if activation_checkpointing:
-        activations = tokens * (cfg.n_layer * 2 * d + per_layer_token)
-    else:
-        activations = tokens * cfg.n_layer * per_layer_token
-    logits = tokens * cfg.vocabulary.num_subcodes * cfg.vocabulary.size * (2 + 4 + 4)  # bf16 out, fp32 CE + grad
-    return (states + activations + logits) / 1e9
-
-
 def load_model(path, device="cpu", ema: bool = True) -> tuple[Transformer, dict]:
     """A trained language model (its EMA weights if it kept them, unless `ema` is off) and its checkpoint
     config (which names its code files)."""
-    from elmgen import checkpoint
-    from elmgen.config import from_dict
-
     meta = checkpoint.load_config(path)
     if meta.get("kind") != "lm":
         raise ElmgenError(f"{path} is not a language-model checkpoint (kind {meta.get('kind')!r})")

@@ -1,0 +1,20 @@
+"""The paper's analyses as numbers: how random image tokens are next to text, where a model's attention
+looks, and how far the training loss falls (`elmgen analyze`)."""
+
+from elmgen.analysis.attention import (
+    AttentionConfig,
+    analyze_attention,
+    attention_metrics,
+    capture_attention,
+    uniform_attention,
+)
+from elmgen.analysis.loss import analyze_loss, run_losses
+from elmgen.analysis.randomness import (
+    analyze_randomness,
+    bpe_tokens,
+    code_streams,
+    conditional_entropy,
+    joint_entropy,
+    randomness_markdown,
+    token_statistics,
+)

@@ -1,0 +1,255 @@
+"""Where a model's attention looks, per layer and head.
+
+Forward hooks on every `Attention` module recompute the attention probabilities from the
+module's input with its own weights and RoPE; the model's computation is not touched. Sequence position
+p >= 1 carries grid cell p-1 (the cell whose RoPE position it has), so the distance between a query and a
+key is the Euclidean distance of their cells, in cells; position 0 is the class token. All figures are
+linear in the attention map except the mean distance (a ratio of sums), so they are computed from the
+attention map averaged over the analysed sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elmgen.analysis.names import run_names
+from elmgen.codes import CodeDataset
+from elmgen.errors import ElmgenError
+from elmgen.io import atomic_write_text
+from elmgen.models import Attention, Transformer, apply_rope, count_params, load_model, sequence_positions
+from elmgen.plots import pyplot, save_figure
+from elmgen.sampling import SampleConfig, generate, image_seeds
+from elmgen.vocab import Vocab
+
+
+@contextmanager
+def capture_attention(model: Transformer):
+    """Inside the block, each forward pass of `model` fills the yielded list with one (B, H, T, S) tensor of
+    attention probabilities per layer, recomputed from each `Attention` module's input; outputs unchanged."""
+    maps: list[torch.Tensor] = []
+
+    def hook(module: Attention, args, output):
+        x_BTd, cos, sin, _, cache = args
+        if cache is not None:
+            raise ElmgenError("attention capture needs a full forward pass, not KV-cached decoding")
+        if len(maps) == len(layers):  # a new forward pass
+            maps.clear()
+        B, T, _ = x_BTd.shape
+        q, k, _ = module.wqkv(x_BTd).view(B, T, 3, module.n_head, module.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
+        scores_BHTS = q @ k.transpose(-1, -2) / math.sqrt(module.head_dim)
+        if module.causal:
+            future_TS = torch.ones(T, T, dtype=torch.bool, device=x_BTd.device).triu(1)
+            scores_BHTS = scores_BHTS.masked_fill(future_TS, float("-inf"))
+        maps.append(scores_BHTS.softmax(-1))
+
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        yield maps
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def cell_distances(grid: int) -> torch.Tensor:
+    """(L, L) Euclidean distances between the cells of a grid, in cells (raster order)."""
+    xy_L2 = sequence_positions(grid)[1:].float()  # the cells' (row, col), without the class token
+    return torch.cdist(xy_L2, xy_L2)
+
+
+def attention_metrics(attn_HTS: torch.Tensor, grid: int, radii=(1, 2), global_radius: float = 3.0) -> dict:
+    """Per-head figures of an attention map (H, T, S) over [class token, cells...], each a list over heads,
+    averaged over the cell queries (positions 1..T-1):
+    mean_distance: average distance of the attention mass that falls on cells (mass-weighted);
+    within_r{r}: share of all attention on cells at distance <= r of the query's cell;
+    cls_share: share on the class token; global_share: share on cells farther than `global_radius`."""
+    n = attn_HTS.shape[1] - 1
+    dist_nn = cell_distances(grid)[:n, :n].to(attn_HTS.device)
+    cells_Hnn, cls_Hn = attn_HTS[:, 1:, 1:].double(), attn_HTS[:, 1:, 0].double()
+    out = {"mean_distance": ((cells_Hnn * dist_nn).sum((1, 2)) / cells_Hnn.sum((1, 2)).clamp_min(1e-12))}
+    for r in radii:
+        out[f"within_r{r}"] = (cells_Hnn * (dist_nn <= r)).sum(-1).mean(-1)
+    out["cls_share"] = cls_Hn.mean(-1)
+    out["global_share"] = (cells_Hnn * (dist_nn > global_radius)).sum(-1).mean(-1)
+    return {k: v.tolist() for k, v in out.items()}
+
+
+def uniform_attention(T: int, causal: bool) -> torch.Tensor:
+    """(1, T, T): every query spreads its attention evenly over the positions it may see."""
+    allowed_TT = torch.ones(T, T).tril() if causal else torch.ones(T, T)
+    return (allowed_TT / allowed_TT.sum(-1, keepdim=True))[None]
+
+
+@dataclass
+class AttentionConfig:
+    num_sequences: int = 64  # sequences whose attention is averaged
+    sampled: bool = False  # generate the sequences with the model (default sampling rules) instead of real codes
+    codes: str | None = None  # code folder of the real sequences (default: the one the model was trained on)
+    mask_ratio: float = 0.5  # MLM: share of cells masked in the input, as in training
+    queries: list[list[int]] = field(default_factory=list)  # (row, col) cells of the heat-maps; default: two
+    radii: list[int] = field(default_factory=lambda: [1, 2])
+    global_radius: float = 3.0  # attention on cells farther than this counts as global
+    batch_size: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.num_sequences < 1 or self.batch_size < 1:
+            raise ElmgenError("the number of sequences and the batch size must be positive")
+        if not 0 < self.mask_ratio < 1:
+            raise ElmgenError(f"mask_ratio must be in (0, 1), not {self.mask_ratio}")
+        if not self.radii or min(self.radii) < 0 or self.global_radius < 0:
+            raise ElmgenError("radii must be a non-empty list of distances >= 0, and the global radius >= 0")
+
+
+def input_sequences(model: Transformer, meta: dict, cfg: AttentionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (B,) and the sub-codes (B, T, n) the model reads: real rows of a code folder or its own
+    samples; AR reads all cells but the last (as in training), MLM all cells with a share masked."""
+    mc = model.cfg
+    if cfg.sampled:
+        labels_B = torch.arange(cfg.num_sequences) % mc.num_classes
+        seeds = image_seeds(cfg.seed, labels_B, torch.arange(cfg.num_sequences) // mc.num_classes)
+        sub_BLn = torch.cat([generate(model, labels_B[i: i + cfg.batch_size], SampleConfig(seed=cfg.seed),
+                                      seeds[i: i + cfg.batch_size])
+                             for i in range(0, cfg.num_sequences, cfg.batch_size)])
+    else:
+        codes = CodeDataset(cfg.codes or meta["codes"]["path"])
+        if codes.meta["grid"] != mc.grid_size:
+            raise ElmgenError(f"{codes.path} holds a {codes.meta['grid']}x{codes.meta['grid']} grid; the model "
+                              f"expects {mc.grid_size}x{mc.grid_size}")
+        vocab = Vocab.for_bits(mc.vocab, codes.meta["bits"])
+        rows = np.random.default_rng(cfg.seed).choice(len(codes), min(cfg.num_sequences, len(codes)), replace=False)
+        sub_BLn, labels_B = codes.batch(np.sort(rows), vocab)
+    if mc.kind == "ar":
+        return labels_B, sub_BLn[:, :-1]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    masked_BL = torch.rand(sub_BLn.shape[:2], generator=gen) < cfg.mask_ratio
+    return labels_B, sub_BLn.masked_fill(masked_BL[..., None], model.mask_index)
+
+
+@torch.no_grad()
+def mean_attention(model: Transformer, labels_B: torch.Tensor, sub_BTn: torch.Tensor,
+                   batch_size: int) -> list[torch.Tensor]:
+    """Per layer, the attention probabilities (H, T, S) averaged over the sequences."""
+    model.eval()
+    sums: list[torch.Tensor] = []
+    with capture_attention(model) as maps:
+        for i in range(0, len(labels_B), batch_size):
+            model(labels_B[i: i + batch_size], sub_BTn[i: i + batch_size])
+            batch = [m.sum(0) for m in maps]
+            sums = batch if not sums else [s + b for s, b in zip(sums, batch, strict=True)]
+    return [s / len(labels_B) for s in sums]
+
+
+def default_queries(grid: int) -> list[list[int]]:
+    """The centre cell and the middle of the last row (an AR query there sees almost the whole image)."""
+    return [[grid // 2, grid // 2], [grid - 1, grid // 2]]
+
+
+def model_attention(model: Transformer, meta: dict, cfg: AttentionConfig) -> tuple[dict, list[torch.Tensor]]:
+    """The attention report of one model and its per-layer mean maps."""
+    mc = model.cfg
+    labels_B, sub_BTn = input_sequences(model, meta, cfg)
+    maps = mean_attention(model, labels_B, sub_BTn, cfg.batch_size)
+    T = maps[0].shape[1]
+
+    def figures(attn_HTS):
+        return attention_metrics(attn_HTS, mc.grid_size, cfg.radii, cfg.global_radius)
+
+    layers = []
+    for i, attn_HTS in enumerate(maps):
+        layer = {k: v[0] for k, v in figures(attn_HTS.mean(0, keepdim=True)).items()}
+        layers.append({"layer": i + 1, **layer, "heads": figures(attn_HTS)})
+    report = {
+        "kind": mc.kind, "n_layer": mc.n_layer, "d_model": mc.d_model, "n_head": mc.n_head,
+        "params": count_params(mc), "vocab": mc.vocab, "grid": mc.grid_size, "step": meta.get("step"),
+        "sequences": len(labels_B), "source": "sampled" if cfg.sampled else "real",
+        "layers": layers, "uniform": {k: v[0] for k, v in figures(uniform_attention(T, mc.kind == "ar")).items()},
+    }
+    return report, maps
+
+
+def analyze_attention(models: list, out_dir, cfg: AttentionConfig) -> dict:
+    """attention.json, attention-depth.png and one attention-<model>.png of heat-maps per model."""
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for name, path in zip(run_names(models), models, strict=True):
+        model, meta = load_model(path)
+        grid = model.cfg.grid_size
+        queries = cfg.queries or default_queries(grid)
+        bad = [q for q in queries if not (len(q) == 2 and 0 <= min(q) and max(q) < grid)]
+        if bad:
+            raise ElmgenError(f"query cells {bad} are not (row, col) cells of the {grid}x{grid} grid of {path}")
+        report, maps = model_attention(model, meta, cfg)
+        plot_heatmaps(maps, grid, queries, model.cfg.kind == "ar", out / f"attention-{name.replace('/', '-')}.png",
+                      name)
+        reports[name] = {"path": str(path), **report}
+    result = {"config": asdict(cfg), "models": reports}
+    atomic_write_text(out / "attention.json", json.dumps(result, indent=2))
+    plot_depth(reports, out / "attention-depth.png", cfg)
+    return result
+
+
+def plot_heatmaps(maps: list[torch.Tensor], grid: int, queries: list[list[int]], causal: bool, path,
+                  title: str) -> None:
+    """Rows: layers; columns: query cells (red box); colour: attention (mean over heads and sequences) on
+    each cell; the class token's share is in the title. Cells a query cannot see are blank."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(maps), len(queries), figsize=(2.3 * len(queries), 2.3 * len(maps)), dpi=110,
+                             squeeze=False)
+    for li, attn_HTS in enumerate(maps):
+        attn_TS = attn_HTS.mean(0)
+        n = attn_TS.shape[1] - 1
+        for qi, (row, col) in enumerate(queries):
+            ax = axes[li, qi]
+            pos = row * grid + col + 1
+            heat = np.full(grid * grid, np.nan)
+            if pos <= n:
+                heat[:n] = attn_TS[pos, 1:].numpy()
+                if causal:  # cells after the query's own are unseen
+                    heat[pos:] = np.nan
+            ax.imshow(heat.reshape(grid, grid), cmap="viridis", vmin=0)
+            ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
+            cls = float(attn_TS[pos, 0]) if pos <= n else float("nan")
+            ax.set_title(f"layer {li + 1}, cell ({row},{col})\nclass token {cls:.2f}, "
+                         f"top cell {np.nanmax(heat, initial=0):.2f}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_depth(reports: dict, path, cfg: AttentionConfig) -> None:
+    """Per layer and model: mean attention distance, local share (r = 1), global share; dotted: the same
+    figure for uniform attention."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [("mean_distance", "mean attention distance (cells)"),
+              (f"within_r{cfg.radii[0]}", f"share within radius {cfg.radii[0]}"),
+              ("global_share", f"share beyond radius {cfg.global_radius:g}"), ("cls_share", "share on class token")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
+    for ci, (name, rep) in enumerate(reports.items()):
+        colour = f"C{ci}"
+        layers = [lay["layer"] for lay in rep["layers"]]
+        for ax, (key, label) in zip(axes, panels, strict=True):
+            ax.plot(layers, [lay[key] for lay in rep["layers"]], "o-", color=colour,
+                    label=f"{name} ({rep['params'] / 1e6:.2f}M)")
+            ax.axhline(rep["uniform"][key], color=colour, ls=":", lw=1)
+            ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(label, fontsize=9)
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, title="dotted: uniform attention", title_fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)

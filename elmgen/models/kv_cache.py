@@ -1,0 +1,22 @@
+"""The static-shape key/value cache of autoregressive decoding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer: (B, H, T_max, head_dim). Shapes never change, so a
+    compiled decode step is traced once."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos_T: torch.Tensor, k_BHTd, v_BHTd):
+        self.k.index_copy_(2, pos_T, k_BHTd)
+        self.v.index_copy_(2, pos_T, v_BHTd)
+        return self.k, self.v

@@ -1,0 +1,23 @@
+"""From a trained LM to images: sampling options and rules, AR decoding (prefill, then one cached step per
+cell), MaskGIT, in- and outpainting, sample files."""
+
+from elmgen.sampling.ar import decode_one, generate_ar, prefill
+from elmgen.sampling.config import SampleConfig
+from elmgen.sampling.editing import inpaint_images, outpaint_ar, outpaint_images, window_starts
+from elmgen.sampling.generate import (
+    check_compatible,
+    class_balanced,
+    generate,
+    image_seeds,
+    sample_images,
+    write_samples,
+)
+from elmgen.sampling.maskgit import generate_mlm
+from elmgen.sampling.rules import (
+    apply_cfg,
+    draw_from,
+    sample_logits,
+    shape_logits,
+    top_k_filter,
+    top_p_filter,
+)

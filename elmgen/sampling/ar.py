@@ -1,0 +1,59 @@
+"""Autoregressive decoding in raster order: a prefill of the class token, then one KV-cached step per cell
+(static shapes, so a compiled step is traced once)."""
+
+from __future__ import annotations
+
+import torch
+
+from elmgen.device import autocast
+from elmgen.models import Transformer
+from elmgen.rng import uniforms_for
+from elmgen.sampling.config import SampleConfig, step_rules
+from elmgen.sampling.rules import guide, sample_logits, with_null_class
+
+
+def prefill(model: Transformer, labels_in: torch.Tensor, caches) -> torch.Tensor:
+    """Logits (B, n, V) of the first cell: the class tokens alone run through the model, filling the caches."""
+    no_cells = torch.zeros(labels_in.shape[0], 0, model.n_sub, dtype=torch.long, device=labels_in.device)
+    return model(labels_in, no_cells, caches)[:, -1]
+
+
+def decode_one(decode_step, cell_B1n: torch.Tensor, t: int, caches) -> torch.Tensor:
+    """Logits (B, n, V) of cell t after feeding cell t-1, at sequence position t, through the cached model."""
+    return decode_step(cell_B1n, torch.tensor([t], device=cell_B1n.device), caches)[:, -1]
+
+
+@torch.no_grad()
+def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int],
+                known_sub_BLn: torch.Tensor | None = None, known_BL: torch.Tensor | None = None) -> torch.Tensor:
+    """Raster-order decoding, one cell per step, with a KV cache unless cfg.kv_cache is off (then every step
+    recomputes the whole prefix). Cells marked in `known_BL` are fed their `known_sub_BLn` codes instead of a
+    draw (outpainting)."""
+    cfg.validate(model.vocab_size)
+    B, L, n = labels_B.shape[0], model.cfg.num_cells, model.n_sub
+    uniforms_BLn = uniforms_for(seeds, (L, n)).to(labels_B.device)
+    guided = cfg.cfg_scale != 1.0
+    labels_in = with_null_class(model, labels_B, guided)
+    out_BLn = torch.zeros(B, L, n, dtype=torch.long, device=labels_B.device)
+
+    def both(x):
+        return torch.cat([x, x]) if guided else x
+
+    cache_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+    caches = model.new_caches(labels_in.shape[0], cache_dtype) if cfg.kv_cache else None
+    decode_step = torch.compile(model.decode_step, dynamic=False) if cfg.compile else model.decode_step
+    # One autocast region for the whole loop: weights are cast to bfloat16 once, not at every step.
+    with autocast(labels_B.device, cfg.precision):
+        logits = prefill(model, labels_in, caches)
+        for t in range(L):
+            if t > 0 and caches is not None:
+                logits = decode_one(decode_step, both(out_BLn[:, t - 1: t]), t, caches)
+            elif t > 0:
+                logits = model(labels_in, both(out_BLn[:, :t]))[:, -1]
+            scale, temperature = step_rules(cfg, t, L)
+            logits = guide(logits.float(), guided, scale)
+            draw_Bn = sample_logits(logits, temperature, cfg.top_k, cfg.top_p, uniforms_BLn[:, t])
+            if known_BL is not None:
+                draw_Bn = torch.where(known_BL[:, t, None], known_sub_BLn[:, t], draw_Bn)
+            out_BLn[:, t] = draw_Bn
+    return out_BLn

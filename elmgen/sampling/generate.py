@@ -1,0 +1,86 @@
+"""Class-conditional images from a trained LM and its tokenizer: per-image seeds, generation (AR or MaskGIT),
+decoding to pixels, and the sample files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from elmgen.data import to_uint8
+from elmgen.errors import ElmgenError
+from elmgen.io import atomic_savez
+from elmgen.models import Transformer
+from elmgen.plots import image_grid, save_png
+from elmgen.rng import item_seed
+from elmgen.sampling.ar import generate_ar
+from elmgen.sampling.config import SampleConfig
+from elmgen.sampling.maskgit import generate_mlm
+from elmgen.tokenizers import Autoencoder
+from elmgen.vocab import Vocab, subcodes_to_cells
+
+
+def generate(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int]) -> torch.Tensor:
+    """Class-conditional generation: labels (B,) -> sub-codes (B, L, n), one seed per image."""
+    model.eval()
+    return (generate_mlm if model.cfg.kind == "mlm" else generate_ar)(model, labels_B, cfg, seeds)
+
+
+def class_balanced(classes: list[int], num_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (N,) and each image's index within its class, class by class."""
+    labels = torch.tensor(classes).repeat_interleave(num_per_class)
+    return labels, torch.arange(num_per_class).repeat(len(classes))
+
+
+def image_seeds(base_seed: int, labels_N: torch.Tensor, index_in_class_N: torch.Tensor) -> list[int]:
+    """A distinct seed for the j-th image of class c: never repeated within a class, shard-independent."""
+    return [item_seed(base_seed, c, j) for c, j in zip(labels_N.tolist(), index_in_class_N.tolist(), strict=True)]
+
+
+@torch.no_grad()
+def sample_images(model: Transformer, tokenizer: Autoencoder, labels: torch.Tensor, seeds: list[int],
+                  cfg: SampleConfig, batch_size: int = 100, progress: bool = True) -> torch.Tensor:
+    """Class labels (N,) and per-image seeds -> uint8 images (N, C, H, W)."""
+    device = next(model.parameters()).device
+    vocab, g = model.cfg.vocabulary, model.cfg.grid_size
+    out = []
+    for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
+        batch = slice(start, start + batch_size)
+        sub_BLn = generate(model, labels[batch].to(device), cfg, seeds[batch])
+        cells_BL = subcodes_to_cells(sub_BLn, vocab).to(next(tokenizer.parameters()).device)
+        out.append(to_uint8(tokenizer.decode_cells(cells_BL, g)).cpu())
+    return torch.cat(out)
+
+
+def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
+    """The LM must have been trained on codes of exactly this tokenizer."""
+    vocab = Vocab.parse(lm_meta["model"]["vocab"])
+    lm_grid = lm_meta["model"]["grid_size"]
+    tok_bits = tokenizer_meta["bits"]
+    tok_grid = tokenizer_meta["grid"]
+    if vocab.bits != tok_bits or lm_grid != tok_grid:
+        raise ElmgenError(
+            f"the LM predicts {vocab.bits}-bit codes (vocabulary {vocab}) on a {lm_grid}x{lm_grid} grid but the "
+            f"tokenizer {tokenizer_meta['path']} makes {tok_bits}-bit codes on {tok_grid}x{tok_grid}; "
+            f"pass the tokenizer the LM was trained with ({lm_meta['codes']['tokenizer']})"
+        )
+    if lm_meta["codes"]["tokenizer_fingerprint"] != tokenizer_meta["fingerprint"]:
+        raise ElmgenError(
+            f"the LM was trained on codes of tokenizer {lm_meta['codes']['tokenizer']} (weights "
+            f"{lm_meta['codes']['tokenizer_fingerprint']}), not {tokenizer_meta['path']} "
+            f"(weights {tokenizer_meta['fingerprint']}); pass the tokenizer the LM was trained with"
+        )
+
+
+def write_samples(images_NCHW: torch.Tensor, labels_N: torch.Tensor, seeds: list[int], out_dir, ncols: int,
+                  name: str = "samples") -> tuple[Path, Path]:
+    """`name`.png (a grid, `ncols` images a row) and an ADM-style `name`.npz (arr_0 NHWC uint8, arr_1 labels,
+    plus each image's seed)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
+    save_png(image_grid(images_NCHW, ncols=ncols, scale=2), png)
+    atomic_savez(npz, images_NCHW.permute(0, 2, 3, 1).numpy(), labels_N.numpy(), seeds=np.asarray(seeds, np.uint64))
+    return png, npz

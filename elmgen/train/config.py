@@ -1,0 +1,60 @@
+"""The training loop's settings, shared by every trainer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from elmgen.device import PRECISIONS
+from elmgen.errors import ElmgenError
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64  # global batch: split over data-parallel processes, then over grad_accum micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step (same result as one big batch, less memory)
+    lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up from 0
+    lr_decay: str = "constant"  # "constant" or "cosine" (to min_lr at the last step)
+    min_lr: float = 0.0
+    weight_decay: float = 0.05  # on matrices only (not norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "auto" (bf16 where the device computes it natively)
+    ema_decay: float = 0.0  # keep an EMA of the weights (saved beside them, used for sampling); 0: none
+    compile: bool = False  # torch.compile the model's forward (fixed shapes: compiled once)
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (language models)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    seed: int = 0
+    log_every: int = 20
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+
+    def validate(self, world: int = 1) -> None:
+        """Refuse out-of-range settings (NaN included) before anything is written; `world`: processes."""
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ElmgenError(f"train.lr_decay must be 'constant' or 'cosine', not {self.lr_decay!r}")
+        if self.precision not in PRECISIONS:
+            raise ElmgenError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        # (field, holds, valid range): written so that NaN fails every test
+        ranges = [
+            ("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"), ("lr", 0 < self.lr < math.inf, "a finite number > 0"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, "in [0, train.lr]"),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, "a finite number >= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("grad_clip", 0 <= self.grad_clip < math.inf, "a finite number >= 0 (0 disables clipping)"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no EMA)"), ("seed", self.seed >= 0, ">= 0"),
+            ("log_every", self.log_every >= 1, ">= 1"), ("save_every", self.save_every >= 1, ">= 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+        ]
+        for name, holds, valid in ranges:
+            if not holds:
+                raise ElmgenError(f"train.{name}={getattr(self, name)} is out of range: it must be {valid}")
+        if self.batch_size % (world * self.grad_accum):
+            raise ElmgenError(f"train.batch_size={self.batch_size} must be divisible by processes x grad_accum "
+                              f"= {world} x {self.grad_accum}")

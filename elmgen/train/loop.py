@@ -1,0 +1,297 @@
+"""The training loop shared by the tokenizer, language-model and classifier trainers.
+
+Batches are a pure function of (seed, step), and the RNG state travels in the checkpoint, so a
+resumed run reproduces the losses of an uninterrupted one exactly. Only the main process logs and
+writes, so the same loop serves a torchrun launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+from tqdm.auto import tqdm
+
+from elmgen import checkpoint
+from elmgen.checkpoint import CheckpointMeta
+from elmgen.config import save_yaml
+from elmgen.device import autocast
+from elmgen.errors import ElmgenError
+from elmgen.io import atomic_write_text, read_metrics, remove_temporaries
+from elmgen.schedules import lr_at
+from elmgen.train.config import TrainConfig
+from elmgen.train.distributed import (
+    average_gradients,
+    distributed,
+    gather_state,
+    is_main_process,
+    load_whole_state,
+    mean_over_processes,
+    shard,
+)
+
+RUN_FILES = ("metrics.jsonl", "job.yaml", "loss.png", "eval.json", "reconstructions.png")  # what trainers write
+
+
+def check_training_memory(train, estimate_gb, what: str, fix: str) -> None:
+    """Refuse a training job whose estimated peak memory, `estimate_gb(micro_batch)`, exceeds the device's: at
+    its start, not when it runs out hours later."""
+    train.validate()  # a sound batch split before dividing by it
+    micro_batch = train.batch_size // train.grad_accum
+    needed = estimate_gb(micro_batch)
+    if train.device != "cpu" and torch.cuda.is_available():
+        total, where = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, "the GPU"
+    else:
+        total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
+    if needed > total / 1e9:
+        raise ElmgenError(f"{what}, {micro_batch} at a time, needs about {needed:,.0f} GB of memory, more than the "
+                          f"{total / 1e9:,.0f} GB of {where}; {fix}")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel updates all tensors in one pass (docs/performance.md: the largest single gain in a
+    # training step); FSDP's sharded (DTensor) parameters take the foreach path.
+    fused = not any(isinstance(p, DTensor) for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> np.ndarray:
+    """Indices of the batch at `step`: consecutive slices of one shuffled permutation per epoch."""
+    start, out = step * batch_size, []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start, num_items)
+        perm = np.random.default_rng([seed, epoch]).permutation(num_items)
+        take = perm[offset: offset + batch_size - len(out)]
+        out.extend(take.tolist())
+        start += len(take)
+    return np.asarray(out, dtype=np.int64)
+
+
+# A step function takes the model, the step and the dataset indices of one micro-batch, and returns
+# (mean loss over that micro-batch, extra floats to log).
+StepFn = Callable[[torch.nn.Module, int, np.ndarray], tuple[torch.Tensor, dict]]
+
+
+def local_micro_batches(step: int, cfg: TrainConfig, num_items: int, rank: int, world: int) -> np.ndarray:
+    """(grad_accum, micro batch) indices of this process at `step`: its contiguous share of the global
+    batch, cut into micro-batches (cfg.validate(world) checked the split). The global batch never
+    depends on the number of processes."""
+    idx = batch_indices(step, cfg.batch_size, num_items, cfg.seed)
+    return idx.reshape(world, -1)[rank].reshape(cfg.grad_accum, -1)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters. Under FSDP each process averages its own
+    shards; `full_state` gathers them."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = dict(module.named_parameters())
+        self.shadow = {name: p.detach().clone() for name, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: forget the random init quickly
+        for name, p in self.params.items():
+            self.shadow[name].lerp_(p.detach(), 1 - decay)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Whole CPU tensors (a collective under FSDP: every process must call it)."""
+        return {name: (s.full_tensor() if isinstance(s, DTensor) else s).cpu() for name, s in self.shadow.items()}
+
+    def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, s in self.shadow.items():
+            value = state[name].to(s.device, s.dtype)
+            if isinstance(s, DTensor):
+                value = distribute_tensor(value, s.device_mesh, s.placements)
+            self.shadow[name] = value
+
+
+def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
+    """Activation checkpointing, FSDP sharding and compilation, in place, as configured; True if sharded.
+
+    Models opt in: `activation_checkpointing` is a flag they read in forward, `fsdp_units` the
+    submodules sharded on their own (e.g. transformer blocks) before the root."""
+    name = type(model).__name__
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "activation_checkpointing"):
+            raise ElmgenError(f"train.activation_checkpointing is not supported for {name}; turn it off")
+        model.activation_checkpointing = True
+    if cfg.fsdp and world > 1:
+        if not hasattr(model, "fsdp_units"):
+            raise ElmgenError(f"train.fsdp is not supported for {name} (small enough for plain data parallelism)")
+        shard(model)
+    if cfg.compile:
+        model.compile(dynamic=False)
+    return cfg.fsdp and world > 1
+
+
+def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: StepFn, num_items: int,
+        meta: CheckpointMeta, resume: bool = False, desc: str = "train",
+        units_per_step: int | None = None, unit: str = "it", job=None) -> list[dict]:
+    """Train `model` for cfg.steps optimizer steps over a dataset of `num_items`, logging to
+    run_dir/metrics.jsonl. Under torchrun every process takes its share of each global batch and
+    gradients are averaged (with cfg.fsdp: reduce-scattered onto parameter shards), so any number of
+    processes follows the same trajectory (up to the random draws inside a step), and checkpoints hold
+    whole tensors, so a run can resume with another number of processes.
+
+    Seed torch with cfg.seed before building the model: a fresh run continues from that RNG state.
+    `units_per_step` (tokens or images per step) turns step time into a throughput figure.
+    With cfg.ema_decay > 0 an EMA of the weights is kept and saved beside them (`ema.safetensors`);
+    loaders prefer it. `job` (a config dataclass) is saved as run_dir/job.yaml once the run is accepted:
+    a refused run leaves the folder as it was.
+    `meta` is what every checkpoint's config.json records.
+    Returns the logged metric rows of this run (all of them, when resumed).
+    """
+    rank, world = distributed()
+    cfg.validate(world)
+    run_dir = Path(run_dir)
+    device = next(model.parameters()).device
+    sharded = prepare(model, cfg, world)
+    opt = make_optimizer(model, cfg)
+    step, ema_state = _start(model, opt, run_dir, resume)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and ema_state is not None:
+        ema.load_full_state(ema_state)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        _clean_run_folder(run_dir, step, job)
+    model.train()
+    window = MetricsWindow(run_dir / "metrics.jsonl", units_per_step, unit)
+    with tqdm(total=cfg.steps, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True) as bar:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss, extra = _optimizer_step(model, opt, cfg, step_fn, step, num_items, rank, world, sharded, device)
+            if ema is not None:
+                ema.update(step)
+            step += 1
+            window.add(loss, extra)
+            bar.update(1)
+            log, checkpoint_now = step % cfg.log_every == 0 or step == cfg.steps, step % cfg.save_every == 0
+            if log or checkpoint_now:
+                window.check_finite(step)
+            if log:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in window.log(step, lr).items() if k not in ("step", "lr")})
+            if checkpoint_now or step == cfg.steps:
+                _save(model, opt, ema, cfg, run_dir, step, meta)
+    model.eval()
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def _start(model: torch.nn.Module, opt: torch.optim.Optimizer, run_dir: Path, resume: bool) -> tuple[int, dict | None]:
+    """(step, EMA state) to start from: the run's last checkpoint, loaded into model and optimizer (with
+    `resume`), or (0, None) for a new run."""
+    if not checkpoint.has_checkpoint(run_dir):
+        if resume:
+            raise ElmgenError(f"nothing to resume: {run_dir} holds no checkpoint")
+        return 0, None
+    if not resume:
+        raise ElmgenError(
+            f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out"
+        )
+    state = checkpoint.load_trainer_state(run_dir)
+    if state is None:
+        raise ElmgenError(f"checkpoint in {run_dir} has no trainer state to resume from")
+    # Whole (unsharded) tensors, keyed by parameter name: resumable with any number of processes.
+    try:
+        load_whole_state(model, opt, checkpoint.load_state(run_dir, ema=False), state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ElmgenError(f"checkpoint in {run_dir} does not match this model or optimizer "
+                          f"({str(e).splitlines()[0]}); was it written for another config?") from None
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], checkpoint.load_ema(run_dir)
+
+
+def _clean_run_folder(run_dir: Path, step: int, job) -> None:
+    """Remove what a killed run left: temporaries, and metric rows past its last checkpoint (all of them when
+    it had none), which this run logs again; then save the accepted job."""
+    remove_temporaries(run_dir / "checkpoints")
+    remove_temporaries(run_dir, *RUN_FILES)
+    metrics_path = run_dir / "metrics.jsonl"
+    kept = [row for row in read_metrics(metrics_path) if row["step"] <= step] if step else []
+    atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+    if job is not None:
+        save_yaml(job, run_dir / "job.yaml")
+
+
+def _optimizer_step(model, opt, cfg: TrainConfig, step_fn: StepFn, step: int, num_items: int, rank: int,
+                    world: int, sharded: bool, device) -> tuple[torch.Tensor, dict]:
+    """One optimizer step over this process's micro-batches; the loss (averaged over every process) and the
+    last micro-batch's extra figures."""
+    losses = []
+    for micro_idx in local_micro_batches(step, cfg, num_items, rank, world):
+        with autocast(device, cfg.precision):
+            loss, extra = step_fn(model, step, micro_idx)
+        (loss / cfg.grad_accum).backward()
+        losses.append(loss.detach())
+    loss = torch.stack(losses).mean()
+    if world > 1:
+        if not sharded:  # FSDP reduce-scatters the gradients itself
+            average_gradients(model, world)
+        loss = mean_over_processes(loss, world)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, extra
+
+
+def _save(model, opt, ema: EMA | None, cfg: TrainConfig, run_dir: Path, step: int, meta: CheckpointMeta) -> None:
+    # Gathering whole tensors is a collective under FSDP: every process takes part, the main one writes.
+    weights, optimizer = gather_state(model, opt)
+    ema_weights = ema.full_state() if ema is not None else None
+    if is_main_process():
+        state = {
+            "optimizer": optimizer, "step": step, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        checkpoint.save_checkpoint(run_dir, step, weights, meta, state, cfg.keep_checkpoints, ema_weights)
+
+
+class MetricsWindow:
+    """The steps since the last row of metrics.jsonl. Losses stay on the device: no host sync until a log or
+    a checkpoint."""
+
+    def __init__(self, path: Path, units_per_step: int | None, unit: str):
+        self.path, self.units_per_step, self.unit = path, units_per_step, unit
+        self.losses: list[torch.Tensor] = []
+        self.extras: dict[str, list[float]] = {}
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, extra: dict) -> None:
+        self.losses.append(loss)
+        for k, v in extra.items():
+            self.extras.setdefault(k, []).append(float(v))
+
+    def check_finite(self, step: int) -> None:
+        if not torch.isfinite(torch.stack(self.losses)).all():
+            raise ElmgenError(f"the loss became non-finite before step {step} (no checkpoint was written "
+                              f"after it); lower train.lr or use fp32, then --resume")
+
+    def log(self, step: int, lr: float) -> dict:
+        """Append the window's row (main process) and start a new window; returns the row."""
+        elapsed = time.perf_counter() - self.t0
+        row = {"step": step, "loss": torch.stack(self.losses).double().mean().item(), "lr": lr}
+        row.update({k: float(np.mean(v)) for k, v in self.extras.items()})
+        if self.units_per_step:
+            row[f"{self.unit}_per_s"] = self.units_per_step * len(self.losses) / elapsed
+        if is_main_process():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.losses, self.extras, self.t0 = [], {}, time.perf_counter()
+        return row

@@ -1,0 +1,135 @@
+"""The tokenizer trainer: reconstruction (L1, L2, perceptual), the quantizer's own loss and, from a set step,
+the PatchGAN with the adaptive weight; the held-out report at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from elmgen.checkpoint import CheckpointMeta
+from elmgen.config import to_dict
+from elmgen.data import DataConfig, absolute_source, load_dataset, random_hflip, to_float
+from elmgen.device import resolve_device
+from elmgen.errors import ElmgenError
+from elmgen.evaluation.tokenizer import tokenizer_report
+from elmgen.plots import loss_curve
+from elmgen.tokenizers import Autoencoder, TokenizerConfig, load_tokenizer, training_memory_gb
+from elmgen.tokenizers.losses import (
+    LossConfig,
+    PatchDiscriminator,
+    PerceptualLoss,
+    adaptive_weight,
+    hinge_d_loss,
+    load_perceptual,
+)
+from elmgen.train.config import TrainConfig
+from elmgen.train.distributed import is_main_process
+from elmgen.train.loop import check_training_memory, fit
+
+
+@dataclass
+class TokenizerJob:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=1e-3,
+                                                                    warmup_steps=100, weight_decay=0.0,
+                                                                    ema_decay=0.999))
+    loss: LossConfig = field(default_factory=LossConfig)
+    hflip: bool = False  # random horizontal flips of training images
+    eval_images: int = 2000  # held-out images for the PSNR / SSIM / code-usage report
+
+
+class TokenizerTraining(nn.Module):
+    """What a tokenizer checkpoint holds: the tokenizer and the discriminator.
+
+    The shared loop's one optimizer trains both: the generator term reaches only the tokenizer and the
+    discriminator term only the discriminator (see `tokenizer_step`), so both optimizer states travel
+    in the checkpoint and a resumed run is exact. The loop's EMA (train.ema_decay) covers both; only
+    the tokenizer's part is used.
+    """
+
+    def __init__(self, job: TokenizerJob):
+        super().__init__()
+        self.tokenizer = Autoencoder(job.tokenizer)
+        self.discriminator = PatchDiscriminator(job.tokenizer.in_channels) if job.loss.gan else None
+
+    def compile(self, **kwargs) -> None:  # no forward of its own: compile the parts the step calls
+        self.tokenizer.compile(**kwargs)
+        if self.discriminator is not None:
+            self.discriminator.compile(**kwargs)
+
+
+def tokenizer_step(trainer: TokenizerTraining, x: torch.Tensor, step: int, loss_cfg: LossConfig,
+                   perceptual: PerceptualLoss | None) -> tuple[torch.Tensor, dict]:
+    """The full objective on one batch: L1 + L2 (+ perceptual) + the quantizer's loss, and from
+    loss_cfg.gan_start the adaptive-weighted hinge GAN terms of generator and discriminator."""
+    recon, q = trainer.tokenizer(x)
+    recon = recon.float()
+    l1, l2 = (recon - x).abs().mean(), (recon - x).pow(2).mean()
+    rec = loss_cfg.l1 * l1 + loss_cfg.l2 * l2
+    logs = {"l1": l1.item(), "l2": l2.item()}
+    if perceptual is not None:
+        p = perceptual(recon, x).mean()
+        rec = rec + loss_cfg.perceptual * p
+        logs["perceptual"] = p.item()
+    loss = rec + q.loss
+    if q.loss.requires_grad:
+        logs["quantizer"] = q.loss.item()
+    disc = trainer.discriminator
+    if disc is not None and step >= loss_cfg.gan_start:
+        disc.requires_grad_(False)  # the generator term must not train the discriminator
+        gen = -disc(recon).float().mean()
+        disc.requires_grad_(True)
+        weight = loss_cfg.gan_weight * adaptive_weight(rec, gen, trainer.tokenizer.last_layer)
+        d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())  # reaches only the discriminator
+        loss = loss + weight * gen + d_loss
+        logs.update(gen=gen.item(), disc=d_loss.item(), gan_weight=weight.item())
+    return loss, logs
+
+
+def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train a tokenizer; writes checkpoints, metrics, loss.png, eval.json and reconstructions.png."""
+    out_dir = Path(out_dir)
+    job.loss.validate()
+    dataset = load_dataset(job.data)
+    job.tokenizer.in_channels = job.data.channels
+    check_training_memory(job.train, lambda batch: training_memory_gb(job.tokenizer, job.data.image_size, batch),
+                          f"training a tokenizer on {job.data.image_size} px images",
+                          "lower data.image_size or train.batch_size, or raise --grad-accum")
+    if job.data.image_size % job.tokenizer.downsample:
+        raise ElmgenError(f"image size {job.data.image_size} is not divisible by the tokenizer's "
+                          f"downsampling factor {job.tokenizer.downsample}")
+    perceptual = load_perceptual(job.loss.perceptual_weights) if job.loss.perceptual_weights else None
+    device = resolve_device(job.train.device)
+    torch.manual_seed(job.train.seed)
+    trainer = TokenizerTraining(job).to(device)
+    if trainer.discriminator is not None and job.data.image_size < trainer.discriminator.min_image_size():
+        raise ElmgenError(f"the PatchGAN discriminator needs images of at least "
+                          f"{trainer.discriminator.min_image_size()} px, not {job.data.image_size}; drop --gan")
+    if perceptual is not None:
+        perceptual.to(device)
+    model = trainer.tokenizer
+    meta = CheckpointMeta(
+        kind=job.tokenizer.quantizer, tokenizer=to_dict(job.tokenizer), data=to_dict(absolute_source(job.data)),
+        bits=model.code_bits, num_codes=model.num_codes, image_size=job.data.image_size, channels=job.data.channels,
+        grid=job.data.image_size // job.tokenizer.downsample, class_names=dataset.class_names,
+    )
+
+    def step_fn(trainer, step, idx):
+        x = to_float(dataset.images(idx)).to(device)
+        if job.hflip:
+            x = random_hflip(x)
+        return tokenizer_step(trainer, x, step, job.loss, perceptual)
+
+    rows = fit(trainer, job.train, out_dir, step_fn, len(dataset), meta, resume,
+               desc=f"tokenizer ({job.tokenizer.quantizer})", units_per_step=job.train.batch_size, unit="img",
+               job=job)
+    if not is_main_process():
+        return {}
+    loss_curve(rows, out_dir / "loss.png", title="tokenizer loss")
+    held_out = load_dataset(replace(job.data, split="test", limit=job.eval_images))
+    release, _ = load_tokenizer(out_dir, device)  # the weights saved for use (the EMA, if kept)
+    return tokenizer_report(release, held_out, out_dir)
