@@ -32,7 +32,7 @@ def run_case(c: dict) -> dict:
     cfg = ModelConfig(**preset(c["preset"]), kind=c["kind"], vocab=c["vocab"], grid_size=c["grid"], num_classes=10)
     model = Transformer(cfg)
     torch.nn.init.normal_(model.head.weight, std=0.02)  # a zero head (the init) samples uniformly
-    sample = SampleConfig(cfg_scale=c["cfg_scale"], kv_cache=c.get("decode") != "recompute",
+    sample = SampleConfig(guidance_scale=c["guidance_scale"], kv_cache=c.get("decode") != "recompute",
                           compile=c.get("compile", False), steps=c.get("steps", 10),
                           precision=c.get("precision", "fp32"))
     labels, seeds = torch.arange(c["batch"]) % 10, list(range(c["batch"]))
@@ -58,14 +58,14 @@ def main() -> None:
     p.add_argument("--vocab", default="2-8")
     p.add_argument("--grid", type=int, default=16)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--mlm-steps", type=int, nargs="*", default=[8, 16], help="MaskGIT step counts (none: no MLM)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled AR case")
     a = p.parse_args()
     cases = []
     for batch in a.batch:
         base = {"bench": "sampling", "preset": a.preset, "vocab": a.vocab, "grid": a.grid, "batch": batch,
-                "cfg_scale": a.cfg_scale}
+                "guidance_scale": a.guidance_scale}
         ar = [("recompute", False, "fp32"), ("kv", False, "fp32"), ("kv", False, "bf16")]
         ar += [] if a.no_compile else [("kv", True, "fp32")]
         cases += [{**base, "kind": "ar", "decode": decode, "compile": compiled, "precision": precision}

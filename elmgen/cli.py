@@ -12,7 +12,7 @@ from pathlib import Path
 from elmgen import __version__
 from elmgen.config import build_config, to_dict
 from elmgen.errors import ElmgenError
-from elmgen.schedules import CFG_SCHEDULES
+from elmgen.schedules import GUIDANCE_SCHEDULES
 
 OVERRIDES_HELP = "config overrides as key=value, e.g. train.steps=500 tokenizer.num_bits=12"
 
@@ -99,11 +99,15 @@ def _lm_options(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def _sampling_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale; 1 disables")
-    s.add_argument("--cfg-schedule", default="linear", choices=list(CFG_SCHEDULES),
+    # --cfg-*: the options' names before the rename, still accepted
+    s.add_argument("--guidance-scale", "--cfg-scale", type=float, default=3.0,
+                   help="classifier-free guidance scale; 1 disables")
+    s.add_argument("--guidance-schedule", "--cfg-schedule", default="linear", choices=list(GUIDANCE_SCHEDULES),
                    help="ramp of the guidance scale over the steps (default: linear)")
-    s.add_argument("--cfg-power", type=float, default=2.0, help="exponent of the 'power' schedule")
-    s.add_argument("--cfg-interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
+    s.add_argument("--guidance-power", "--cfg-power", type=float, default=2.0,
+                   help="exponent of the 'power' schedule")
+    s.add_argument("--guidance-interval", "--cfg-interval", type=float, nargs=2, default=[0.0, 1.0],
+                   metavar=("LO", "HI"),
                    help="guide only while the step's progress (t+1)/T is in [LO, HI]")
     s.add_argument("--temperature", type=float, default=1.0, help="0 samples greedily")
     s.add_argument("--temperature-end", type=float, help="move the temperature linearly to this over the steps")
@@ -203,10 +207,11 @@ def _sample_config(a, model):
     """The sampling options, checked against the model before any work."""
     from elmgen.sampling import SampleConfig
 
-    cfg = SampleConfig(cfg_scale=a.cfg_scale, cfg_schedule=a.cfg_schedule, cfg_power=a.cfg_power,
-                        cfg_interval=a.cfg_interval, temperature=a.temperature, temperature_end=a.temperature_end,
-                        top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache, steps=a.steps,
-                        mask_noise=a.mask_noise, compile=a.compile, precision=a.precision)
+    cfg = SampleConfig(guidance_scale=a.guidance_scale, guidance_schedule=a.guidance_schedule,
+                       guidance_power=a.guidance_power, guidance_interval=a.guidance_interval,
+                       temperature=a.temperature, temperature_end=a.temperature_end,
+                       top_k=a.top_k, top_p=a.top_p, seed=a.seed, kv_cache=not a.no_kv_cache, steps=a.steps,
+                       mask_noise=a.mask_noise, compile=a.compile, precision=a.precision)
     cfg.validate(model.vocab_size)
     return cfg
 

@@ -1,7 +1,7 @@
 """Pre-tokenized code folders: a dataset encoded once, with augmentation, so LM training never runs the encoder.
 
 A code folder holds
-- `shard_00000.npy`, ...: cell codes (D, rows, L), memory-mapped when read: D draws of every row (one
+- `shard_00000.npy`, ...: cell codes (R, N, L), memory-mapped when read: R draws of every one of N rows (one
   for deterministic codes), L = grid * grid cells in raster order;
 - `labels.npy`: the class of every row, shards in order;
 - `meta.json`: the tokenizer (path, weights fingerprint, kind), K, the grid, the default vocabulary
@@ -122,11 +122,11 @@ def _check_settings(tokenizer_meta: dict, dataset: ImageDataset, vocab: Vocab, K
 
 def _encode_shard(tokenizer: Autoencoder, dataset: ImageDataset, plan: dict, shard: int,
                   batch_size: int) -> np.ndarray:
-    """The codes (D, rows, L) of one shard: every view of its images, view by view (see the module docstring)."""
+    """The codes (R, N, L) of one shard: every view of its images, view by view (see the module docstring)."""
     device = next(tokenizer.parameters()).device
     K, grid, size, seed, draws = plan["bits"], plan["grid"], plan["image_size"], plan["seed"], plan["draws"]
     images = np.arange(shard * plan["shard_size"], min(plan["images"], (shard + 1) * plan["shard_size"]))
-    codes_DRL = np.empty((max(1, draws), plan["views"] * len(images), grid * grid), dtype=code_dtype(K))
+    codes_RNL = np.empty((max(1, draws), plan["views"] * len(images), grid * grid), dtype=code_dtype(K))
     for start in range(0, len(images), batch_size):
         ids = images[start: start + batch_size]
         x = to_float(dataset.images(ids)).to(device)
@@ -135,10 +135,10 @@ def _encode_shard(tokenizer: Autoencoder, dataset: ImageDataset, plan: dict, sha
             rows = v * len(images) + start + np.arange(len(ids))
             if draws:
                 uniforms = uniforms_for([item_seed(seed, i, v) for i in ids], (draws, K, grid, grid)).to(device)
-                codes_DRL[:, rows] = tokenizer.draw_cells(view, uniforms).transpose(0, 1).cpu().numpy()
+                codes_RNL[:, rows] = tokenizer.draw_cells(view, uniforms).transpose(0, 1).cpu().numpy()
             else:
-                codes_DRL[0, rows] = tokenizer.encode_cells(view).cpu().numpy()
-    return codes_DRL
+                codes_RNL[0, rows] = tokenizer.encode_cells(view).cpu().numpy()
+    return codes_RNL
 
 
 def _work_folder(out_dir: Path, tokenizer_dir: Path, plan: dict) -> Path | None:

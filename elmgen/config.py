@@ -18,21 +18,46 @@ T = TypeVar("T")
 
 def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides=(), **base) -> T:
     """`cls` defaults <- `base` values <- YAML file <- `a.b=value` overrides, type-checked; a problem is one line
-    naming the key."""
+    naming the key. Old field names (RENAMED) are read as the new ones."""
     try:
         merged = OmegaConf.structured(cls)
         if base:
-            merged = OmegaConf.merge(merged, base)
+            merged = OmegaConf.merge(merged, renamed(base))
         if yaml_path is not None:
             merged = OmegaConf.merge(merged, load_yaml(Path(yaml_path)))
         for item in overrides:
             if "=" not in item:
                 raise ElmgenError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        dotlist = [f"{current_name(key)}={value}" for key, value in (item.split("=", 1) for item in overrides)]
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
         raise ElmgenError(f"invalid config: {key}{str(e).splitlines()[0]}") from None
+
+
+# Fields renamed since configs were first written (old name -> new). Every key a config file, a saved config,
+# an override or a sweep names is read through this map (each part of a dotted key), so old files still load.
+RENAMED = {
+    "cfg_scale": "guidance_scale",
+    "cfg_schedule": "guidance_schedule",
+    "cfg_power": "guidance_power",
+    "cfg_interval": "guidance_interval",
+}
+
+
+def current_name(key: str) -> str:
+    """A (dotted) config key in today's spelling: sample.cfg_scale -> sample.guidance_scale."""
+    return ".".join(RENAMED.get(part, part) for part in key.split("."))
+
+
+def renamed(node):
+    """A config tree (dicts and lists) with every key in today's spelling."""
+    if isinstance(node, dict):
+        return {current_name(k) if isinstance(k, str) else k: renamed(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [renamed(v) for v in node]
+    return node
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -50,7 +75,7 @@ def load_yaml(path: Path) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ElmgenError(f"{path} does not hold a mapping of sections at its top level (a list or a plain value "
                           "instead); write e.g. 'train: {steps: 100}'")
-    return loaded
+    return OmegaConf.create(renamed(OmegaConf.to_container(loaded)))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -21,10 +21,10 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr
 
 
-CFG_SCHEDULES = ("constant", "linear", "cosine", "power")
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine", "power")
 
 
-def cfg_scale_at(step: int, num_steps: int, scale: float, schedule: str, power: float = 2.0,
+def guidance_scale_at(step: int, num_steps: int, scale: float, schedule: str, power: float = 2.0,
                  interval: tuple[float, float] | list[float] = (0.0, 1.0)) -> float:
     """Guidance scale at decoding step `step` (0-based) of `num_steps`; 1 outside the interval."""
     progress = (step + 1) / num_steps
@@ -37,7 +37,7 @@ def cfg_scale_at(step: int, num_steps: int, scale: float, schedule: str, power: 
         "power": lambda p: p**power,
     }
     if schedule not in ramps:
-        raise ElmgenError(f"unknown cfg schedule {schedule!r}; use one of {CFG_SCHEDULES}")
+        raise ElmgenError(f"unknown guidance schedule {schedule!r}; use one of {GUIDANCE_SCHEDULES}")
     return 1.0 + (scale - 1.0) * ramps[schedule](progress)
 
 

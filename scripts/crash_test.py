@@ -64,7 +64,7 @@ base:
   num_per_class: 1
   evaluate: false
 grid:
-  sample.cfg_scale: [1.0, 2.0]
+  sample.guidance_scale: [1.0, 2.0]
 """
 
 

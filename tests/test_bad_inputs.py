@@ -101,10 +101,11 @@ ROWS = [
     # sampling options: one validation for sample, outpaint, inpaint (and demo, sweep)
     ("sample --model {ar} --out {out} --temperature nan", "--temperature"),
     ("sample --model {ar} --out {out} --temperature-end inf", "--temperature-end"),
-    ("sample --model {ar} --out {out} --cfg-scale nan", "--cfg-scale"),
-    ("sample --model {ar} --out {out} --cfg-scale -1", "--cfg-scale"),
-    ("sample --model {ar} --out {out} --cfg-power 0", "--cfg-power"),
-    ("sample --model {ar} --out {out} --cfg-interval 0.8 0.2", "--cfg-interval"),
+    ("sample --model {ar} --out {out} --guidance-scale nan", "--guidance-scale"),
+    ("sample --model {ar} --out {out} --guidance-scale -1", "--guidance-scale"),
+    ("sample --model {ar} --out {out} --cfg-scale -1", "--guidance-scale"),  # the option's name before the rename
+    ("sample --model {ar} --out {out} --guidance-power 0", "--guidance-power"),
+    ("sample --model {ar} --out {out} --guidance-interval 0.8 0.2", "--guidance-interval"),
     ("sample --model {ar} --out {out} --top-p 0", "--top-p"),
     ("sample --model {ar} --out {out} --top-k 100000", "vocabulary size 16"),
     ("outpaint --model {ar} --out {out} --temperature nan", "--temperature"),

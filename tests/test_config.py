@@ -5,7 +5,7 @@ import pytest
 from elmgen.config import build_config, from_dict, save_yaml, to_dict
 from elmgen.errors import ElmgenError
 from elmgen.models import PRESETS
-from elmgen.pipeline import PipelineConfig
+from elmgen.pipeline import PipelineConfig, SweepConfig
 from elmgen.train import LMJob, TokenizerJob
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -48,3 +48,21 @@ def test_lm_configs_agree_with_their_preset(path):
     model = build_config(LMJob, path).model
     size = PRESETS[path.stem.split("-")[-1]]
     assert {k: getattr(model, k) for k in size} == size
+
+
+def test_configs_with_the_old_guidance_names_still_load(tmp_path):
+    """Before the rename, guidance fields were cfg_*: files, saved configs, overrides and sweeps that use those names
+    read as guidance_*."""
+    path = tmp_path / "old.yaml"
+    path.write_text("sample:\n  cfg_scale: 2.0\n  cfg_interval: [0.1, 0.9]\n")
+    cfg = build_config(PipelineConfig, path, ["sample.cfg_schedule=constant", "sample.cfg_power=3"])
+    assert (cfg.sample.guidance_scale, cfg.sample.guidance_interval) == (2.0, [0.1, 0.9])
+    assert (cfg.sample.guidance_schedule, cfg.sample.guidance_power) == ("constant", 3.0)
+    saved = to_dict(PipelineConfig())
+    saved["sample"] = {k.replace("guidance_", "cfg_"): v for k, v in saved["sample"].items()}
+    assert "cfg_scale" in saved["sample"] and from_dict(PipelineConfig, saved) == PipelineConfig()
+    path.write_text("grid:\n  sample.cfg_scale: [1.0, 2.0]\nruns:\n  - {sample.cfg_schedule: constant}\n")
+    sweep = build_config(SweepConfig, path, ["base.sample.cfg_power=3"])
+    assert sweep.grid == {"sample.guidance_scale": [1.0, 2.0]}
+    assert sweep.runs == [{"sample.guidance_schedule": "constant"}]
+    assert sweep.base.sample.guidance_power == 3.0

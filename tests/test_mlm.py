@@ -50,7 +50,7 @@ def test_bidirectional_attention(mlm):
 
 def test_maskgit_reveals_on_schedule_and_never_changes_known_cells(mlm, monkeypatch):
     seen = record_inputs(mlm, monkeypatch)
-    cfg = SampleConfig(steps=6, cfg_scale=1.0)
+    cfg = SampleConfig(steps=6, guidance_scale=1.0)
     out = generate(mlm, torch.tensor([0, 1, 2]), cfg, seeds=[1, 2, 3])
     assert len(seen) == 6 and out.shape == (3, 16, 2) and out.max() < 16
     masked_per_step = [(sub == mlm.mask_index).all(-1).sum(-1).tolist() for _, sub in seen]
@@ -62,21 +62,21 @@ def test_maskgit_reveals_on_schedule_and_never_changes_known_cells(mlm, monkeypa
         assert torch.equal(sub[known], out[known])
 
 
-def test_cfg_doubles_the_batch_and_changes_samples(mlm, monkeypatch):
+def test_guidance_doubles_the_batch_and_changes_samples(mlm, monkeypatch):
     seen = record_inputs(mlm, monkeypatch)
     labels = torch.tensor([0, 1])
-    guided = generate(mlm, labels, SampleConfig(steps=4, cfg_scale=4.0), seeds=[5, 6])
+    guided = generate(mlm, labels, SampleConfig(steps=4, guidance_scale=4.0), seeds=[5, 6])
     assert seen[0][0].tolist() == [0, 1, 3, 3]  # conditional rows, then the null class
-    plain = generate(mlm, labels, SampleConfig(steps=4, cfg_scale=1.0), seeds=[5, 6])
+    plain = generate(mlm, labels, SampleConfig(steps=4, guidance_scale=1.0), seeds=[5, 6])
     assert seen[-1][0].tolist() == [0, 1]
     assert not torch.equal(guided, plain)
 
 
 def test_temperature_and_noise(mlm):
     labels = torch.tensor([0, 1])
-    greedy = SampleConfig(steps=4, temperature=0.0, mask_noise=0.0, cfg_scale=2.0)
+    greedy = SampleConfig(steps=4, temperature=0.0, mask_noise=0.0, guidance_scale=2.0)
     assert torch.equal(generate(mlm, labels, greedy, [1, 2]), generate(mlm, labels, greedy, [3, 4]))
-    hot = SampleConfig(steps=4, temperature=1.0, cfg_scale=2.0)
+    hot = SampleConfig(steps=4, temperature=1.0, guidance_scale=2.0)
     assert not torch.equal(generate(mlm, labels, hot, [1, 2]), generate(mlm, labels, hot, [3, 4]))
     assert torch.equal(generate(mlm, labels, hot, [1, 2]), generate(mlm, labels, hot, [1, 2]))
 
@@ -102,7 +102,7 @@ def test_inpainting_keeps_known_cells_exactly(mlm, monkeypatch):
     known[0, :10] = True  # image 0: top part known; image 1: a 2x2 hole in a known image
     known[1] = True
     known[1, [5, 6, 9, 10]] = False
-    out = generate_mlm(mlm, torch.tensor([0, 1]), SampleConfig(steps=4, cfg_scale=1.0), [1, 2], known_sub, known)
+    out = generate_mlm(mlm, torch.tensor([0, 1]), SampleConfig(steps=4, guidance_scale=1.0), [1, 2], known_sub, known)
     assert torch.equal(out[known], known_sub[known])
     assert out.max() < 16
     first = seen[0][1]

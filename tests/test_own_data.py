@@ -79,7 +79,7 @@ def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, ca
         "            train: {steps: 2, batch_size: 8}, eval_images: 6}",
         "lm: {model: {n_layer: 1, d_model: 64, n_head: 2, vocab: 2-4}, train: {steps: 2, batch_size: 8}}",
         "num_per_class: 1", "evaluate: false"])
-    sweep.write_text(f"base:\n{base}\ngrid:\n  sample.cfg_scale: [1.0, 2.0]\n")
+    sweep.write_text(f"base:\n{base}\ngrid:\n  sample.guidance_scale: [1.0, 2.0]\n")
     assert main(["sweep", str(sweep), "--out", str(tmp_path / "sw")]) == 0
     rows = (tmp_path / "sw" / "summary.csv").read_text().strip().splitlines()
     assert len(rows) == 3

@@ -7,7 +7,7 @@ from elmgen.errors import ElmgenError
 from elmgen.models import ModelConfig, Transformer, preset
 from elmgen.sampling import (
     SampleConfig,
-    apply_cfg,
+    apply_guidance,
     class_balanced,
     generate,
     generate_ar,
@@ -18,7 +18,7 @@ from elmgen.sampling import (
     top_p_filter,
     window_starts,
 )
-from elmgen.schedules import cfg_scale_at, temperature_at
+from elmgen.schedules import guidance_scale_at, temperature_at
 
 
 def test_top_k_keeps_exactly_the_k_largest():
@@ -68,35 +68,35 @@ def test_image_seeds_never_repeat_within_a_class():
     assert image_seeds(1, labels, index) != seeds
 
 
-def test_greedy_and_cfg_rules():
+def test_greedy_and_guidance_rules():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     assert sample_logits(logits, 0.0, 0, 1.0, torch.rand(1)).tolist() == [1]
     cond, uncond = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
-    assert apply_cfg(cond, uncond, 3.0).tolist() == [4.0, -2.0]
-    assert [cfg_scale_at(t, 4, 5.0, "linear") for t in range(4)] == [2.0, 3.0, 4.0, 5.0]
-    assert cfg_scale_at(0, 4, 5.0, "constant") == 5.0
+    assert apply_guidance(cond, uncond, 3.0).tolist() == [4.0, -2.0]
+    assert [guidance_scale_at(t, 4, 5.0, "linear") for t in range(4)] == [2.0, 3.0, 4.0, 5.0]
+    assert guidance_scale_at(0, 4, 5.0, "constant") == 5.0
     with pytest.raises(ElmgenError):
-        SampleConfig(cfg_schedule="exponential").validate()
+        SampleConfig(guidance_schedule="exponential").validate()
 
 
-def test_more_cfg_schedules_interval_and_temperature_ramp():
-    cosine = [cfg_scale_at(t, 4, 5.0, "cosine") for t in range(4)]
+def test_more_guidance_schedules_interval_and_temperature_ramp():
+    cosine = [guidance_scale_at(t, 4, 5.0, "cosine") for t in range(4)]
     assert cosine == pytest.approx([1 + 4 * (1 - math.cos(math.pi * p)) / 2 for p in (0.25, 0.5, 0.75, 1.0)])
     assert cosine[1] == pytest.approx(3.0) and cosine[-1] == pytest.approx(5.0)
-    assert [cfg_scale_at(t, 4, 5.0, "power", power=2) for t in range(4)] == [1.25, 2.0, 3.25, 5.0]
-    assert [cfg_scale_at(t, 4, 5.0, "constant", interval=(0.5, 0.75)) for t in range(4)] == [1.0, 5.0, 5.0, 1.0]
+    assert [guidance_scale_at(t, 4, 5.0, "power", power=2) for t in range(4)] == [1.25, 2.0, 3.25, 5.0]
+    assert [guidance_scale_at(t, 4, 5.0, "constant", interval=(0.5, 0.75)) for t in range(4)] == [1.0, 5.0, 5.0, 1.0]
     assert [temperature_at(t, 5, 1.0, 0.2) for t in range(5)] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
     assert temperature_at(3, 5, 0.7, None) == 0.7
-    with pytest.raises(ElmgenError, match="cfg_interval"):
-        SampleConfig(cfg_interval=[0.8, 0.2]).validate()
+    with pytest.raises(ElmgenError, match="guidance_interval"):
+        SampleConfig(guidance_interval=[0.8, 0.2]).validate()
 
 
 def test_guidance_outside_its_interval_is_off(model):
     labels, seeds = torch.tensor([0, 1]), [3, 4]
-    off = generate(model, labels, SampleConfig(cfg_scale=1.0), seeds)
-    empty = generate(model, labels, SampleConfig(cfg_scale=6.0, cfg_interval=[0.0, 0.0]), seeds)
+    off = generate(model, labels, SampleConfig(guidance_scale=1.0), seeds)
+    empty = generate(model, labels, SampleConfig(guidance_scale=6.0, guidance_interval=[0.0, 0.0]), seeds)
     assert torch.equal(off, empty)
-    assert not torch.equal(off, generate(model, labels, SampleConfig(cfg_scale=6.0), seeds))
+    assert not torch.equal(off, generate(model, labels, SampleConfig(guidance_scale=6.0), seeds))
 
 
 @pytest.fixture
@@ -108,11 +108,11 @@ def model():
 
 
 @pytest.mark.parametrize("cfg", [
-    SampleConfig(temperature=0.0, cfg_scale=1.0),
-    SampleConfig(temperature=0.0, cfg_scale=4.0, cfg_schedule="constant"),
-    SampleConfig(temperature=1.0, cfg_scale=1.0),
-    SampleConfig(temperature=1.0, cfg_scale=3.0, cfg_schedule="linear", top_k=10),
-    SampleConfig(temperature=0.7, cfg_scale=2.0, top_p=0.8),
+    SampleConfig(temperature=0.0, guidance_scale=1.0),
+    SampleConfig(temperature=0.0, guidance_scale=4.0, guidance_schedule="constant"),
+    SampleConfig(temperature=1.0, guidance_scale=1.0),
+    SampleConfig(temperature=1.0, guidance_scale=3.0, guidance_schedule="linear", top_k=10),
+    SampleConfig(temperature=0.7, guidance_scale=2.0, top_p=0.8),
 ])
 def test_kv_cache_gives_exactly_the_tokens_of_recomputation(model, cfg):
     labels = torch.tensor([0, 1, 2, 1])

@@ -22,7 +22,7 @@ base:
   evaluate: false
 grid:
   lm.model.vocab: [2-4, 4-2]
-  sample.cfg_scale: [1.0, 2.0]
+  sample.guidance_scale: [1.0, 2.0]
 """
 
 
@@ -60,15 +60,15 @@ def test_sweep_shares_stages_skips_done_runs_and_resumes(fake_fmnist, tmp_path, 
     stages = out / "stages"
     assert len(list((stages / "tokenizers").iterdir())) == 1 and len(list((stages / "lms").iterdir())) == 2
     summary = (out / "summary.csv").read_text().splitlines()
-    assert len(summary) == 5 and summary[0].startswith("run,lm.model.vocab,sample.cfg_scale")
+    assert len(summary) == 5 and summary[0].startswith("run,lm.model.vocab,sample.guidance_scale")
     assert (out / "summary.md").is_file()
-    assert (out / "plot_lm_model_vocab.png").is_file() and (out / "plot_sample_cfg_scale.png").is_file()
+    assert (out / "plot_lm_model_vocab.png").is_file() and (out / "plot_sample_guidance_scale.png").is_file()
 
     calls.update(train_lm=0, sample_images=0)
     assert main(["sweep", str(path), "--out", str(out)]) == 0  # finished: no work at all
     assert calls["train_lm"] == 0 and calls["sample_images"] == 0
     rows = [json.loads((p / "metrics.json").read_text()) for p in sorted((out / "runs").iterdir())]
-    assert sorted((r["lm"]["vocab"], r["sampling"]["cfg_scale"]) for r in rows) == [
+    assert sorted((r["lm"]["vocab"], r["sampling"]["guidance_scale"]) for r in rows) == [
         ("2-4", 1.0), ("2-4", 2.0), ("4-2", 1.0), ("4-2", 2.0)]
 
 

@@ -31,7 +31,7 @@ from elmgen.vocab import Vocab
 
 @contextmanager
 def capture_attention(model: Transformer):
-    """Inside the block, each forward pass of `model` fills the yielded list with one (B, H, T, S) tensor of
+    """Inside the block, each forward pass of `model` fills the yielded list with one (B, A, T, S) tensor of
     attention probabilities per layer, recomputed from each `Attention` module's input; outputs unchanged."""
     maps: list[torch.Tensor] = []
 
@@ -44,11 +44,11 @@ def capture_attention(model: Transformer):
         B, T, _ = x_BTd.shape
         q, k, _ = module.wqkv(x_BTd).view(B, T, 3, module.n_head, module.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
-        scores_BHTS = q @ k.transpose(-1, -2) / math.sqrt(module.head_dim)
+        scores_BATS = q @ k.transpose(-1, -2) / math.sqrt(module.head_dim)
         if module.causal:
             future_TS = torch.ones(T, T, dtype=torch.bool, device=x_BTd.device).triu(1)
-            scores_BHTS = scores_BHTS.masked_fill(future_TS, float("-inf"))
-        maps.append(scores_BHTS.softmax(-1))
+            scores_BATS = scores_BATS.masked_fill(future_TS, float("-inf"))
+        maps.append(scores_BATS.softmax(-1))
 
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     handles = [m.register_forward_hook(hook) for m in layers]
@@ -65,20 +65,20 @@ def cell_distances(grid: int) -> torch.Tensor:
     return torch.cdist(xy_L2, xy_L2)
 
 
-def attention_metrics(attn_HTS: torch.Tensor, grid: int, radii=(1, 2), global_radius: float = 3.0) -> dict:
-    """Per-head figures of an attention map (H, T, S) over [class token, cells...], each a list over heads,
+def attention_metrics(attn_ATS: torch.Tensor, grid: int, radii=(1, 2), global_radius: float = 3.0) -> dict:
+    """Per-head figures of an attention map (A, T, S) over [class token, cells...], each a list over heads,
     averaged over the cell queries (positions 1..T-1):
     mean_distance: average distance of the attention mass that falls on cells (mass-weighted);
     within_r{r}: share of all attention on cells at distance <= r of the query's cell;
     cls_share: share on the class token; global_share: share on cells farther than `global_radius`."""
-    n = attn_HTS.shape[1] - 1
-    dist_nn = cell_distances(grid)[:n, :n].to(attn_HTS.device)
-    cells_Hnn, cls_Hn = attn_HTS[:, 1:, 1:].double(), attn_HTS[:, 1:, 0].double()
-    out = {"mean_distance": ((cells_Hnn * dist_nn).sum((1, 2)) / cells_Hnn.sum((1, 2)).clamp_min(1e-12))}
+    n = attn_ATS.shape[1] - 1
+    dist_TS = cell_distances(grid)[:n, :n].to(attn_ATS.device)
+    cells_ATS, cls_AT = attn_ATS[:, 1:, 1:].double(), attn_ATS[:, 1:, 0].double()
+    out = {"mean_distance": ((cells_ATS * dist_TS).sum((1, 2)) / cells_ATS.sum((1, 2)).clamp_min(1e-12))}
     for r in radii:
-        out[f"within_r{r}"] = (cells_Hnn * (dist_nn <= r)).sum(-1).mean(-1)
-    out["cls_share"] = cls_Hn.mean(-1)
-    out["global_share"] = (cells_Hnn * (dist_nn > global_radius)).sum(-1).mean(-1)
+        out[f"within_r{r}"] = (cells_ATS * (dist_TS <= r)).sum(-1).mean(-1)
+    out["cls_share"] = cls_AT.mean(-1)
+    out["global_share"] = (cells_ATS * (dist_TS > global_radius)).sum(-1).mean(-1)
     return {k: v.tolist() for k, v in out.items()}
 
 
@@ -137,7 +137,7 @@ def input_sequences(model: Transformer, meta: dict, cfg: AttentionConfig) -> tup
 @torch.no_grad()
 def mean_attention(model: Transformer, labels_B: torch.Tensor, sub_BTn: torch.Tensor,
                    batch_size: int) -> list[torch.Tensor]:
-    """Per layer, the attention probabilities (H, T, S) averaged over the sequences."""
+    """Per layer, the attention probabilities (A, T, S) averaged over the sequences."""
     model.eval()
     sums: list[torch.Tensor] = []
     with capture_attention(model) as maps:
@@ -160,13 +160,13 @@ def model_attention(model: Transformer, meta: dict, cfg: AttentionConfig) -> tup
     maps = mean_attention(model, labels_B, sub_BTn, cfg.batch_size)
     T = maps[0].shape[1]
 
-    def figures(attn_HTS):
-        return attention_metrics(attn_HTS, mc.grid_size, cfg.radii, cfg.global_radius)
+    def figures(attn_ATS):
+        return attention_metrics(attn_ATS, mc.grid_size, cfg.radii, cfg.global_radius)
 
     layers = []
-    for i, attn_HTS in enumerate(maps):
-        layer = {k: v[0] for k, v in figures(attn_HTS.mean(0, keepdim=True)).items()}
-        layers.append({"layer": i + 1, **layer, "heads": figures(attn_HTS)})
+    for i, attn_ATS in enumerate(maps):
+        layer = {k: v[0] for k, v in figures(attn_ATS.mean(0, keepdim=True)).items()}
+        layers.append({"layer": i + 1, **layer, "heads": figures(attn_ATS)})
     report = {
         "kind": mc.kind, "n_layer": mc.n_layer, "d_model": mc.d_model, "n_head": mc.n_head,
         "params": count_params(mc), "vocab": mc.vocab, "grid": mc.grid_size, "step": meta.get("step"),
@@ -206,8 +206,8 @@ def plot_heatmaps(maps: list[torch.Tensor], grid: int, queries: list[list[int]],
     plt = pyplot()
     fig, axes = plt.subplots(len(maps), len(queries), figsize=(2.3 * len(queries), 2.3 * len(maps)), dpi=110,
                              squeeze=False)
-    for li, attn_HTS in enumerate(maps):
-        attn_TS = attn_HTS.mean(0)
+    for li, attn_ATS in enumerate(maps):
+        attn_TS = attn_ATS.mean(0)
         n = attn_TS.shape[1] - 1
         for qi, (row, col) in enumerate(queries):
             ax = axes[li, qi]

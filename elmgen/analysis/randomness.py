@@ -50,9 +50,9 @@ def conditional_entropy(target: np.ndarray, *contexts: np.ndarray) -> tuple[floa
     return joint_entropy(ctx_ids, target.reshape(-1)) - h_ctx, target.size / (int(ctx_ids.max()) + 1)
 
 
-def token_statistics(tokens_NHW: np.ndarray, vocab_size: int) -> dict:
+def token_statistics(tokens_Nhw: np.ndarray, vocab_size: int) -> dict:
     """Unigram and raster-neighbour statistics of token grids (N, h, w) drawn from `vocab_size` entries."""
-    x = np.asarray(tokens_NHW)
+    x = np.asarray(tokens_Nhw)
     ln_v = math.log(vocab_size)
     h1 = joint_entropy(x.reshape(-1))
     # neighbour pairs (context, token): left neighbours, then upper ones, pooled
@@ -89,11 +89,11 @@ def code_streams(codes_dir, limit: int | None = None) -> list[tuple[str, np.ndar
     meta, name = codes.meta, Path(codes_dir).name
     grid, vocab = meta["grid"], Vocab.parse(meta["vocab"])
     cells_NL = torch.from_numpy(codes.codes[slice(limit)].astype(np.int64))
-    cells_NHW = cells_NL.reshape(-1, grid, grid).numpy()
-    streams = [(f"{name} cell ({meta['kind']}, K={meta['bits']})", cells_NHW, code_space_size(meta))]
+    cells_Nhw = cells_NL.reshape(-1, grid, grid).numpy()
+    streams = [(f"{name} cell ({meta['kind']}, K={meta['bits']})", cells_Nhw, code_space_size(meta))]
     if vocab.num_subcodes > 1:
-        sub_NHWn = cells_to_subcodes(cells_NL, vocab).reshape(-1, grid, grid, vocab.num_subcodes).numpy()
-        streams += [(f"{name} sub-code {j + 1}/{vocab.num_subcodes} ({vocab})", sub_NHWn[..., j], vocab.size)
+        sub_Nhwn = cells_to_subcodes(cells_NL, vocab).reshape(-1, grid, grid, vocab.num_subcodes).numpy()
+        streams += [(f"{name} sub-code {j + 1}/{vocab.num_subcodes} ({vocab})", sub_Nhwn[..., j], vocab.size)
                     for j in range(vocab.num_subcodes)]
     return streams
 

@@ -80,8 +80,8 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats_BD, logits_BC = self.net(images_BCHW.to(self.device))
-        return feats_BD, logits_BC.softmax(-1)
+        feats_BD, logits_BY = self.net(images_BCHW.to(self.device))
+        return feats_BD, logits_BY.softmax(-1)
 
 
 def load_extractor(backend: str = "classifier", classifier=None, inception_weights=None, device="cpu"):
@@ -97,11 +97,11 @@ def load_extractor(backend: str = "classifier", classifier=None, inception_weigh
 
 
 def extract(extractor, source: ImageSource, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
-    """Features (N, D) and class probabilities (N, C) of every image of `source`, as float32."""
+    """Features (N, D) and class probabilities (N, Y) of every image of `source`, as float32."""
     feats, probs = [], []
     batches = source.batches(batch_size, extractor.image_size, extractor.channels)
     for batch in tqdm(batches, total=-(-len(source) // batch_size), desc="features", unit="batch"):
-        f_BD, p_BC = extractor(torch.from_numpy(batch))
+        f_BD, p_BY = extractor(torch.from_numpy(batch))
         feats.append(f_BD.float().cpu().numpy())
-        probs.append(p_BC.float().cpu().numpy())
+        probs.append(p_BY.float().cpu().numpy())
     return np.concatenate(feats), np.concatenate(probs)

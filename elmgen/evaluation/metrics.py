@@ -111,19 +111,19 @@ def frechet_distance(mu1_D, sigma1_DD, mu2_D, sigma2_DD, eps: float = 1e-6) -> f
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
-def inception_score(probs_NC: np.ndarray, splits: int = 10) -> tuple[float, float]:
+def inception_score(probs_NY: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))) on each of `splits` parts: (mean, std) over the parts.
 
     The parts are cut from a fixed shuffle of the samples: class-balanced sample files are written class
     by class, and consecutive parts would each hold one class (an IS near 1 whatever the quality)."""
-    probs_NC = np.asarray(probs_NC, dtype=np.float64)
-    if len(probs_NC) < splits:
+    probs_NY = np.asarray(probs_NY, dtype=np.float64)
+    if len(probs_NY) < splits:
         raise ElmgenError(f"the Inception Score over {splits} splits needs at least {splits} samples, "
-                          f"got {len(probs_NC)}")
-    shuffled_NC = probs_NC[np.random.default_rng(0).permutation(len(probs_NC))]
+                          f"got {len(probs_NY)}")
+    shuffled_NY = probs_NY[np.random.default_rng(0).permutation(len(probs_NY))]
     scores = []
-    for part_NC in np.array_split(shuffled_NC, splits):
-        kl_N = scipy.special.rel_entr(part_NC, part_NC.mean(0, keepdims=True)).sum(1)
+    for part_NY in np.array_split(shuffled_NY, splits):
+        kl_N = scipy.special.rel_entr(part_NY, part_NY.mean(0, keepdims=True)).sum(1)
         scores.append(np.exp(kl_N.mean()))
     return float(np.mean(scores)), float(np.std(scores))
 
@@ -168,9 +168,9 @@ def precision_recall(real_ND: np.ndarray, fake_MD: np.ndarray, k: int = 3,
             "recall": float(in_manifold(real_ND, fake_MD, knn_radii(fake_MD, k)).mean())}
 
 
-def class_accuracy(probs_NC: np.ndarray, labels_N: np.ndarray, class_names: list[str]) -> dict:
+def class_accuracy(probs_NY: np.ndarray, labels_N: np.ndarray, class_names: list[str]) -> dict:
     """Share of images the classifier assigns to their own class, overall and per class (keyed by class name)."""
-    preds_N, labels_N = np.asarray(probs_NC).argmax(1), np.asarray(labels_N, dtype=np.int64)
+    preds_N, labels_N = np.asarray(probs_NY).argmax(1), np.asarray(labels_N, dtype=np.int64)
     if len(labels_N) and (labels_N.min() < 0 or labels_N.max() >= len(class_names)):
         raise ElmgenError(f"sample labels range over {labels_N.min()}..{labels_N.max()} but the classifier knows "
                           f"{len(class_names)} classes")

@@ -23,9 +23,9 @@ def evaluate_samples(samples, reference, extractor, k: int = 3, splits: int = 10
     """
     source = samples if isinstance(samples, ImageSource) else open_samples(samples)
     ref = reference if isinstance(reference, RefStats) else open_reference(reference, extractor, batch_size, k)
-    feats_ND, probs_NC = extract(extractor, source, batch_size)
+    feats_ND, probs_NY = extract(extractor, source, batch_size)
     mu, sigma = feature_stats(feats_ND)
-    is_mean, is_std = inception_score(probs_NC, splits)
+    is_mean, is_std = inception_score(probs_NY, splits)
     out = {
         "feature_space": extractor.feature_space,
         "samples": source.name, "num_samples": len(source),
@@ -38,5 +38,5 @@ def evaluate_samples(samples, reference, extractor, k: int = 3, splits: int = 10
     if ref.feats is not None:
         out.update(precision_recall(ref.feats, feats_ND, k, ref.radii if ref.k == k else None), pr_k=k)
     if source.labels is not None and extractor.class_names is not None:
-        out.update(class_accuracy(probs_NC, source.labels, extractor.class_names))
+        out.update(class_accuracy(probs_NY, source.labels, extractor.class_names))
     return out

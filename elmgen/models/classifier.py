@@ -54,7 +54,7 @@ class Classifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.feature_dim, cfg.num_classes))
 
     def forward_features(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float images in [-1, 1] -> (penultimate features (B, D), class logits (B, C))."""
+        """Float images in [-1, 1] -> (penultimate features (B, D), class logits (B, Y))."""
         feats_BD = self.embed(self.trunk(x_BCHW))
         return feats_BD, self.head(feats_BD)
 
@@ -63,11 +63,11 @@ class Classifier(nn.Module):
 
     @torch.no_grad()
     def features_and_probs(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (the data sets' format) -> float32 features (B, D) and class probabilities (B, C)."""
+        """uint8 images (the data sets' format) -> float32 features (B, D) and class probabilities (B, Y)."""
         self.eval()
         x = to_float(images_BCHW.to(next(self.parameters()).device))
-        feats_BD, logits_BC = self.forward_features(x)
-        return feats_BD.float(), logits_BC.float().softmax(-1)
+        feats_BD, logits_BY = self.forward_features(x)
+        return feats_BD.float(), logits_BY.float().softmax(-1)
 
     def features(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         return self.features_and_probs(images_BCHW)[0]

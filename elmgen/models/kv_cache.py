@@ -7,7 +7,7 @@ import torch.nn as nn
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for one layer: (B, H, T_max, head_dim). Shapes never change, so a
+    """Preallocated keys/values for one layer: (B, A, T_max, e). Shapes never change, so a
     compiled decode step is traced once."""
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
@@ -16,7 +16,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos_T: torch.Tensor, k_BHTd, v_BHTd):
-        self.k.index_copy_(2, pos_T, k_BHTd)
-        self.v.index_copy_(2, pos_T, v_BHTd)
+    def update(self, pos_T: torch.Tensor, k_BATe, v_BATe):
+        self.k.index_copy_(2, pos_T, k_BATe)
+        self.v.index_copy_(2, pos_T, v_BATe)
         return self.k, self.v

@@ -103,11 +103,11 @@ def sequence_positions(grid_size: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, 2, dtype=torch.float64), cells])
 
 
-def apply_rope(x_BHTd: torch.Tensor, cos_Tp: torch.Tensor, sin_Tp: torch.Tensor) -> torch.Tensor:
-    x = x_BHTd.float().unflatten(-1, (-1, 2))
+def apply_rope(x_BATe: torch.Tensor, cos_Tp: torch.Tensor, sin_Tp: torch.Tensor) -> torch.Tensor:
+    x = x_BATe.float().unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]
     out = torch.stack([x0 * cos_Tp - x1 * sin_Tp, x0 * sin_Tp + x1 * cos_Tp], dim=-1)
-    return out.flatten(-2).type_as(x_BHTd)
+    return out.flatten(-2).type_as(x_BATe)
 
 
 class Attention(nn.Module):
@@ -128,8 +128,8 @@ class Attention(nn.Module):
             mask_TS = torch.arange(k.shape[2], device=pos_T.device) <= pos_T[:, None]
             # Plain matmuls: the fused attention kernels are built for long query blocks, not for the one or
             # few queries of a decode step (docs/performance.md, sampling).
-            scores_BHTS = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
-            out = scores_BHTS.masked_fill(~mask_TS, float("-inf")).softmax(-1) @ v
+            scores_BATS = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+            out = scores_BATS.masked_fill(~mask_TS, float("-inf")).softmax(-1) @ v
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

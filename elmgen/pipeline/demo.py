@@ -92,7 +92,7 @@ image tokens are close to random.
 |---|---|
 {rows}
 
-Sampling: classifier-free guidance scale {s['cfg_scale']} ({s['cfg_schedule']} schedule), temperature
+Sampling: classifier-free guidance scale {s['guidance_scale']} ({s['guidance_schedule']} schedule), temperature
 {s['temperature']}, top-k {s['top_k'] or 'off'}, top-p {s['top_p']}, seed {s['seed']}, KV cache on.
 `samples.npz` holds the same {s['images']} images in ADM layout (`arr_0` uint8 NHWC, `arr_1` labels).
 

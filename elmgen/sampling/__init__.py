@@ -14,7 +14,7 @@ from elmgen.sampling.generate import (
 )
 from elmgen.sampling.maskgit import generate_mlm
 from elmgen.sampling.rules import (
-    apply_cfg,
+    apply_guidance,
     draw_from,
     sample_logits,
     shape_logits,

@@ -32,7 +32,7 @@ def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
     cfg.validate(model.vocab_size)
     B, L, n = labels_B.shape[0], model.cfg.num_cells, model.n_sub
     uniforms_BLn = uniforms_for(seeds, (L, n)).to(labels_B.device)
-    guided = cfg.cfg_scale != 1.0
+    guided = cfg.guidance_scale != 1.0
     labels_in = with_null_class(model, labels_B, guided)
     out_BLn = torch.zeros(B, L, n, dtype=torch.long, device=labels_B.device)
 

@@ -6,16 +6,16 @@ import math
 from dataclasses import dataclass, field
 
 from elmgen.errors import ElmgenError
-from elmgen.schedules import CFG_SCHEDULES, cfg_scale_at, temperature_at
+from elmgen.schedules import GUIDANCE_SCHEDULES, guidance_scale_at, temperature_at
 
 
 @dataclass
 class SampleConfig:
-    cfg_scale: float = 3.0  # 1 disables classifier-free guidance
-    cfg_schedule: str = "linear"  # how the scale ramps from 1 to cfg_scale with progress p = (t+1)/T:
-    #   constant: s; linear: 1 + (s-1) p; cosine: 1 + (s-1)(1 - cos(pi p))/2; power: 1 + (s-1) p^cfg_power
-    cfg_power: float = 2.0
-    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only while p is inside
+    guidance_scale: float = 3.0  # 1 disables classifier-free guidance
+    guidance_schedule: str = "linear"  # how the scale ramps from 1 to guidance_scale with progress p = (t+1)/T:
+    #   constant: s; linear: 1 + (s-1) p; cosine: 1 + (s-1)(1 - cos(pi p))/2; power: 1 + (s-1) p^guidance_power
+    guidance_power: float = 2.0
+    guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only while p is inside
     temperature: float = 1.0  # 0 samples greedily (argmax)
     temperature_end: float | None = None  # if set, temperature moves linearly to this over the steps
     top_k: int = 0  # keep the k most likely entries of each sub-code vocabulary; 0 keeps all
@@ -31,12 +31,13 @@ class SampleConfig:
         """Refuse what would sample garbage (NaN, negative, out of range) before any work; the message names the
         option, its valid range and the value. `vocab_size`: entries of one sub-code vocabulary, when known."""
         inf = math.inf  # `0 <= x < inf` also refuses NaN: every comparison with NaN is false
-        ci, t_end = self.cfg_interval, self.temperature_end
+        ci, t_end = self.guidance_interval, self.temperature_end
         checks = (
-            ("cfg_scale", 0 <= self.cfg_scale < inf, "a number >= 0 (1 disables guidance)"),
-            ("cfg_schedule", self.cfg_schedule in CFG_SCHEDULES, f"one of {', '.join(CFG_SCHEDULES)}"),
-            ("cfg_power", 0 < self.cfg_power < inf, "a number > 0"),
-            ("cfg_interval", len(ci) == 2 and 0 <= ci[0] <= ci[1] <= 1, "LO HI with 0 <= LO <= HI <= 1"),
+            ("guidance_scale", 0 <= self.guidance_scale < inf, "a number >= 0 (1 disables guidance)"),
+            ("guidance_schedule", self.guidance_schedule in GUIDANCE_SCHEDULES,
+             f"one of {', '.join(GUIDANCE_SCHEDULES)}"),
+            ("guidance_power", 0 < self.guidance_power < inf, "a number > 0"),
+            ("guidance_interval", len(ci) == 2 and 0 <= ci[0] <= ci[1] <= 1, "LO HI with 0 <= LO <= HI <= 1"),
             ("temperature", 0 <= self.temperature < inf, "a number >= 0 (0 samples greedily)"),
             ("temperature_end", t_end is None or 0 <= t_end < inf, "a number >= 0"),
             ("top_k", 0 <= self.top_k <= (vocab_size or self.top_k),
@@ -55,5 +56,6 @@ class SampleConfig:
 
 def step_rules(cfg: SampleConfig, step: int, num_steps: int) -> tuple[float, float]:
     """(guidance scale, temperature) at one decoding step."""
-    scale = cfg_scale_at(step, num_steps, cfg.cfg_scale, cfg.cfg_schedule, cfg.cfg_power, cfg.cfg_interval)
+    scale = guidance_scale_at(step, num_steps, cfg.guidance_scale, cfg.guidance_schedule, cfg.guidance_power,
+                              cfg.guidance_interval)
     return scale, temperature_at(step, num_steps, cfg.temperature, cfg.temperature_end)

@@ -75,19 +75,19 @@ def outpaint_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
                           "use a smaller --width/--height or a larger --stride")
     model.eval()
     B, device = labels_B.shape[0], labels_B.device
-    canvas_BHWn = torch.zeros(B, height, width, n, dtype=torch.long, device=device)
-    known_BHW = torch.zeros(B, height, width, dtype=torch.bool, device=device)
+    canvas_Bhwn = torch.zeros(B, height, width, n, dtype=torch.long, device=device)
+    known_Bhw = torch.zeros(B, height, width, dtype=torch.bool, device=device)
     windows = [(r, c) for r in rows for c in cols]
     for i, (r, c) in enumerate(tqdm(windows, desc="outpaint", unit="window", leave=False)):
-        known = known_BHW[:, r:r + g, c:c + g].reshape(B, g * g)
+        known = known_Bhw[:, r:r + g, c:c + g].reshape(B, g * g)
         if bool(known.all()):
             continue
         window_seeds = seeds if i == 0 else [int(np.random.SeedSequence([s, i]).generate_state(1)[0]) for s in seeds]
-        sub_BLn = canvas_BHWn[:, r:r + g, c:c + g].reshape(B, g * g, n)
+        sub_BLn = canvas_Bhwn[:, r:r + g, c:c + g].reshape(B, g * g, n)
         out_BLn = generate_ar(model, labels_B, cfg, window_seeds, sub_BLn, known)
-        canvas_BHWn[:, r:r + g, c:c + g] = out_BLn.view(B, g, g, n)
-        known_BHW[:, r:r + g, c:c + g] = True
-    return canvas_BHWn.view(B, height * width, n)
+        canvas_Bhwn[:, r:r + g, c:c + g] = out_BLn.view(B, g, g, n)
+        known_Bhw[:, r:r + g, c:c + g] = True
+    return canvas_Bhwn.view(B, height * width, n)
 
 
 @torch.no_grad()

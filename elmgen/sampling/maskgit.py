@@ -22,8 +22,8 @@ def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, 
     cfg.validate(model.vocab_size)
     B, L, n, S = labels_B.shape[0], model.cfg.num_cells, model.n_sub, cfg.steps
     device = labels_B.device
-    noise_BSLm = uniforms_for(seeds, (S, L, n + 1)).to(device)  # n token draws + 1 Gumbel per cell
-    guided = cfg.cfg_scale != 1.0
+    noise_BILm = uniforms_for(seeds, (S, L, n + 1)).to(device)  # n token draws + 1 Gumbel per cell
+    guided = cfg.guidance_scale != 1.0
     labels_in = with_null_class(model, labels_B, guided)
     masked_BL = torch.ones(B, L, dtype=torch.bool, device=device) if known_BL is None else ~known_BL.to(device)
     sub_BLn = torch.full((B, L, n), model.mask_index, dtype=torch.long, device=device)
@@ -37,10 +37,10 @@ def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, 
         scale, temperature = step_rules(cfg, t, S)
         logits = guide(logits, guided, scale)
         shaped = shape_logits(logits, temperature, cfg.top_k, cfg.top_p)  # once: drawn from and scored
-        draw_BLn = shaped.argmax(-1) if temperature == 0 else draw_from(shaped, noise_BSLm[:, t, :, :n])
+        draw_BLn = shaped.argmax(-1) if temperature == 0 else draw_from(shaped, noise_BILm[:, t, :, :n])
         logp = shaped.log_softmax(-1)
         confidence_BL = logp.gather(-1, draw_BLn[..., None]).squeeze(-1).mean(-1)
-        u = noise_BSLm[:, t, :, n].clamp(1e-20, 1 - 1e-7)
+        u = noise_BILm[:, t, :, n].clamp(1e-20, 1 - 1e-7)
         confidence_BL = confidence_BL + cfg.mask_noise * (1 - (t + 1) / S) * -torch.log(-torch.log(u))
         confidence_BL = confidence_BL.masked_fill(~masked_BL, float("inf"))  # known cells are never re-masked
         # The least confident `keep` cells stay masked; every step reveals at least one cell.

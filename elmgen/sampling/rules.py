@@ -11,7 +11,7 @@ def with_null_class(model, labels_B: torch.Tensor, guided: bool) -> torch.Tensor
     return torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
 
 
-def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond + (cond - uncond) * scale
 
 
@@ -21,7 +21,7 @@ def guide(logits: torch.Tensor, guided: bool, scale: float) -> torch.Tensor:
     if not guided:
         return logits
     cond, uncond = logits.chunk(2)
-    return apply_cfg(cond, uncond, scale)
+    return apply_guidance(cond, uncond, scale)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

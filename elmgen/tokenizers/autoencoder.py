@@ -144,14 +144,14 @@ class Autoencoder(nn.Module):
                               f"tokenizer; got {int(cells_BL.min())}..{int(cells_BL.max())}")
         return self.decoder(self.quantizer.lookup(cells_BL, height, width))
 
-    def draw_cells(self, x_BCHW: torch.Tensor, uniforms_BDKhw: torch.Tensor) -> torch.Tensor:
-        """BAE only: D Bernoulli draws of each image's codes, bit = [u < p]: (B, D, h*w).
+    def draw_cells(self, x_BCHW: torch.Tensor, uniforms_BRKhw: torch.Tensor) -> torch.Tensor:
+        """BAE only: R Bernoulli draws of each image's codes, bit = [u < p]: (B, R, h*w).
         With u = 0.5 everywhere this is the deterministic code."""
         if not isinstance(self.quantizer, BinaryQuantizer):
             raise ElmgenError(f"random code draws need the binary autoencoder, not {self.cfg.quantizer}")
         probs_BKhw = self.quantizer.probs(self.encoder(self._checked(x_BCHW)))
-        bits_BDKhw = uniforms_BDKhw < probs_BKhw[:, None]
-        return bits_to_cells(bits_BDKhw.flatten(0, 1)).view(*bits_BDKhw.shape[:2], -1)
+        bits_BRKhw = uniforms_BRKhw < probs_BKhw[:, None]
+        return bits_to_cells(bits_BRKhw.flatten(0, 1)).view(*bits_BRKhw.shape[:2], -1)
 
     def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
         """Training pass: the reconstruction and the quantizer's output (straight-through)."""

@@ -29,11 +29,11 @@ class FiniteScalarQuantizer(nn.Module):
         soft = (torch.tanh(self.proj_in(z_BChw).float()) + 1) * ((self.levels - 1) / 2)
         return straight_through(soft.round(), soft)
 
-    def _latent(self, digits_Bdhw: torch.Tensor) -> torch.Tensor:
-        return self.proj_out(digits_Bdhw * (2 / (self.levels - 1)) - 1)
+    def _latent(self, digits_BQhw: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(digits_BQhw * (2 / (self.levels - 1)) - 1)
 
-    def _cells(self, digits_Bdhw: torch.Tensor) -> torch.Tensor:
-        return (digits_Bdhw.detach().long().flatten(2) * self.radix).sum(1)
+    def _cells(self, digits_BQhw: torch.Tensor) -> torch.Tensor:
+        return (digits_BQhw.detach().long().flatten(2) * self.radix).sum(1)
 
     def forward(self, z_BChw: torch.Tensor) -> Quantized:
         digits = self._digits(z_BChw)
@@ -43,5 +43,5 @@ class FiniteScalarQuantizer(nn.Module):
         return self._cells(self._digits(z_BChw))
 
     def lookup(self, cells_BL: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        digits_BdL = cells_BL[:, None] // self.radix % self.levels[..., 0]
-        return self._latent(digits_BdL.float().view(cells_BL.shape[0], -1, h, w))
+        digits_BQL = cells_BL[:, None] // self.radix % self.levels[..., 0]
+        return self._latent(digits_BQL.float().view(cells_BL.shape[0], -1, h, w))

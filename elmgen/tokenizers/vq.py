@@ -25,26 +25,26 @@ class VectorQuantizer(nn.Module):
         return F.normalize(self.proj_in(z_BChw).float(), dim=1)
 
     @torch.no_grad()
-    def _nearest(self, u_BDhw: torch.Tensor) -> torch.Tensor:
+    def _nearest(self, u_BQhw: torch.Tensor) -> torch.Tensor:
         """(B, h*w) indices of the most similar codes; fp32, in row chunks (all rows x all codes can be GBs)."""
-        u_ND = u_BDhw.flatten(2).transpose(1, 2).reshape(-1, u_BDhw.shape[1])
-        codes_DS = F.normalize(self.codebook.weight.float(), dim=1).T.contiguous()  # contiguous: faster than a .T view
-        chunk = max(1, (1 << 22) // codes_DS.shape[1])
-        with torch.autocast(u_ND.device.type, enabled=False):
-            idx_N = torch.cat([(u @ codes_DS).argmax(1) for u in u_ND.split(chunk)])
-        return idx_N.view(u_BDhw.shape[0], -1)
+        u_NQ = u_BQhw.flatten(2).transpose(1, 2).reshape(-1, u_BQhw.shape[1])
+        codes_QE = F.normalize(self.codebook.weight.float(), dim=1).T.contiguous()  # contiguous: faster than a .T view
+        chunk = max(1, (1 << 22) // codes_QE.shape[1])
+        with torch.autocast(u_NQ.device.type, enabled=False):
+            idx_N = torch.cat([(u @ codes_QE).argmax(1) for u in u_NQ.split(chunk)])
+        return idx_N.view(u_BQhw.shape[0], -1)
 
     def _codes(self, cells_BL: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        q_BLD = F.normalize(self.codebook(cells_BL).float(), dim=-1)
-        return q_BLD.transpose(1, 2).reshape(cells_BL.shape[0], -1, h, w)
+        q_BLQ = F.normalize(self.codebook(cells_BL).float(), dim=-1)
+        return q_BLQ.transpose(1, 2).reshape(cells_BL.shape[0], -1, h, w)
 
     def forward(self, z_BChw: torch.Tensor) -> Quantized:
-        u_BDhw = self._unit_latents(z_BChw)
-        cells_BL = self._nearest(u_BDhw)
-        q_BDhw = self._codes(cells_BL, *u_BDhw.shape[-2:])
+        u_BQhw = self._unit_latents(z_BChw)
+        cells_BL = self._nearest(u_BQhw)
+        q_BQhw = self._codes(cells_BL, *u_BQhw.shape[-2:])
         # The codebook term pulls codes to the latents; the commitment term keeps the encoder near its codes.
-        loss = F.mse_loss(q_BDhw, u_BDhw.detach()) + self.commit_weight * F.mse_loss(u_BDhw, q_BDhw.detach())
-        return Quantized(self.proj_out(straight_through(q_BDhw, u_BDhw)), loss, cells_BL)
+        loss = F.mse_loss(q_BQhw, u_BQhw.detach()) + self.commit_weight * F.mse_loss(u_BQhw, q_BQhw.detach())
+        return Quantized(self.proj_out(straight_through(q_BQhw, u_BQhw)), loss, cells_BL)
 
     def cells(self, z_BChw: torch.Tensor) -> torch.Tensor:
         return self._nearest(self._unit_latents(z_BChw))

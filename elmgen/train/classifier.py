@@ -40,11 +40,11 @@ class ClassifierJob:
 @torch.no_grad()
 def evaluate_classifier(model: Classifier, dataset: ImageDataset, batch_size: int = 500) -> dict:
     """Accuracy and per-class accuracy (keyed by class name) on `dataset`."""
-    probs_NC = np.concatenate([
+    probs_NY = np.concatenate([
         model.probs(dataset.images(np.arange(s, min(len(dataset), s + batch_size)))).cpu().numpy()
         for s in range(0, len(dataset), batch_size)
     ])
-    acc = class_accuracy(probs_NC, dataset.labels, dataset.class_names)
+    acc = class_accuracy(probs_NY, dataset.labels, dataset.class_names)
     return {"images": len(dataset), "accuracy": acc["class_accuracy"], "per_class_accuracy": acc["per_class_accuracy"]}
 
 
