@@ -15,8 +15,13 @@ def write_idx(path, array: np.ndarray) -> None:
 
 @pytest.fixture
 def fake_fmnist(tmp_path, monkeypatch):
+    root = write_fake_fmnist(tmp_path / "fmnist")
+    monkeypatch.setenv("ELMGEN_FASHION_MNIST", str(root))
+    return root
+
+
+def write_fake_fmnist(root):
     """A small Fashion-MNIST stand-in in IDX format: class c is a bright square of side 4 + 2c."""
-    root = tmp_path / "fmnist"
     root.mkdir()
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 200), ("t10k", 50)):
@@ -27,7 +32,6 @@ def fake_fmnist(tmp_path, monkeypatch):
             images[i, 14 - s // 2: 14 + s // 2, 14 - s // 2: 14 + s // 2] = 220
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    monkeypatch.setenv("ELMGEN_FASHION_MNIST", str(root))
     return root
 
 

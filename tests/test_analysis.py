@@ -144,6 +144,7 @@ def runs(tmp_path_factory):
     return root, out
 
 
+@pytest.mark.slow
 def test_cli_randomness(runs, tmp_path, capsys):
     root, _ = runs
     text = tmp_path / "corpus.txt"
@@ -164,6 +165,7 @@ def test_cli_randomness(runs, tmp_path, capsys):
     assert "at least one code folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_attention_real_and_sampled(runs, tmp_path, capsys):
     _, (a, b) = runs
     out = tmp_path / "attn"
@@ -186,6 +188,7 @@ def test_cli_attention_real_and_sampled(runs, tmp_path, capsys):
     assert "query cells [[4, 0]] are not (row, col) cells of the 4x4 grid" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_loss(runs, tmp_path):
     _, (a, b) = runs
     assert main(["analyze", "loss", str(a), str(b), "--out", str(tmp_path)]) == 0

@@ -39,6 +39,7 @@ def pipeline(fake_fmnist, tmp_path, capsys):
     return tok, codes, lm
 
 
+@pytest.mark.slow
 def test_training_switches_reach_the_job(pipeline):
     from omegaconf import OmegaConf
 
@@ -48,6 +49,7 @@ def test_training_switches_reach_the_job(pipeline):
     assert (lm / "checkpoints" / "step_00000003" / "ema.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_end_to_end(pipeline, tmp_path, capsys):
     tok, codes, lm = pipeline
     for name in ("metrics.jsonl", "loss.png", "eval.json", "reconstructions.png", "job.yaml"):
@@ -66,6 +68,7 @@ def test_end_to_end(pipeline, tmp_path, capsys):
     assert np.array_equal(np.load(tmp_path / "s2" / "samples.npz")["arr_0"], data["arr_0"])
 
 
+@pytest.mark.slow
 def test_outpaint_makes_images_wider_than_the_training_images(pipeline, tmp_path, capsys):
     _, _, lm = pipeline
     code, out, _ = run(capsys, "outpaint", "--model", lm, "--out", tmp_path / "o", "--num-per-class", 1,
@@ -76,6 +79,7 @@ def test_outpaint_makes_images_wider_than_the_training_images(pipeline, tmp_path
     assert "at least 8x8" in error_line(capsys, "outpaint", "--model", lm, "--out", tmp_path / "o", "--width", 6)
 
 
+@pytest.mark.slow
 def test_lm_with_a_tokenizer_of_another_vocabulary(pipeline, tmp_path, capsys):
     _, _, lm = pipeline
     other = tmp_path / "tok12"
@@ -85,6 +89,7 @@ def test_lm_with_a_tokenizer_of_another_vocabulary(pipeline, tmp_path, capsys):
     assert "8-bit codes" in line and "12-bit codes" in line
 
 
+@pytest.mark.slow
 def test_k_not_divisible_by_n(pipeline, tmp_path, capsys):
     tok, codes, _ = pipeline
     assert "n must divide K" in error_line(capsys, "train", "--codes", codes, "--out", tmp_path / "x",
@@ -126,6 +131,7 @@ def test_every_command_has_help(capsys):
         assert "usage: elmgen " + ("run" if command == "demo" else command) in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_mlm_trains_and_samples(pipeline, tmp_path, capsys):
     _, codes, _ = pipeline
     mlm = tmp_path / "mlm"
@@ -147,6 +153,7 @@ def test_mlm_trains_and_samples(pipeline, tmp_path, capsys):
                                         "--region", 0, 0, 2, 2)
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_every_file_and_resumes(fake_fmnist, tmp_path, capsys):
     args = ["demo", "--quick", "--out", tmp_path / "demo", "tokenizer.tokenizer.base_width=16",
             "tokenizer.tokenizer.num_bits=8", "tokenizer.train.batch_size=8", "lm.model.vocab=2-4",

@@ -194,6 +194,7 @@ def write_adm(path, images_NCHW, labels):
     np.savez(path, images_NCHW.numpy().transpose(0, 2, 3, 1), np.asarray(labels))
 
 
+@pytest.mark.slow
 def test_eval_end_to_end(classifier, tmp_path, capsys):
     test = load_dataset(DataConfig(split="test"))
     write_adm(tmp_path / "real.npz", test.images(np.arange(50)), test.labels)

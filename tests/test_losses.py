@@ -137,6 +137,7 @@ def test_generator_term_leaves_the_discriminator_alone():
         assert torch.allclose(g, p.grad, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gan_starts_late_and_resume_is_exact(fake_fmnist, tmp_path, monkeypatch):
     straight = tmp_path / "a"
     train_tokenizer(job(5, 100), straight)
@@ -161,6 +162,7 @@ def test_gan_starts_late_and_resume_is_exact(fake_fmnist, tmp_path, monkeypatch)
         assert a.read_bytes() == b.read_bytes(), name
 
 
+@pytest.mark.slow
 def test_ema_weights_are_the_ones_saved_for_use(fake_fmnist, tmp_path):
     from safetensors.torch import load_file
 

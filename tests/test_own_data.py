@@ -44,6 +44,7 @@ def test_inspect_folder_detects_channels_and_size(shapes, tmp_path):
     assert inspect_folder(grey.parent) == (1, 64)
 
 
+@pytest.mark.slow
 def test_run_on_a_class_folder_takes_everything_from_the_data(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--data", str(shapes), "--out", str(out), *TINY]) == 0
@@ -72,6 +73,7 @@ def test_a_config_that_contradicts_the_data_names_the_setting(shapes, tmp_path, 
     assert "drop lm.model.num_classes" in err
 
 
+@pytest.mark.slow
 def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
     base = "\n".join(f"  {line}" for line in [

@@ -134,6 +134,7 @@ TINY_ARGS = ["tokenizer.base_width=16", "tokenizer.channel_mult=[1,2,2]", "token
 @pytest.mark.parametrize("quantizer,extra", [("bae", ["tokenizer.num_bits=10"]),
                                              ("vq", ["tokenizer.codebook_size=64"]),
                                              ("fsq", ["tokenizer.fsq_levels=[4,4,4]"])])
+@pytest.mark.slow
 def test_train_eval_tokenize_on_colour_photos(photo_folder, tmp_path, capsys, quantizer, extra):
     tok = tmp_path / "tok"
     out = run(capsys, "train-tokenizer", "--out", tok, "--data", photo_folder, "data.channels=3",
@@ -151,6 +152,7 @@ def test_train_eval_tokenize_on_colour_photos(photo_folder, tmp_path, capsys, qu
     assert codes["count"] == 21 * 10 and codes["vocab"] == ("2-5" if quantizer == "bae" else f"1-{meta['bits']}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantizer", ["bae", "vq", "fsq"])
 def test_each_quantizer_learns_colour_photos(photo_folder, quantizer):
     """40 steps of the training objective on 24 crops must clearly beat the untrained reconstruction."""

@@ -131,6 +131,7 @@ def test_seed_reproduces_and_changes_samples(model):
     assert torch.equal(a[1:], generate(model, labels[1:], cfg, [2, 3]))  # batch-independent
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens(model):
     """The GPU fast path (torch.compile of the static-shape decode step) runs on the CPU too."""
     labels, seeds = torch.tensor([0, 1, 2]), [1, 2, 3]

@@ -113,6 +113,7 @@ sample: {steps: 2}
 """
 
 
+@pytest.mark.slow
 def test_a_kill_during_the_last_lm_checkpoint_is_finished_not_skipped(fake_fmnist, tmp_path, monkeypatch, one_thread):
     (tmp_path / "p.yaml").write_text(PIPELINE)
     cfg = build_config(PipelineConfig, tmp_path / "p.yaml")

@@ -34,6 +34,7 @@ def test_expand_grid_and_runs():
         apply_overrides(SweepConfig().base, {"lm.model.layers": 3})
 
 
+@pytest.mark.slow
 def test_sweep_shares_stages_skips_done_runs_and_resumes(fake_fmnist, tmp_path, monkeypatch, capsys):
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
@@ -72,6 +73,7 @@ def test_sweep_shares_stages_skips_done_runs_and_resumes(fake_fmnist, tmp_path, 
         ("2-4", 1.0), ("2-4", 2.0), ("4-2", 1.0), ("4-2", 2.0)]
 
 
+@pytest.mark.slow
 def test_shipped_sweeps_load_and_expand():
     from pathlib import Path
 

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import write_fake_fmnist
 
 import elmgen.train.loop
 from elmgen import checkpoint
@@ -51,21 +52,30 @@ def test_weight_decay_only_on_matrices():
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
 
-@pytest.fixture
-def trained_tokenizer(fake_fmnist, tmp_path):
-    job = TokenizerJob(data=DataConfig(limit=64), eval_images=20,
-                       tokenizer=TokenizerConfig(**TOKENIZER),
-                       train=TrainConfig(steps=4, batch_size=8, lr=1e-3, log_every=2, save_every=4))
-    train_tokenizer(job, tmp_path / "tok")
-    return tmp_path / "tok"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tokenizer and its code folder, built once for the module; the tests only read them."""
+    tmp = tmp_path_factory.mktemp("training")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ELMGEN_FASHION_MNIST", str(write_fake_fmnist(tmp / "fmnist")))
+        job = TokenizerJob(data=DataConfig(limit=64), eval_images=20,
+                           tokenizer=TokenizerConfig(**TOKENIZER),
+                           train=TrainConfig(steps=4, batch_size=8, lr=1e-3, log_every=2, save_every=4))
+        train_tokenizer(job, tmp / "tok")
+        tok, meta = load_tokenizer(tmp / "tok")
+        ds = load_dataset(DataConfig(limit=40))
+        tokenize(tok, meta, ds, tmp / "codes", Vocab.split(8, 2), flip=True)
+    return tmp / "tok", tmp / "codes"
 
 
 @pytest.fixture
-def codes(trained_tokenizer, tmp_path):
-    tok, meta = load_tokenizer(trained_tokenizer)
-    ds = load_dataset(DataConfig(limit=40))
-    tokenize(tok, meta, ds, tmp_path / "codes", Vocab.split(8, 2), flip=True)
-    return tmp_path / "codes"
+def trained_tokenizer(tiny_run):
+    return tiny_run[0]
+
+
+@pytest.fixture
+def codes(tiny_run):
+    return tiny_run[1]
 
 
 def test_tokenize_writes_codes_with_flipped_copies(codes, trained_tokenizer):
@@ -163,6 +173,7 @@ def test_grad_accumulation_matches_one_big_batch(codes, tmp_path):
         train_lm(deterministic_job(1, grad_accum=3), codes, tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_and_compile_keep_the_losses(codes, tmp_path):
     plain = [r["loss"] for r in train_lm(deterministic_job(3), codes, tmp_path / "plain")]
     recomputed = train_lm(deterministic_job(3, activation_checkpointing=True), codes, tmp_path / "ac")
@@ -191,6 +202,7 @@ def test_models_opt_in_to_recomputation_and_sharding():
         prepare(torch.nn.Linear(2, 2), TrainConfig(fsdp=True), world=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_train_like_one(codes, tmp_path, parallel):
     """torchrun with 2 CPU processes (gloo): each takes half of every global batch; gradients are averaged
