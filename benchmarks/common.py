@@ -26,8 +26,12 @@ import torch
 
 def parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="torch threads (default: all cores of this process)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads (default: all cores of this process)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed calls per case after the warm-up; the median counts")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case (JSON) in this process
     return p
@@ -37,9 +41,15 @@ def environment(threads: int) -> dict:
     """What a result line needs to be compared with another one."""
     root = Path(__file__).resolve().parent.parent
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit.stdout.strip() or None,
-            "torch": torch.__version__, "cpu": _cpu_name(),
-            "cores": os.cpu_count(), "threads": threads, "device": "cpu"}
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commit": commit.stdout.strip() or None,
+        "torch": torch.__version__,
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "device": "cpu",
+    }
 
 
 def _cpu_name() -> str | None:
@@ -75,8 +85,13 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run(args: argparse.Namespace, script: str, cases: list[dict], run_case: Callable[[dict], dict],
-        compare: Callable[[dict, list[dict]], None] | None = None) -> None:
+def run(
+    args: argparse.Namespace,
+    script: str,
+    cases: list[dict],
+    run_case: Callable[[dict], dict],
+    compare: Callable[[dict, list[dict]], None] | None = None,
+) -> None:
     """With --case: run that one case here and print its result. Otherwise run every case in a fresh
     process, one after the other, and print one JSON line each: environment, the case (with
     `repeats`), its result. `compare(row, earlier_rows)` may add comparisons with earlier cases to a row."""

@@ -32,17 +32,28 @@ def run_case(c: dict) -> dict:
     cfg = ModelConfig(**preset(c["preset"]), kind=c["kind"], vocab=c["vocab"], grid_size=c["grid"], num_classes=10)
     model = Transformer(cfg)
     torch.nn.init.normal_(model.head.weight, std=0.02)  # a zero head (the init) samples uniformly
-    sample = SampleConfig(guidance_scale=c["guidance_scale"], kv_cache=c.get("decode") != "recompute",
-                          compile=c.get("compile", False), steps=c.get("steps", 10),
-                          precision=c.get("precision", "fp32"))
+    sample = SampleConfig(
+        guidance_scale=c["guidance_scale"],
+        kv_cache=c.get("decode") != "recompute",
+        compile=c.get("compile", False),
+        steps=c.get("steps", 10),
+        precision=c.get("precision", "fp32"),
+    )
     labels, seeds = torch.arange(c["batch"]) % 10, list(range(c["batch"]))
     warm = c["batch"] if sample.compile else min(c["batch"], 2)
     first = median_seconds(lambda: generate(model, labels[:warm], sample, seeds[:warm]), 1)
     tokens = []
     seconds = median_seconds(lambda: tokens.append(generate(model, labels, sample, seeds)), c["repeats"])
     images = c["batch"] / seconds
-    return rounded({"first_call_seconds": first, "seconds": seconds, "tokens_per_s": images * cfg.num_cells,
-                    "images_per_s": images, "tokens_sha1": hashlib.sha1(tokens[-1].numpy().tobytes()).hexdigest()[:16]})
+    return rounded(
+        {
+            "first_call_seconds": first,
+            "seconds": seconds,
+            "tokens_per_s": images * cfg.num_cells,
+            "images_per_s": images,
+            "tokens_sha1": hashlib.sha1(tokens[-1].numpy().tobytes()).hexdigest()[:16],
+        }
+    )
 
 
 def compare(row: dict, earlier: list[dict]) -> None:
@@ -64,12 +75,20 @@ def main() -> None:
     a = p.parse_args()
     cases = []
     for batch in a.batch:
-        base = {"bench": "sampling", "preset": a.preset, "vocab": a.vocab, "grid": a.grid, "batch": batch,
-                "guidance_scale": a.guidance_scale}
+        base = {
+            "bench": "sampling",
+            "preset": a.preset,
+            "vocab": a.vocab,
+            "grid": a.grid,
+            "batch": batch,
+            "guidance_scale": a.guidance_scale,
+        }
         ar = [("recompute", False, "fp32"), ("kv", False, "fp32"), ("kv", False, "bf16")]
         ar += [] if a.no_compile else [("kv", True, "fp32")]
-        cases += [{**base, "kind": "ar", "decode": decode, "compile": compiled, "precision": precision}
-                  for decode, compiled, precision in ar]
+        cases += [
+            {**base, "kind": "ar", "decode": decode, "compile": compiled, "precision": precision}
+            for decode, compiled, precision in ar
+        ]
         cases += [{**base, "kind": "mlm", "steps": steps} for steps in a.mlm_steps]
     run(a, __file__, cases, run_case, compare=compare)
 

@@ -42,9 +42,18 @@ def run_case(c: dict) -> dict:
 
     first = median_seconds(call, 1)
     seconds = median_seconds(call, c["repeats"])
-    return rounded({"image_size": size, "channels": job.data.channels, "grid": grid, "bits": model.code_bits,
-                    "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "first_call_seconds": first,
-                    "seconds": seconds, "images_per_s": c["batch"] / seconds})
+    return rounded(
+        {
+            "image_size": size,
+            "channels": job.data.channels,
+            "grid": grid,
+            "bits": model.code_bits,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "first_call_seconds": first,
+            "seconds": seconds,
+            "images_per_s": c["batch"] / seconds,
+        }
+    )
 
 
 def main() -> None:
@@ -53,9 +62,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     a = p.parse_args()
-    cases = [{"bench": "tokenizer", "config": name, "op": op,
-              "precision": precision, "batch": a.batch}
-             for name in a.configs for op in ("encode", "decode") for precision in a.precision]
+    cases = [
+        {"bench": "tokenizer", "config": name, "op": op, "precision": precision, "batch": a.batch}
+        for name in a.configs
+        for op in ("encode", "decode")
+        for precision in a.precision
+    ]
     run(a, __file__, cases, run_case)
 
 

@@ -26,8 +26,9 @@ from elmgen.train import LOSSES, TrainConfig, make_optimizer, prepare
 
 
 def run_case(c: dict) -> dict:
-    cfg = ModelConfig(**{**preset(c["preset"]), "dropout": 0.0}, kind=c["kind"], vocab=c["vocab"],
-                      grid_size=c["grid"], num_classes=10)
+    cfg = ModelConfig(
+        **{**preset(c["preset"]), "dropout": 0.0}, kind=c["kind"], vocab=c["vocab"], grid_size=c["grid"], num_classes=10
+    )
     model = Transformer(cfg).train()
     train = TrainConfig(precision=c["precision"], compile=c["compile"])
     prepare(model, train, world=1)  # compiles in place, as training does
@@ -52,9 +53,17 @@ def run_case(c: dict) -> dict:
     ceiling = {k: max(before[k], after[k]) for k in before}
     tokens = c["batch"] * cfg.num_cells
     achieved = flops_per_token(cfg)["train"] * tokens / seconds / 1e9
-    return rounded({"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "first_step_seconds": first,
-                    "step_seconds": seconds, "tokens_per_s": tokens / seconds, "achieved_gflops": achieved,
-                    **ceiling, "share_of_matmul": achieved / ceiling[f"matmul_gflops_{c['precision']}"]})
+    return rounded(
+        {
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "first_step_seconds": first,
+            "step_seconds": seconds,
+            "tokens_per_s": tokens / seconds,
+            "achieved_gflops": achieved,
+            **ceiling,
+            "share_of_matmul": achieved / ceiling[f"matmul_gflops_{c['precision']}"],
+        }
+    )
 
 
 def main() -> None:
@@ -68,9 +77,21 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="compile the model in place, as training with --compile does")
     p.add_argument("--matmul-size", type=int, default=2048, help="side of the reference matmul")
     a = p.parse_args()
-    cases = [{"bench": "train_step", "preset": name, "kind": kind, "vocab": a.vocab, "grid": a.grid,
-              "batch": a.batch, "precision": a.precision, "compile": a.compile, "matmul_size": a.matmul_size}
-             for name in a.presets for kind in a.kind]
+    cases = [
+        {
+            "bench": "train_step",
+            "preset": name,
+            "kind": kind,
+            "vocab": a.vocab,
+            "grid": a.grid,
+            "batch": a.batch,
+            "precision": a.precision,
+            "compile": a.compile,
+            "matmul_size": a.matmul_size,
+        }
+        for name in a.presets
+        for kind in a.kind
+    ]
     run(a, __file__, cases, run_case)
 
 

@@ -71,9 +71,15 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: torch.nn.Module | dict[str, torch.Tensor], meta: CheckpointMeta,
-                    trainer_state: dict | None = None, keep: int = 2,
-                    ema: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    weights: torch.nn.Module | dict[str, torch.Tensor],
+    meta: CheckpointMeta,
+    trainer_state: dict | None = None,
+    keep: int = 2,
+    ema: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """A new checkpoint folder with the weights (a module or a state dict), their EMA if any, the
     metadata and the trainer state; keeps the newest `keep` folders.
 
@@ -139,8 +145,9 @@ def load_config(path: str | Path) -> dict:
     for key, types in _json_types().items():
         # bool is an int to Python, not to JSON
         if key in config and (not isinstance(config[key], types) or isinstance(config[key], bool)):
-            raise ElmgenError(f"{f}: {key!r} has the wrong type ({type(config[key]).__name__}); "
-                              "re-train or re-export that checkpoint")
+            raise ElmgenError(
+                f"{f}: {key!r} has the wrong type ({type(config[key]).__name__}); re-train or re-export that checkpoint"
+            )
     return config
 
 
@@ -149,8 +156,9 @@ def load_tensors(f: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(f)
     except (SafetensorError, OSError) as e:
-        raise ElmgenError(f"{f} is not a readable safetensors file ({e}); "
-                          "re-train or re-export that checkpoint") from None
+        raise ElmgenError(
+            f"{f} is not a readable safetensors file ({e}); re-train or re-export that checkpoint"
+        ) from None
 
 
 def load_state(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
@@ -188,10 +196,16 @@ def load_trainer_state(path: str | Path) -> dict | None:
         state = torch.load(f, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError):
         state = None
-    if not (isinstance(state, dict) and isinstance(state.get("optimizer"), dict) and isinstance(state.get("step"), int)
-            and isinstance(state.get("rng"), torch.Tensor)):
-        raise ElmgenError(f"{f} is not a plain elmgen trainer state (truncated, or it holds other Python objects) "
-                          f"and will not be loaded; delete {ckpt} and start again without --resume")
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("optimizer"), dict)
+        and isinstance(state.get("step"), int)
+        and isinstance(state.get("rng"), torch.Tensor)
+    ):
+        raise ElmgenError(
+            f"{f} is not a plain elmgen trainer state (truncated, or it holds other Python objects) "
+            f"and will not be loaded; delete {ckpt} and start again without --resume"
+        )
     return state
 
 

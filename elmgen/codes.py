@@ -41,8 +41,19 @@ from elmgen.vocab import Vocab, cells_to_subcodes
 
 OWN_FILES = ("plan.json", "meta.json", "labels.npy", "shard_[0-9][0-9][0-9][0-9][0-9].npy")  # all a run writes
 DERIVED = ("views", "count", "shards")  # meta entries that follow from the settings
-META_TYPES = {"shards": list, "grid": int, "bits": int, "num_classes": int, "images": int, "views": int, "count": int,
-              "draws": int, "shard_size": int, "vocab": str, "kind": str}
+META_TYPES = {
+    "shards": list,
+    "grid": int,
+    "bits": int,
+    "num_classes": int,
+    "images": int,
+    "views": int,
+    "count": int,
+    "draws": int,
+    "shard_size": int,
+    "vocab": str,
+    "kind": str,
+}
 
 
 def code_dtype(bits: int) -> np.dtype:
@@ -50,9 +61,21 @@ def code_dtype(bits: int) -> np.dtype:
 
 
 @torch.no_grad()
-def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset, out_dir, vocab: Vocab,
-             flip: bool = False, crops: str = "none", num_crops: int = 1, crop_range: float = 1.0, draws: int = 0,
-             seed: int = 0, batch_size: int = 256, shard_size: int = 8192) -> dict:
+def tokenize(
+    tokenizer: Autoencoder,
+    tokenizer_meta: dict,
+    dataset: ImageDataset,
+    out_dir,
+    vocab: Vocab,
+    flip: bool = False,
+    crops: str = "none",
+    num_crops: int = 1,
+    crop_range: float = 1.0,
+    draws: int = 0,
+    seed: int = 0,
+    batch_size: int = 256,
+    shard_size: int = 8192,
+) -> dict:
     """Encode `dataset` into a code folder; returns its meta.
 
     flip: also encode the mirror image of every crop. crops: "none" (the image), "five" (corners and
@@ -65,12 +88,27 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
     views = (5 if crops == "five" else num_crops) * (2 if flip else 1)
     n = len(dataset)
     plan = {
-        "tokenizer": tokenizer_meta["path"], "tokenizer_fingerprint": tokenizer_meta["fingerprint"],
-        "kind": tokenizer_meta["kind"], "bits": K, "num_codes": tokenizer.num_codes, "grid": grid,
-        "image_size": size, "vocab": str(vocab),
-        "num_classes": dataset.num_classes, "class_names": dataset.class_names, "dataset": dataset.name,
-        "images": n, "flip": flip, "crops": crops, "num_crops": num_crops, "crop_range": crop_range, "draws": draws,
-        "seed": seed, "views": views, "count": n * views, "shard_size": shard_size,
+        "tokenizer": tokenizer_meta["path"],
+        "tokenizer_fingerprint": tokenizer_meta["fingerprint"],
+        "kind": tokenizer_meta["kind"],
+        "bits": K,
+        "num_codes": tokenizer.num_codes,
+        "grid": grid,
+        "image_size": size,
+        "vocab": str(vocab),
+        "num_classes": dataset.num_classes,
+        "class_names": dataset.class_names,
+        "dataset": dataset.name,
+        "images": n,
+        "flip": flip,
+        "crops": crops,
+        "num_crops": num_crops,
+        "crop_range": crop_range,
+        "draws": draws,
+        "seed": seed,
+        "views": views,
+        "count": n * views,
+        "shard_size": shard_size,
         "shards": [f"shard_{s:05d}.npy" for s in range(-(-n // shard_size))],
     }
     out_dir = Path(out_dir).resolve()
@@ -84,21 +122,34 @@ def tokenize(tokenizer: Autoencoder, tokenizer_meta: dict, dataset: ImageDataset
     for s, name in enumerate(tqdm(plan["shards"], desc="tokenize", unit="shard")):
         if not (work / name).is_file():
             atomic_save_npy(work / name, _encode_shard(tokenizer, dataset, plan, s, batch_size))
-    labels = np.concatenate([np.tile(dataset.labels[s * shard_size: (s + 1) * shard_size], views)
-                             for s in range(len(plan["shards"]))]).astype(np.int64)
+    labels = np.concatenate(
+        [np.tile(dataset.labels[s * shard_size : (s + 1) * shard_size], views) for s in range(len(plan["shards"]))]
+    ).astype(np.int64)
     atomic_save_npy(work / "labels.npy", labels)
     atomic_write_text(work / "meta.json", json.dumps(plan, indent=2))
     (work / "plan.json").unlink()
     try:
         publish_folder(work, out_dir)  # out_dir is absent or empty
     except OSError as e:
-        raise ElmgenError(f"cannot move the finished codes {work} to {out_dir}: {e.strerror or e}; "
-                          "make sure it is absent or empty and re-run") from None
+        raise ElmgenError(
+            f"cannot move the finished codes {work} to {out_dir}: {e.strerror or e}; "
+            "make sure it is absent or empty and re-run"
+        ) from None
     return plan
 
 
-def _check_settings(tokenizer_meta: dict, dataset: ImageDataset, vocab: Vocab, K: int, crops: str, num_crops: int,
-                    crop_range: float, draws: int, batch_size: int, shard_size: int) -> None:
+def _check_settings(
+    tokenizer_meta: dict,
+    dataset: ImageDataset,
+    vocab: Vocab,
+    K: int,
+    crops: str,
+    num_crops: int,
+    crop_range: float,
+    draws: int,
+    batch_size: int,
+    shard_size: int,
+) -> None:
     """Refuse, before any work, settings `tokenize` cannot honour."""
     size = tokenizer_meta["image_size"]
     Vocab.for_bits(str(vocab), K)
@@ -106,8 +157,10 @@ def _check_settings(tokenizer_meta: dict, dataset: ImageDataset, vocab: Vocab, K
         raise ElmgenError(f"crops must be one of {', '.join(CROPS)}, not {crops!r}")
     source = crop_source_size(size, crop_range)
     if crops == "none" and crop_range != 1.0 or crops != "none" and source <= size:
-        raise ElmgenError(f"crops need a crop_range that enlarges {size} px images (LlamaGen: 1.1) and no crops "
-                          f"need 1; got crops={crops}, crop_range={crop_range}")
+        raise ElmgenError(
+            f"crops need a crop_range that enlarges {size} px images (LlamaGen: 1.1) and no crops "
+            f"need 1; got crops={crops}, crop_range={crop_range}"
+        )
     if num_crops < 1 or draws < 0 or batch_size < 1 or shard_size < 1:
         raise ElmgenError("num_crops, batch_size and shard_size must be >= 1 and draws >= 0")
     if num_crops != 1 and crops != "random":
@@ -120,15 +173,14 @@ def _check_settings(tokenizer_meta: dict, dataset: ImageDataset, vocab: Vocab, K
         raise ElmgenError(f"tokenize needs the images at {source} px (image size {size} x crop range {crop_range})")
 
 
-def _encode_shard(tokenizer: Autoencoder, dataset: ImageDataset, plan: dict, shard: int,
-                  batch_size: int) -> np.ndarray:
+def _encode_shard(tokenizer: Autoencoder, dataset: ImageDataset, plan: dict, shard: int, batch_size: int) -> np.ndarray:
     """The codes (R, N, L) of one shard: every view of its images, view by view (see the module docstring)."""
     device = next(tokenizer.parameters()).device
     K, grid, size, seed, draws = plan["bits"], plan["grid"], plan["image_size"], plan["seed"], plan["draws"]
     images = np.arange(shard * plan["shard_size"], min(plan["images"], (shard + 1) * plan["shard_size"]))
     codes_RNL = np.empty((max(1, draws), plan["views"] * len(images), grid * grid), dtype=code_dtype(K))
     for start in range(0, len(images), batch_size):
-        ids = images[start: start + batch_size]
+        ids = images[start : start + batch_size]
         x = to_float(dataset.images(ids)).to(device)
         cut = crop_views(x, size, plan["crops"], plan["num_crops"], ids, seed)
         for v, view in enumerate(cut + [c.flip(-1) for c in cut] if plan["flip"] else cut):
@@ -152,8 +204,9 @@ def _work_folder(out_dir: Path, tokenizer_dir: Path, plan: dict) -> Path | None:
     if out_dir.is_dir() and any(out_dir.iterdir()):
         done = read_json(out_dir / "meta.json")
         if not isinstance(done, dict) or "shards" not in done:
-            raise ElmgenError(f"--out {out_dir} is not empty and not an elmgen code folder; "
-                              "pass an empty or new folder")
+            raise ElmgenError(
+                f"--out {out_dir} is not empty and not an elmgen code folder; pass an empty or new folder"
+            )
         differ = [k for k in plan if k not in DERIVED and done.get(k) != plan[k]]
         if differ:
             what = ", ".join(f"{k} {reprlib.repr(done.get(k))} there, {reprlib.repr(plan[k])} now" for k in differ[:3])
@@ -169,8 +222,9 @@ def _work_folder(out_dir: Path, tokenizer_dir: Path, plan: dict) -> Path | None:
             if f.is_file() and (own and not resume or any(fnmatch(f.name, f"{TMP_PREFIX}{p}.*") for p in OWN_FILES)):
                 f.unlink()  # temporaries of a killed write, or the files of a run with other settings
         if not resume and any(work.iterdir()):
-            raise ElmgenError(f"{work} holds {next(work.iterdir()).name}, which elmgen did not write; "
-                              "move it away and re-run")
+            raise ElmgenError(
+                f"{work} holds {next(work.iterdir()).name}, which elmgen did not write; move it away and re-run"
+            )
     work.mkdir(parents=True, exist_ok=True)
     return work
 
@@ -252,14 +306,24 @@ class CodeDataset:
             shard = _load_npy(path / name)
             expected = (max(1, meta["draws"]), views * min(size, images - s * size), L)
             if shard.shape != expected or shard.dtype != code_dtype(meta["bits"]):
-                raise _damaged(path / name, f"holds {shard.dtype} codes of shape {shard.shape}; meta.json says "
-                                            f"{code_dtype(meta['bits'])} of shape {expected}")
+                raise _damaged(
+                    path / name,
+                    f"holds {shard.dtype} codes of shape {shard.shape}; meta.json says "
+                    f"{code_dtype(meta['bits'])} of shape {expected}",
+                )
             shards.append(shard)
         self.labels = _load_npy(path / "labels.npy")
-        if self.labels.shape != (meta["count"],) or not np.issubdtype(self.labels.dtype, np.integer) or \
-                self.labels.min() < 0 or self.labels.max() >= meta["num_classes"]:
-            raise _damaged(path / "labels.npy", f"holds {self.labels.dtype} of shape {self.labels.shape}; meta.json "
-                                                f"says {meta['count']} integer labels below {meta['num_classes']}")
+        if (
+            self.labels.shape != (meta["count"],)
+            or not np.issubdtype(self.labels.dtype, np.integer)
+            or self.labels.min() < 0
+            or self.labels.max() >= meta["num_classes"]
+        ):
+            raise _damaged(
+                path / "labels.npy",
+                f"holds {self.labels.dtype} of shape {self.labels.shape}; meta.json "
+                f"says {meta['count']} integer labels below {meta['num_classes']}",
+            )
         self.draws = [ShardedRows(shards, d) for d in range(shards[0].shape[0])]
         self.codes = self.draws[0]
 

@@ -73,8 +73,10 @@ def load_yaml(path: Path) -> DictConfig:
             raise
         loaded = None  # OmegaConf's refusal of a plain value (a number, a string) at the top level
     if not isinstance(loaded, DictConfig):
-        raise ElmgenError(f"{path} does not hold a mapping of sections at its top level (a list or a plain value "
-                          "instead); write e.g. 'train: {steps: 100}'")
+        raise ElmgenError(
+            f"{path} does not hold a mapping of sections at its top level (a list or a plain value "
+            "instead); write e.g. 'train: {steps: 100}'"
+        )
     return OmegaConf.create(renamed(OmegaConf.to_container(loaded)))
 
 

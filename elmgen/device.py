@@ -28,8 +28,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ElmgenError("CUDA is not available in this torch build (or on this machine); use --device cpu or auto")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ElmgenError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s); "
-                          "use --device auto or cuda:N with a smaller N")
+        raise ElmgenError(
+            f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s); "
+            "use --device auto or cuda:N with a smaller N"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ElmgenError("MPS is not available in this torch build (or on this machine); use --device cpu or auto")
     return device
@@ -49,7 +51,7 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" where the device has native bf16, else "fp32"; other values as they are."""
+    """ "auto" -> "bf16" where the device has native bf16, else "fp32"; other values as they are."""
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return precision

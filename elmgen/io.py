@@ -51,8 +51,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise ElmgenError(f"cannot write {path}: {e.strerror or e}; free disk space or choose a writable "
-                              "folder, then re-run (finished work is kept)") from None
+            raise ElmgenError(
+                f"cannot write {path}: {e.strerror or e}; free disk space or choose a writable "
+                "folder, then re-run (finished work is kept)"
+            ) from None
         raise
     fsync(path.parent)
 

@@ -20,7 +20,7 @@ def image_grid(images_NCHW: torch.Tensor, ncols: int, pad: int = 2, scale: int =
     for i, img in enumerate(images):
         r, c = divmod(i, ncols)
         y, x = pad + r * (H + pad), pad + c * (W + pad)
-        canvas[:, y:y + H, x:x + W] = img
+        canvas[:, y : y + H, x : x + W] = img
     out = Image.fromarray(canvas[0] if C == 1 else canvas.transpose(1, 2, 0))
     return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
 
@@ -45,8 +45,9 @@ def pyplot():
     return plt
 
 
-def loss_curve(rows: list[dict], path: str | Path, title: str = "training loss", hline: float | None = None,
-               hline_label: str = "") -> None:
+def loss_curve(
+    rows: list[dict], path: str | Path, title: str = "training loss", hline: float | None = None, hline_label: str = ""
+) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.5)

@@ -24,8 +24,14 @@ def lr_at(step: int, cfg) -> float:
 GUIDANCE_SCHEDULES = ("constant", "linear", "cosine", "power")
 
 
-def guidance_scale_at(step: int, num_steps: int, scale: float, schedule: str, power: float = 2.0,
-                 interval: tuple[float, float] | list[float] = (0.0, 1.0)) -> float:
+def guidance_scale_at(
+    step: int,
+    num_steps: int,
+    scale: float,
+    schedule: str,
+    power: float = 2.0,
+    interval: tuple[float, float] | list[float] = (0.0, 1.0),
+) -> float:
     """Guidance scale at decoding step `step` (0-based) of `num_steps`; 1 outside the interval."""
     progress = (step + 1) / num_steps
     if not interval[0] <= progress <= interval[1]:

@@ -49,8 +49,10 @@ class Vocab:
         """Parse 'n-c' and check that it splits exactly the K bits of a tokenizer."""
         vocab = cls.parse(text)
         if vocab.bits != bits:
-            raise ElmgenError(f"vocabulary {vocab} covers {vocab.bits} bits but the codes have K={bits}: "
-                              f"n must divide K; {_choices(bits)}")
+            raise ElmgenError(
+                f"vocabulary {vocab} covers {vocab.bits} bits but the codes have K={bits}: "
+                f"n must divide K; {_choices(bits)}"
+            )
         return vocab
 
 

@@ -47,10 +47,23 @@ REPO = Path(__file__).resolve().parent.parent
 # during and between checkpoint writes; one log row per step, so a resumed run's metrics.jsonl must equal
 # the reference's row for row.
 STEPS, SAVE_EVERY, IMAGES, CODE_IMAGES = 40, 6, 64, 512
-TRAIN = [f"train.steps={STEPS}", f"train.save_every={SAVE_EVERY}", "train.log_every=1", "train.batch_size=8",
-         "train.warmup_steps=2", "train.precision=fp32"]
-TOKENIZER = [f"data.limit={IMAGES}", "tokenizer.base_width=8", "tokenizer.channel_mult=[1,2,2,2]",
-             "tokenizer.latent_dim=8", "tokenizer.num_bits=8", "eval_images=16", *TRAIN]
+TRAIN = [
+    f"train.steps={STEPS}",
+    f"train.save_every={SAVE_EVERY}",
+    "train.log_every=1",
+    "train.batch_size=8",
+    "train.warmup_steps=2",
+    "train.precision=fp32",
+]
+TOKENIZER = [
+    f"data.limit={IMAGES}",
+    "tokenizer.base_width=8",
+    "tokenizer.channel_mult=[1,2,2,2]",
+    "tokenizer.latent_dim=8",
+    "tokenizer.num_bits=8",
+    "eval_images=16",
+    *TRAIN,
+]
 SWEEP_YAML = f"""\
 base:
   tokenizer:
@@ -97,21 +110,56 @@ def sweep_artefacts(out: Path) -> list[Path]:
 
 
 STAGES = [
-    Stage("train-tokenizer", None, "tok", True, lambda _, w: ["train-tokenizer", *TOKENIZER],
-          lambda out: training_artefacts(out) + [out / "eval.json"]),
-    Stage("tokenize", "train-tokenizer", "codes", False,
-          lambda tok, w: ["tokenize", "--tokenizer", str(tok), "--limit", str(CODE_IMAGES), "--shard-size", "16",
-                          "--batch-size", "16"],
-          lambda out: sorted(out.glob("shard_*.npy")) + [out / "labels.npy", out / "meta.json"]),
-    Stage("train-ar", "tokenize", "lm", True,
-          lambda codes, w: ["train", "--codes", str(codes), "--preset", "micro", "--kind", "ar", *TRAIN],
-          training_artefacts),
-    Stage("train-mlm", "tokenize", "lm", True,
-          lambda codes, w: ["train", "--codes", str(codes), "--preset", "micro", "--kind", "mlm", *TRAIN],
-          training_artefacts),
-    Stage("sample", "train-ar", "samples", False,
-          lambda lm, w: ["sample", "--model", str(lm), "--num-per-class", "3", "--batch-size", "10", "--seed", "1"],
-          lambda out: [out / "samples.npz", out / "samples.png"]),
+    Stage(
+        "train-tokenizer",
+        None,
+        "tok",
+        True,
+        lambda _, w: ["train-tokenizer", *TOKENIZER],
+        lambda out: training_artefacts(out) + [out / "eval.json"],
+    ),
+    Stage(
+        "tokenize",
+        "train-tokenizer",
+        "codes",
+        False,
+        lambda tok, w: [
+            "tokenize",
+            "--tokenizer",
+            str(tok),
+            "--limit",
+            str(CODE_IMAGES),
+            "--shard-size",
+            "16",
+            "--batch-size",
+            "16",
+        ],
+        lambda out: sorted(out.glob("shard_*.npy")) + [out / "labels.npy", out / "meta.json"],
+    ),
+    Stage(
+        "train-ar",
+        "tokenize",
+        "lm",
+        True,
+        lambda codes, w: ["train", "--codes", str(codes), "--preset", "micro", "--kind", "ar", *TRAIN],
+        training_artefacts,
+    ),
+    Stage(
+        "train-mlm",
+        "tokenize",
+        "lm",
+        True,
+        lambda codes, w: ["train", "--codes", str(codes), "--preset", "micro", "--kind", "mlm", *TRAIN],
+        training_artefacts,
+    ),
+    Stage(
+        "sample",
+        "train-ar",
+        "samples",
+        False,
+        lambda lm, w: ["sample", "--model", str(lm), "--num-per-class", "3", "--batch-size", "10", "--seed", "1"],
+        lambda out: [out / "samples.npz", out / "samples.png"],
+    ),
     Stage("sweep", None, "sweep", False, lambda _, w: ["sweep", str(w / "sweep.yaml")], sweep_artefacts),
 ]
 BY_NAME = {s.name: s for s in STAGES}
@@ -129,9 +177,14 @@ def same(a_root: Path, b_root: Path, rel: str) -> bool:
         with np.load(a, allow_pickle=False) as x, np.load(b, allow_pickle=False) as y:
             return sorted(x.files) == sorted(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
     if a.name == "metrics.jsonl":
+
         def rows(p):
-            return [{k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}
-                    for line in p.read_text().splitlines() if line.strip()]
+            return [
+                {k: v for k, v in json.loads(line).items() if not k.endswith("_per_s")}
+                for line in p.read_text().splitlines()
+                if line.strip()
+            ]
+
         try:
             return rows(a) == rows(b)
         except ValueError:  # a torn last line
@@ -225,8 +278,7 @@ def reference(stage: Stage, workdir: Path, refs: dict[str, Reference]) -> Refere
     return ref
 
 
-def trial(stage: Stage, ref: Reference, inputs: Path | None, workdir: Path, index: int,
-          rng: random.Random) -> dict:
+def trial(stage: Stage, ref: Reference, inputs: Path | None, workdir: Path, index: int, rng: random.Random) -> dict:
     folder = workdir / stage.name / f"trial_{index:02d}"
     out_root = folder / "out"  # scanned for leftovers: tokenize works beside its --out
     out_root.mkdir(parents=True)
@@ -237,28 +289,45 @@ def trial(stage: Stage, ref: Reference, inputs: Path | None, workdir: Path, inde
     argv = resume_command(stage, out, inputs, workdir)
     code, _ = run(argv, folder / "resume.log")
     different = [p for p in ref.compared if not same(ref.out, out, p)] if code == 0 else ref.compared
-    return {"trial": index, "kill_after_s": round(delay, 2), "killed": killed, "left_by_kill": left_by_kill,
-            "resumed_with": argv[1:], "resume_exit": code, "different": different,
-            "leftovers": leftovers(out_root), "folder": str(folder)}
+    return {
+        "trial": index,
+        "kill_after_s": round(delay, 2),
+        "killed": killed,
+        "left_by_kill": left_by_kill,
+        "resumed_with": argv[1:],
+        "resume_exit": code,
+        "different": different,
+        "leftovers": leftovers(out_root),
+        "folder": str(folder),
+    }
 
 
 def summarize(stage: Stage, ref: Reference, trials: list[dict]) -> dict:
     return {
-        "stage": stage.name, "reference_seconds": round(ref.seconds, 1), "trials": len(trials),
+        "stage": stage.name,
+        "reference_seconds": round(ref.seconds, 1),
+        "trials": len(trials),
         "kills": sum(t["killed"] for t in trials),
         "clean_resumes": sum(t["resume_exit"] == 0 for t in trials),
         "identical": sum(t["resume_exit"] == 0 and not t["different"] for t in trials),
         "leftovers": sum(bool(t["leftovers"]) for t in trials),
         "kills_leaving_temporaries": sum(bool(t["left_by_kill"]) for t in trials),
-        "compared": ref.compared, "not_reproducible": ref.unreproducible, "details": trials,
+        "compared": ref.compared,
+        "not_reproducible": ref.unreproducible,
+        "details": trials,
     }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=20, help="kills per stage (default 20)")
-    p.add_argument("--stages", nargs="+", choices=list(BY_NAME), default=list(BY_NAME),
-                   help="stages to test (default: all); the references they need are built anyway")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        choices=list(BY_NAME),
+        default=list(BY_NAME),
+        help="stages to test (default: all); the references they need are built anyway",
+    )
     p.add_argument("--workdir", type=Path, help="folder for all runs (default: a new temporary folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the summary (with every trial) to FILE")
@@ -288,29 +357,54 @@ def main() -> int:
         results.append(s)
         identical = "n/a" if not ref.compared else s["identical"]
         print(f"{name:<16} {s['kills']:>6} {s['clean_resumes']:>14} {identical:>18} {s['leftovers']:>10}", flush=True)
-        print(f"  {s['trials']} trials, uninterrupted run {ref.seconds:.1f} s, "
-              f"{s['kills_leaving_temporaries']} kills left temporaries for the resume to clean up", flush=True)
+        print(
+            f"  {s['trials']} trials, uninterrupted run {ref.seconds:.1f} s, "
+            f"{s['kills_leaving_temporaries']} kills left temporaries for the resume to clean up",
+            flush=True,
+        )
         print(f"  compared: {', '.join(ref.compared)}", flush=True)
         if ref.unreproducible:
-            print(f"  not bit-reproducible even uninterrupted (not compared): {', '.join(ref.unreproducible)}",
-                  flush=True)
+            print(
+                f"  not bit-reproducible even uninterrupted (not compared): {', '.join(ref.unreproducible)}", flush=True
+            )
         for t in trials:
             if t["resume_exit"] or t["different"] or t["leftovers"]:
-                print(f"  trial {t['trial']} (kill after {t['kill_after_s']} s): exit {t['resume_exit']}, "
-                      f"different {t['different']}, leftovers {t['leftovers']}; {t['folder']}", flush=True)
+                print(
+                    f"  trial {t['trial']} (kill after {t['kill_after_s']} s): exit {t['resume_exit']}, "
+                    f"different {t['different']}, leftovers {t['leftovers']}; {t['folder']}",
+                    flush=True,
+                )
     totals = {k: sum(s[k] for s in results) for k in ("trials", "kills", "clean_resumes", "identical", "leftovers")}
-    print(f"{'total':<16} {totals['kills']:>6} {totals['clean_resumes']:>14} {totals['identical']:>18} "
-          f"{totals['leftovers']:>10}", flush=True)
+    print(
+        f"{'total':<16} {totals['kills']:>6} {totals['clean_resumes']:>14} {totals['identical']:>18} "
+        f"{totals['leftovers']:>10}",
+        flush=True,
+    )
     if a.json:
-        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
-                                text=True).stdout.strip()
-        a.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "commit": commit or None, "n": a.n,
-                                      "seed": a.seed, "workdir": str(workdir), "totals": totals, "stages": results},
-                                     indent=2))
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
+        ).stdout.strip()
+        a.json.write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%d"),
+                    "commit": commit or None,
+                    "n": a.n,
+                    "seed": a.seed,
+                    "workdir": str(workdir),
+                    "totals": totals,
+                    "stages": results,
+                },
+                indent=2,
+            )
+        )
     if a.workdir is None and not a.keep:
         shutil.rmtree(workdir)
-    failed = totals["clean_resumes"] < totals["trials"] or totals["leftovers"] or any(
-        s["compared"] and s["identical"] < s["trials"] for s in results)
+    failed = (
+        totals["clean_resumes"] < totals["trials"]
+        or totals["leftovers"]
+        or any(s["compared"] and s["identical"] < s["trials"] for s in results)
+    )
     return 1 if failed else 0
 
 

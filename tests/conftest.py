@@ -29,7 +29,7 @@ def write_fake_fmnist(root):
         images = rng.integers(0, 30, size=(n, 28, 28))
         for i, c in enumerate(labels):
             s = 4 + 2 * c
-            images[i, 14 - s // 2: 14 + s // 2, 14 - s // 2: 14 + s // 2] = 220
+            images[i, 14 - s // 2 : 14 + s // 2, 14 - s // 2 : 14 + s // 2] = 220
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root

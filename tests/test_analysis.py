@@ -124,10 +124,24 @@ def write_codes(path, n=48, grid=4, bits=8) -> None:
     path.mkdir()
     np.save(path / "shard_00000.npy", cells.astype(np.uint16))
     np.save(path / "labels.npy", np.arange(n) % 3)
-    meta = {"tokenizer": str(path / "missing-tokenizer"), "tokenizer_fingerprint": "0", "kind": "bae", "bits": bits,
-            "grid": grid, "image_size": 16, "vocab": "2-4", "num_classes": 3, "class_names": ["a", "b", "c"],
-            "dataset": "test", "images": n, "views": 1, "count": n, "draws": 0, "shard_size": n,
-            "shards": ["shard_00000.npy"]}
+    meta = {
+        "tokenizer": str(path / "missing-tokenizer"),
+        "tokenizer_fingerprint": "0",
+        "kind": "bae",
+        "bits": bits,
+        "grid": grid,
+        "image_size": 16,
+        "vocab": "2-4",
+        "num_classes": 3,
+        "class_names": ["a", "b", "c"],
+        "dataset": "test",
+        "images": n,
+        "views": 1,
+        "count": n,
+        "draws": 0,
+        "shard_size": n,
+        "shards": ["shard_00000.npy"],
+    }
     (path / "meta.json").write_text(json.dumps(meta))
 
 
@@ -150,11 +164,31 @@ def test_cli_randomness(runs, tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("the cat sat on the mat. " * 40 + "a dog ran far away from the cat.\n" * 20)
     out = tmp_path / "rand"
-    assert main(["analyze", "randomness", "--codes", str(root / "codes"), "--text", str(text), "--bpe-vocab", "280",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "randomness",
+                "--codes",
+                str(root / "codes"),
+                "--text",
+                str(text),
+                "--bpe-vocab",
+                "280",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = {r["source"]: r for r in json.loads((out / "randomness.json").read_text())}
-    assert set(rows) == {"codes cell (bae, K=8)", "codes sub-code 1/2 (2-4)", "codes sub-code 2/2 (2-4)",
-                         "text bytes", next(s for s in rows if s.startswith("text BPE-"))}
+    assert set(rows) == {
+        "codes cell (bae, K=8)",
+        "codes sub-code 1/2 (2-4)",
+        "codes sub-code 2/2 (2-4)",
+        "text bytes",
+        next(s for s in rows if s.startswith("text BPE-")),
+    }
     cell = rows["codes cell (bae, K=8)"]
     assert cell["vocab_size"] == 256 and cell["tokens"] == 48 * 16  # no tokenizer at hand: 2^K
     assert cell["cond_entropy_up"] == pytest.approx(0, abs=1e-12)  # rows are copies
@@ -169,8 +203,28 @@ def test_cli_randomness(runs, tmp_path, capsys):
 def test_cli_attention_real_and_sampled(runs, tmp_path, capsys):
     _, (a, b) = runs
     out = tmp_path / "attn"
-    assert main(["analyze", "attention", "--model", str(a), str(b), "--out", str(out), "--num-sequences", "6",
-                 "--query", "1", "1", "--query", "2", "3"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "attention",
+                "--model",
+                str(a),
+                str(b),
+                "--out",
+                str(out),
+                "--num-sequences",
+                "6",
+                "--query",
+                "1",
+                "1",
+                "--query",
+                "2",
+                "3",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "attention.json").read_text())
     assert set(result["models"]) == {"a", "b"}
     rep = result["models"]["a"]
@@ -180,8 +234,22 @@ def test_cli_attention_real_and_sampled(runs, tmp_path, capsys):
     assert layer["cls_share"] + layer["within_r2"] + layer["global_share"] <= 1 + 1e-9
     for png in ("attention-depth.png", "attention-a.png", "attention-b.png"):
         assert (out / png).stat().st_size > 0
-    assert main(["analyze", "attention", "--model", str(a), "--out", str(tmp_path / "s"), "--sampled",
-                 "--num-sequences", "3"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                "attention",
+                "--model",
+                str(a),
+                "--out",
+                str(tmp_path / "s"),
+                "--sampled",
+                "--num-sequences",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "s" / "attention.json").read_text())["models"]["a"]["source"] == "sampled"
     capsys.readouterr()
     assert main(["analyze", "attention", "--model", str(a), "--out", str(out), "--query", "4", "0"]) == 2

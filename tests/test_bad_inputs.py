@@ -177,39 +177,70 @@ def paths(tmp_path_factory):
         mp.setenv("ELMGEN_FASHION_MNIST", str(fmnist))
         p = {name: str(tmp / name) for name in ("tok", "codes", "ar", "mlm", "clf")}
         steps = ["train.steps=1", "train.batch_size=4"]
-        for argv in (["train-tokenizer", "--out", p["tok"], "data.limit=16", *TOK, *steps],
-                     ["tokenize", "--tokenizer", p["tok"], "--out", p["codes"], "--limit", "20", "--vocab", "2-4"],
-                     ["train", "--codes", p["codes"], "--out", p["ar"], "--preset", "micro", *steps],
-                     ["train", "--codes", p["codes"], "--out", p["mlm"], "--preset", "micro", "--kind", "mlm", *steps],
-                     ["train-classifier", "--out", p["clf"], "classifier.widths=[8,16,32]", "classifier.feature_dim=16",
-                      "data.limit=32", *steps, "train.save_every=1"]):
+        for argv in (
+            ["train-tokenizer", "--out", p["tok"], "data.limit=16", *TOK, *steps],
+            ["tokenize", "--tokenizer", p["tok"], "--out", p["codes"], "--limit", "20", "--vocab", "2-4"],
+            ["train", "--codes", p["codes"], "--out", p["ar"], "--preset", "micro", *steps],
+            ["train", "--codes", p["codes"], "--out", p["mlm"], "--preset", "micro", "--kind", "mlm", *steps],
+            [
+                "train-classifier",
+                "--out",
+                p["clf"],
+                "classifier.widths=[8,16,32]",
+                "classifier.feature_dim=16",
+                "data.limit=32",
+                *steps,
+                "train.save_every=1",
+            ],
+        ):
             assert main(argv) == 0, argv
         p.update(tmp=str(tmp), file=str(tmp / "file.txt"), float_labels=str(floats))
         (tmp / "file.txt").write_text("a regular file\n")
-        npz = {"npz_ok": [np.zeros((2, 32, 32, 1), np.uint8)], "npz_empty": [np.zeros((0, 32, 32, 1), np.uint8)],
-               "npz_no_arr0": [], "npz_float": [np.zeros((2, 32, 32, 1), np.float32)],
-               "npz_float_labels": [np.zeros((2, 32, 32, 1), np.uint8), np.array([0.5, 1.5])]}
+        npz = {
+            "npz_ok": [np.zeros((2, 32, 32, 1), np.uint8)],
+            "npz_empty": [np.zeros((0, 32, 32, 1), np.uint8)],
+            "npz_no_arr0": [],
+            "npz_float": [np.zeros((2, 32, 32, 1), np.float32)],
+            "npz_float_labels": [np.zeros((2, 32, 32, 1), np.uint8), np.array([0.5, 1.5])],
+        }
         for name, arrays in npz.items():
             np.savez(tmp / f"{name}.npz", *arrays)
             p[name] = str(tmp / f"{name}.npz")
         np.savez(tmp / "npz_bad_stats.npz", mu=np.zeros(16), sigma=np.zeros(3))
         p["npz_bad_stats"] = str(tmp / "npz_bad_stats.npz")
-        for name, text in (("yaml_bad", "train: steps: 3\n"), ("yaml_list", "- train\n- steps\n"),
-                           ("yaml_number", "5\n"), ("yaml_empty", "")):
+        for name, text in (
+            ("yaml_bad", "train: steps: 3\n"),
+            ("yaml_list", "- train\n- steps\n"),
+            ("yaml_number", "5\n"),
+            ("yaml_empty", ""),
+        ):
             (tmp / f"{name}.yaml").write_text(text)
             p[name] = str(tmp / f"{name}.yaml")
         p["images_broken"] = images(tmp / "images_broken", {"a": ["0.png"], "b": ["1.png", "broken.png"]})
         p["images_empty_class"] = images(tmp / "images_empty_class", {"a": ["0.png"], "b": []})
-        p["lm_huge_header"] = damaged_copy(p["ar"], tmp / "lm_huge_header", for_each(
-            "*.safetensors", lambda f: f.write_bytes(struct.pack("<Q", 2**63) + f.read_bytes()[8:])))
-        p["lm_truncated"] = damaged_copy(p["ar"], tmp / "lm_truncated", for_each(
-            "*.safetensors", lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])))
-        p["lm_bad_config"] = damaged_copy(p["ar"], tmp / "lm_bad_config", for_each(
-            "config.json", lambda f: f.write_text("{not json")))
-        p["codes_truncated"] = damaged_copy(p["codes"], tmp / "codes_truncated", for_each(
-            "shard_*.npy", lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])))
-        p["codes_bad_meta"] = damaged_copy(p["codes"], tmp / "codes_bad_meta", for_each(
-            "meta.json", lambda f: f.write_text(json.dumps({**json.loads(f.read_text()), "grid": "eight"}))))
+        p["lm_huge_header"] = damaged_copy(
+            p["ar"],
+            tmp / "lm_huge_header",
+            for_each("*.safetensors", lambda f: f.write_bytes(struct.pack("<Q", 2**63) + f.read_bytes()[8:])),
+        )
+        p["lm_truncated"] = damaged_copy(
+            p["ar"],
+            tmp / "lm_truncated",
+            for_each("*.safetensors", lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])),
+        )
+        p["lm_bad_config"] = damaged_copy(
+            p["ar"], tmp / "lm_bad_config", for_each("config.json", lambda f: f.write_text("{not json"))
+        )
+        p["codes_truncated"] = damaged_copy(
+            p["codes"],
+            tmp / "codes_truncated",
+            for_each("shard_*.npy", lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])),
+        )
+        p["codes_bad_meta"] = damaged_copy(
+            p["codes"],
+            tmp / "codes_bad_meta",
+            for_each("meta.json", lambda f: f.write_text(json.dumps({**json.loads(f.read_text()), "grid": "eight"}))),
+        )
         yield p
 
 

@@ -16,8 +16,18 @@ from elmgen.models import load_classifier
 from elmgen.train import ClassifierJob, train_classifier
 
 # small enough to train in seconds on the fake data, large enough to separate its ten square sizes
-FAST = ["classifier.widths=[8,16,32]", "classifier.feature_dim=32", "train.steps=60", "train.batch_size=32",
-        "train.lr=5e-3", "train.warmup_steps=5", "train.log_every=20", "train.save_every=60", "shift=0", "hflip=false"]
+FAST = [
+    "classifier.widths=[8,16,32]",
+    "classifier.feature_dim=32",
+    "train.steps=60",
+    "train.batch_size=32",
+    "train.lr=5e-3",
+    "train.warmup_steps=5",
+    "train.log_every=20",
+    "train.save_every=60",
+    "shift=0",
+    "hflip=false",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,8 +60,15 @@ def test_load_features_probs_and_fingerprint(fake_fmnist, tmp_path):
 
 
 def test_rgb_folder_at_another_size(image_folder, tmp_path):
-    report = train_fast(tmp_path / "clf", f"data.source={image_folder}", "data.channels=3", "data.image_size=24",
-                        "train.steps=4", "train.batch_size=6", "train.save_every=4")
+    report = train_fast(
+        tmp_path / "clf",
+        f"data.source={image_folder}",
+        "data.channels=3",
+        "data.image_size=24",
+        "train.steps=4",
+        "train.batch_size=6",
+        "train.save_every=4",
+    )
     model, meta = load_classifier(tmp_path / "clf")
     assert (meta["channels"], meta["image_size"], len(meta["class_names"])) == (3, 24, 3)
     assert report["images"] == 3  # held out: one image of each class (the folder has no test/)

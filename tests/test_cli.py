@@ -8,8 +8,15 @@ from PIL import Image
 
 from elmgen.cli import main
 
-TOK = ["tokenizer.base_width=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.latent_dim=16",
-       "tokenizer.num_bits=8", "train.batch_size=8", "train.log_every=2", "eval_images=20"]
+TOK = [
+    "tokenizer.base_width=16",
+    "tokenizer.channel_mult=[1,2,2]",
+    "tokenizer.latent_dim=16",
+    "tokenizer.num_bits=8",
+    "train.batch_size=8",
+    "train.log_every=2",
+    "eval_images=20",
+]
 
 
 def run(capsys, *argv):
@@ -32,9 +39,25 @@ def pipeline(fake_fmnist, tmp_path, capsys):
     assert run(capsys, "train-tokenizer", "--out", tok, "data.limit=64", "train.steps=4", *TOK)[0] == 0
     code, out, _ = run(capsys, "tokenize", "--tokenizer", tok, "--out", codes, "--limit", 50, "--vocab", "2-4")
     assert code == 0 and json.loads(out)["count"] == 50
-    code, out, _ = run(capsys, "train", "--codes", codes, "--out", lm, "--preset", "micro", "--precision", "bf16",
-                       "--grad-accum", 2, "--ema-decay", 0.5, "train.steps=3", "train.batch_size=4",
-                       "train.log_every=1")
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--codes",
+        codes,
+        "--out",
+        lm,
+        "--preset",
+        "micro",
+        "--precision",
+        "bf16",
+        "--grad-accum",
+        2,
+        "--ema-decay",
+        0.5,
+        "train.steps=3",
+        "train.batch_size=4",
+        "train.log_every=1",
+    )
     assert code == 0 and json.loads(out)["step"] == 3
     return tok, codes, lm
 
@@ -56,8 +79,9 @@ def test_end_to_end(pipeline, tmp_path, capsys):
         assert (tok / name).is_file(), name
     report = json.loads((tok / "eval.json").read_text())
     assert report["bits"] == 8 and report["grid"] == [8, 8] and 0 < report["code_usage"] <= 1
-    code, out, _ = run(capsys, "sample", "--model", lm, "--out", tmp_path / "s", "--num-per-class", 2,
-                       "--top-k", 8, "--seed", 3)
+    code, out, _ = run(
+        capsys, "sample", "--model", lm, "--out", tmp_path / "s", "--num-per-class", 2, "--top-k", 8, "--seed", 3
+    )
     assert code == 0
     data = np.load(tmp_path / "s" / "samples.npz")
     assert data["arr_0"].shape == (20, 32, 32, 1) and data["arr_0"].dtype == np.uint8
@@ -71,8 +95,23 @@ def test_end_to_end(pipeline, tmp_path, capsys):
 @pytest.mark.slow
 def test_outpaint_makes_images_wider_than_the_training_images(pipeline, tmp_path, capsys):
     _, _, lm = pipeline
-    code, out, _ = run(capsys, "outpaint", "--model", lm, "--out", tmp_path / "o", "--num-per-class", 1,
-                       "--classes", 3, 5, "--width", 12, "--stride", 2)
+    code, out, _ = run(
+        capsys,
+        "outpaint",
+        "--model",
+        lm,
+        "--out",
+        tmp_path / "o",
+        "--num-per-class",
+        1,
+        "--classes",
+        3,
+        5,
+        "--width",
+        12,
+        "--stride",
+        2,
+    )
     assert code == 0 and json.loads(out)["image_size"] == [32, 48]
     data = np.load(tmp_path / "o" / "outpaint.npz")
     assert data["arr_0"].shape == (2, 32, 48, 1) and data["arr_1"].tolist() == [3, 5]
@@ -83,8 +122,12 @@ def test_outpaint_makes_images_wider_than_the_training_images(pipeline, tmp_path
 def test_lm_with_a_tokenizer_of_another_vocabulary(pipeline, tmp_path, capsys):
     _, _, lm = pipeline
     other = tmp_path / "tok12"
-    assert run(capsys, "train-tokenizer", "--out", other, "data.limit=16", "train.steps=1", *TOK,
-               "tokenizer.num_bits=12")[0] == 0
+    assert (
+        run(capsys, "train-tokenizer", "--out", other, "data.limit=16", "train.steps=1", *TOK, "tokenizer.num_bits=12")[
+            0
+        ]
+        == 0
+    )
     line = error_line(capsys, "sample", "--model", lm, "--tokenizer", other, "--out", tmp_path / "s")
     assert "8-bit codes" in line and "12-bit codes" in line
 
@@ -92,8 +135,9 @@ def test_lm_with_a_tokenizer_of_another_vocabulary(pipeline, tmp_path, capsys):
 @pytest.mark.slow
 def test_k_not_divisible_by_n(pipeline, tmp_path, capsys):
     tok, codes, _ = pipeline
-    assert "n must divide K" in error_line(capsys, "train", "--codes", codes, "--out", tmp_path / "x",
-                                           "model.vocab=3-3")  # parsed, then n*c != K
+    assert "n must divide K" in error_line(
+        capsys, "train", "--codes", codes, "--out", tmp_path / "x", "model.vocab=3-3"
+    )  # parsed, then n*c != K
     line = error_line(capsys, "tokenize", "--tokenizer", tok, "--out", tmp_path / "c", "--vocab", "3-2")
     assert "covers 6 bits" in line and "K=8" in line and "2-4" in line
 
@@ -105,8 +149,18 @@ def test_missing_data_folder(tmp_path, capsys):
 
 def test_corrupt_image_in_folder(image_folder, tmp_path, capsys):
     (image_folder / "class_1" / "broken.png").write_bytes(b"not a png at all")
-    line = error_line(capsys, "train-tokenizer", "--out", tmp_path / "t", "--data", image_folder,
-                      "data.channels=3", "train.steps=20", "train.batch_size=18", *TOK[:4])
+    line = error_line(
+        capsys,
+        "train-tokenizer",
+        "--out",
+        tmp_path / "t",
+        "--data",
+        image_folder,
+        "data.channels=3",
+        "train.steps=20",
+        "train.batch_size=18",
+        *TOK[:4],
+    )
     assert "broken.png" in line and "corrupt" in line
 
 
@@ -123,8 +177,19 @@ def test_model_info_json(capsys):
 
 
 def test_every_command_has_help(capsys):
-    for command in ("train-tokenizer", "tokenize", "train", "sample", "outpaint", "inpaint", "model-info",
-                    "run", "demo", "shapes", "check-data"):
+    for command in (
+        "train-tokenizer",
+        "tokenize",
+        "train",
+        "sample",
+        "outpaint",
+        "inpaint",
+        "model-info",
+        "run",
+        "demo",
+        "shapes",
+        "check-data",
+    ):
         with pytest.raises(SystemExit) as exc:
             main([command, "--help"])
         assert exc.value.code == 0
@@ -135,30 +200,70 @@ def test_every_command_has_help(capsys):
 def test_mlm_trains_and_samples(pipeline, tmp_path, capsys):
     _, codes, _ = pipeline
     mlm = tmp_path / "mlm"
-    code, out, _ = run(capsys, "train", "--codes", codes, "--out", mlm, "--preset", "micro", "--kind", "mlm",
-                       "train.steps=3", "train.batch_size=4")
+    code, out, _ = run(
+        capsys,
+        "train",
+        "--codes",
+        codes,
+        "--out",
+        mlm,
+        "--preset",
+        "micro",
+        "--kind",
+        "mlm",
+        "train.steps=3",
+        "train.batch_size=4",
+    )
     assert code == 0 and json.loads(out)["step"] == 3
-    code, out, _ = run(capsys, "sample", "--model", mlm, "--out", tmp_path / "s", "--num-per-class", 1,
-                       "--steps", 4, "--classes", 2, 7)
+    code, out, _ = run(
+        capsys, "sample", "--model", mlm, "--out", tmp_path / "s", "--num-per-class", 1, "--steps", 4, "--classes", 2, 7
+    )
     assert code == 0 and json.loads(out)["steps"] == 4
     data = np.load(tmp_path / "s" / "samples.npz")
     assert data["arr_0"].shape == (2, 32, 32, 1) and data["arr_1"].tolist() == [2, 7]
-    code, out, _ = run(capsys, "inpaint", "--model", mlm, "--out", tmp_path / "i", "--indices", 0, 3,
-                       "--region", 2, 2, 4, 4, "--steps", 3)
+    code, out, _ = run(
+        capsys,
+        "inpaint",
+        "--model",
+        mlm,
+        "--out",
+        tmp_path / "i",
+        "--indices",
+        0,
+        3,
+        "--region",
+        2,
+        2,
+        4,
+        4,
+        "--steps",
+        3,
+    )
     assert code == 0 and Image.open(tmp_path / "i" / "inpaint.png").size[0] > 3 * 32
-    assert "must fit" in error_line(capsys, "inpaint", "--model", mlm, "--out", tmp_path / "i",
-                                    "--region", 6, 6, 4, 4)
+    assert "must fit" in error_line(capsys, "inpaint", "--model", mlm, "--out", tmp_path / "i", "--region", 6, 6, 4, 4)
     _, _, ar = pipeline
-    assert "masked model" in error_line(capsys, "inpaint", "--model", ar, "--out", tmp_path / "i",
-                                        "--region", 0, 0, 2, 2)
+    assert "masked model" in error_line(
+        capsys, "inpaint", "--model", ar, "--out", tmp_path / "i", "--region", 0, 0, 2, 2
+    )
 
 
 @pytest.mark.slow
 def test_quick_demo_writes_every_file_and_resumes(fake_fmnist, tmp_path, capsys):
-    args = ["demo", "--quick", "--out", tmp_path / "demo", "tokenizer.tokenizer.base_width=16",
-            "tokenizer.tokenizer.num_bits=8", "tokenizer.train.batch_size=8", "lm.model.vocab=2-4",
-            "lm.model.n_layer=1", "lm.model.d_model=64", "lm.model.n_head=2", "lm.train.batch_size=8",
-            "classifier.train.batch_size=16"]
+    args = [
+        "demo",
+        "--quick",
+        "--out",
+        tmp_path / "demo",
+        "tokenizer.tokenizer.base_width=16",
+        "tokenizer.tokenizer.num_bits=8",
+        "tokenizer.train.batch_size=8",
+        "lm.model.vocab=2-4",
+        "lm.model.n_layer=1",
+        "lm.model.d_model=64",
+        "lm.model.n_head=2",
+        "lm.train.batch_size=8",
+        "classifier.train.batch_size=16",
+    ]
     code, out, _ = run(capsys, *args)
     assert code == 0
     for name in ("report.md", "samples.png", "samples.npz", "reconstructions.png", "loss.png", "metrics.json"):

@@ -59,8 +59,18 @@ def rows_of(codes: CodeDataset, image: int, shard_size: int, n: int) -> np.ndarr
 def test_five_crops_and_flips_are_the_expected_views(tmp_path):
     n, shard = 7, 3
     data = Pictures(n, crop_source_size(SIZE, 1.25))
-    meta = tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "c", Vocab.parse("2-4"), flip=True,
-                    crops="five", crop_range=1.25, batch_size=2, shard_size=shard)
+    meta = tokenize(
+        PixelTokenizer(),
+        PIXEL_META,
+        data,
+        tmp_path / "c",
+        Vocab.parse("2-4"),
+        flip=True,
+        crops="five",
+        crop_range=1.25,
+        batch_size=2,
+        shard_size=shard,
+    )
     codes = CodeDataset(tmp_path / "c")
     assert meta["views"] == 10 and len(codes) == meta["count"] == 70 and codes.codes.shape == (70, 64)
     assert meta["shards"] == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
@@ -84,12 +94,17 @@ def test_random_crops_are_seeded_crops_of_the_enlarged_image(tmp_path):
     for image in range(6):
         views = rows_of(a, image, 8192, 6)
         assert np.array_equal(views[3:], views[:3, :, ::-1])  # the mirrored copies follow the crops
-        img = data.pixels[image: image + 1]
+        img = data.pixels[image : image + 1]
         whole = to_uint8(F.interpolate(to_float(img), size=(8, 8), mode="bilinear", antialias=True))[0, 0].numpy()
-        exact = [img[0, 0, t: t + 8, le: le + 8].numpy() for t in (0, 1) for le in (0, 1)]
+        exact = [img[0, 0, t : t + 8, le : le + 8].numpy() for t in (0, 1) for le in (0, 1)]
         for v in views[:3]:
-            kinds.append("exact" if any(np.array_equal(v, e) for e in exact) else
-                         "whole" if np.array_equal(v, whole) else "other")
+            kinds.append(
+                "exact"
+                if any(np.array_equal(v, e) for e in exact)
+                else "whole"
+                if np.array_equal(v, whole)
+                else "other"
+            )
     assert "other" not in kinds and {"exact", "whole"} <= set(kinds)
 
 
@@ -119,8 +134,14 @@ def test_interrupted_tokenization_resumes_to_identical_files(tmp_path):
     assert again.calls == 30  # only shards 2 (2 batches) and 3 (1 batch), 10 views each
     files = sorted(p.name for p in (tmp_path / "straight").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "resumed").iterdir())
-    assert files == ["labels.npy", "meta.json", "shard_00000.npy", "shard_00001.npy", "shard_00002.npy",
-                     "shard_00003.npy"]
+    assert files == [
+        "labels.npy",
+        "meta.json",
+        "shard_00000.npy",
+        "shard_00001.npy",
+        "shard_00002.npy",
+        "shard_00003.npy",
+    ]
     for name in files:
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
     assert not partial.exists()
@@ -153,8 +174,9 @@ def test_bernoulli_draws_and_the_draw_per_epoch(tmp_path):
     idx = np.array([0, 5, 11])
     draws = [codes.batch(idx, Vocab.parse("2-4"), epoch=e)[0] for e in range(4)]
     assert torch.equal(draws[3], draws[0]) and not torch.equal(draws[0], draws[1])
-    assert torch.equal(draws[1], cells_to_subcodes(torch.from_numpy(codes.draws[1][idx].astype(np.int64)),
-                                                   Vocab.parse("2-4")))
+    assert torch.equal(
+        draws[1], cells_to_subcodes(torch.from_numpy(codes.draws[1][idx].astype(np.int64)), Vocab.parse("2-4"))
+    )
     det = CodeDataset(tmp_path / "det")
     assert det.num_draws == 1 and np.array_equal(det.codes[:6], model.encode_cells(to_float(data.images(range(6)))))
 
@@ -178,13 +200,50 @@ def test_user_errors(tmp_path):
 
 def test_cli_tokenize_with_random_crops_and_draws(fake_fmnist, tmp_path, capsys):
     tok = tmp_path / "tok"
-    assert main(["train-tokenizer", "--out", str(tok), "data.limit=16", "train.steps=1", "tokenizer.base_width=8",
-                 "tokenizer.channel_mult=[1,2,2]", "tokenizer.latent_dim=8", "tokenizer.num_bits=8",
-                 "eval_images=4", "train.batch_size=4"]) == 0
+    assert (
+        main(
+            [
+                "train-tokenizer",
+                "--out",
+                str(tok),
+                "data.limit=16",
+                "train.steps=1",
+                "tokenizer.base_width=8",
+                "tokenizer.channel_mult=[1,2,2]",
+                "tokenizer.latent_dim=8",
+                "tokenizer.num_bits=8",
+                "eval_images=4",
+                "train.batch_size=4",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["tokenize", "--tokenizer", str(tok), "--out", str(tmp_path / "codes"), "--limit", "12",
-                 "--crops", "random", "--num-crops", "2", "--crop-range", "1.125", "--flip", "--draws", "2",
-                 "--shard-size", "5"]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(tmp_path / "codes"),
+                "--limit",
+                "12",
+                "--crops",
+                "random",
+                "--num-crops",
+                "2",
+                "--crop-range",
+                "1.125",
+                "--flip",
+                "--draws",
+                "2",
+                "--shard-size",
+                "5",
+            ]
+        )
+        == 0
+    )
     meta = json.loads(capsys.readouterr().out)
     assert (meta["count"], meta["views"], meta["draws"], meta["vocab"]) == (48, 4, 2, "2-4")
     codes = CodeDataset(tmp_path / "codes")

@@ -138,16 +138,19 @@ def test_truncated_shard(codes):
     damaged(codes, "shard_00001.npy is damaged")
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"grid": "8"}, "grid is '8', not an integer >= 1"),
-    ({"draws": None}, "draws is None"),
-    ({"shard_size": 0}, "shard_size is 0"),
-    ({"count": 99}, "count 99 is not 5 images x 2 views"),
-    ({"shards": ["../../etc/passwd"]}, "do not match 5 images of 2"),
-    ({"bits": 20}, "shard_00000.npy is damaged: holds uint16 codes"),
-    ({"images": 6, "count": 12}, "shard_00002.npy is damaged"),
-    ({"num_classes": 2}, "labels.npy is damaged"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"grid": "8"}, "grid is '8', not an integer >= 1"),
+        ({"draws": None}, "draws is None"),
+        ({"shard_size": 0}, "shard_size is 0"),
+        ({"count": 99}, "count 99 is not 5 images x 2 views"),
+        ({"shards": ["../../etc/passwd"]}, "do not match 5 images of 2"),
+        ({"bits": 20}, "shard_00000.npy is damaged: holds uint16 codes"),
+        ({"images": 6, "count": 12}, "shard_00002.npy is damaged"),
+        ({"num_classes": 2}, "labels.npy is damaged"),
+    ],
+)
 def test_meta_with_wrong_values(codes, change, match):
     edit_meta(codes, **change)
     damaged(codes, match)
@@ -176,9 +179,24 @@ def test_wrong_labels_and_shards(codes):
 
 def test_cli_tokenize_out_and_limit(fake_fmnist, tmp_path, capsys):
     tok = tmp_path / "tok"
-    assert main(["train-tokenizer", "--out", str(tok), "data.limit=16", "train.steps=1", "tokenizer.base_width=8",
-                 "tokenizer.channel_mult=[1,2,2]", "tokenizer.latent_dim=8", "tokenizer.num_bits=8",
-                 "eval_images=4", "train.batch_size=4"]) == 0
+    assert (
+        main(
+            [
+                "train-tokenizer",
+                "--out",
+                str(tok),
+                "data.limit=16",
+                "train.steps=1",
+                "tokenizer.base_width=8",
+                "tokenizer.channel_mult=[1,2,2]",
+                "tokenizer.latent_dim=8",
+                "tokenizer.num_bits=8",
+                "eval_images=4",
+                "train.batch_size=4",
+            ]
+        )
+        == 0
+    )
     files = {p: p.read_bytes() for p in tok.rglob("*") if p.is_file()}
     capsys.readouterr()
 

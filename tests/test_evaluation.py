@@ -135,8 +135,10 @@ def test_stats_round_trip_in_pytorch_fid_layout(tmp_path):
 
 def test_npz_shards_are_read_together(tmp_path):
     rng = np.random.default_rng(4)
-    a, b = rng.integers(0, 256, size=(5, 8, 8, 1), dtype=np.uint8), rng.integers(0, 256, size=(3, 8, 8, 1),
-                                                                                  dtype=np.uint8)
+    a, b = (
+        rng.integers(0, 256, size=(5, 8, 8, 1), dtype=np.uint8),
+        rng.integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8),
+    )
     np.savez(tmp_path / "s0.npz", a, np.arange(5))
     np.savez_compressed(tmp_path / "s1.npz", b, np.arange(3) + 5)
     source = ev.open_samples(tmp_path)
@@ -178,9 +180,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_small_classifier(out, steps: int):
-    job = build_config(ClassifierJob, None, [
-        "classifier.widths=[8,16,32]", "classifier.feature_dim=16", f"train.steps={steps}", "train.batch_size=32",
-        "train.lr=5e-3", "train.warmup_steps=5", f"train.save_every={steps}", "shift=0", "hflip=false"])
+    job = build_config(
+        ClassifierJob,
+        None,
+        [
+            "classifier.widths=[8,16,32]",
+            "classifier.feature_dim=16",
+            f"train.steps={steps}",
+            "train.batch_size=32",
+            "train.lr=5e-3",
+            "train.warmup_steps=5",
+            f"train.save_every={steps}",
+            "shift=0",
+            "hflip=false",
+        ],
+    )
     train_classifier(job, out)
     return out
 
@@ -217,8 +231,12 @@ def test_eval_end_to_end(classifier, tmp_path, capsys):
     assert fake["inception_score"] < real["inception_score"]
 
     # the same reference as precomputed statistics gives the same numbers
-    assert main(["ref-stats", "--classifier", str(classifier), "--ref", "fashion-mnist", "--out",
-                 str(tmp_path / "ref.npz")]) == 0
+    assert (
+        main(
+            ["ref-stats", "--classifier", str(classifier), "--ref", "fashion-mnist", "--out", str(tmp_path / "ref.npz")]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["count"] == 200
     again = run_eval("--samples", tmp_path / "real.npz", "--ref", tmp_path / "ref.npz")
     for key in ("fid", "precision", "recall", "inception_score", "num_reference"):
@@ -236,13 +254,15 @@ def test_eval_end_to_end(classifier, tmp_path, capsys):
 def test_eval_user_errors(fake_fmnist, tmp_path, capsys):
     classifier = train_small_classifier(tmp_path / "clf", steps=2)
     assert "--classifier RUN" in error_line(capsys, "eval", "--samples", tmp_path, "--ref", "fashion-mnist")
-    assert "samples not found" in error_line(capsys, "eval", "--classifier", classifier, "--samples",
-                                             tmp_path / "none.npz", "--ref", "fashion-mnist")
+    assert "samples not found" in error_line(
+        capsys, "eval", "--classifier", classifier, "--samples", tmp_path / "none.npz", "--ref", "fashion-mnist"
+    )
     other = ev.RefStats(np.zeros(16), np.eye(16), 5, "x", {"name": "elmgen-classifier", "fingerprint": "0" * 16})
     ev.save_ref_stats(other, tmp_path / "other.npz")
     write_adm(tmp_path / "s.npz", torch.zeros(20, 1, 32, 32, dtype=torch.uint8), np.zeros(20, dtype=int))
-    assert "recompute it" in error_line(capsys, "eval", "--classifier", classifier, "--samples", tmp_path / "s.npz",
-                                        "--ref", tmp_path / "other.npz")
+    assert "recompute it" in error_line(
+        capsys, "eval", "--classifier", classifier, "--samples", tmp_path / "s.npz", "--ref", tmp_path / "other.npz"
+    )
 
 
 def test_inception_backend_without_weights_is_one_line(tmp_path, capsys, monkeypatch):
@@ -254,8 +274,18 @@ def test_inception_backend_without_weights_is_one_line(tmp_path, capsys, monkeyp
     line = error_line(capsys, "eval", "--backend", "inception", "--samples", tmp_path, "--ref", "fashion-mnist")
     assert "missing.pth does not exist" in line
     (tmp_path / "w.pth").write_bytes(b"weights")
-    line = error_line(capsys, "eval", "--backend", "inception", "--inception-weights", tmp_path / "w.pth",
-                      "--samples", tmp_path, "--ref", "fashion-mnist")
+    line = error_line(
+        capsys,
+        "eval",
+        "--backend",
+        "inception",
+        "--inception-weights",
+        tmp_path / "w.pth",
+        "--samples",
+        tmp_path,
+        "--ref",
+        "fashion-mnist",
+    )
     assert "pip install 'elmgen[inception]'" in line
 
 
@@ -278,6 +308,7 @@ def test_inception_backend_wiring(fake_fmnist, tmp_path, monkeypatch):
     module.FeatureExtractorInceptionV3 = FakeInception
     monkeypatch.setitem(sys.modules, "torch_fidelity", types.ModuleType("torch_fidelity"))
     monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", module)
+
     class Payload:  # a pickle that would create a file when loaded without weights_only
         def __reduce__(self):
             return (open, (str(tmp_path / "pwned"), "w"))
@@ -300,7 +331,6 @@ def test_inception_backend_wiring(fake_fmnist, tmp_path, monkeypatch):
     assert set(seen) == {(torch.uint8, (3, 256, 256))}  # grey -> RGB, ADM centre crop/resize to 256
     assert feats.shape == (20, 2048) and probs.shape == (20, 1008)
     assert np.allclose(probs.sum(1), 1, atol=1e-5)
-
 
 
 def test_evaluation_commands_have_help(capsys):

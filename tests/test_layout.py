@@ -7,8 +7,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "elmgen"
 # Lowest first: a module may import from its own unit and from units of lower layers only.
 LAYERS = [
     {"errors", "io", "config", "checkpoint", "device", "rng", "plots", "vocab", "schedules"},
-    {"data"}, {"tokenizers"}, {"codes"}, {"models"}, {"sampling"}, {"evaluation", "analysis"}, {"train"},
-    {"pipeline"}, {"cli"},
+    {"data"},
+    {"tokenizers"},
+    {"codes"},
+    {"models"},
+    {"sampling"},
+    {"evaluation", "analysis"},
+    {"train"},
+    {"pipeline"},
+    {"cli"},
 ]
 LAYER = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 
@@ -38,8 +45,15 @@ def unit(name: str) -> str:
 
 
 def test_imports_follow_the_layers():
-    wrong = [f"{a} imports {b}" for a in MODULES if a != "elmgen" for b in imports(a) if b != "elmgen"
-             and unit(b) != unit(a) and not (LAYER[unit(b)] < LAYER[unit(a)] or LAYER[unit(a)] == 0 == LAYER[unit(b)])]
+    wrong = [
+        f"{a} imports {b}"
+        for a in MODULES
+        if a != "elmgen"
+        for b in imports(a)
+        if b != "elmgen"
+        and unit(b) != unit(a)
+        and not (LAYER[unit(b)] < LAYER[unit(a)] or LAYER[unit(a)] == 0 == LAYER[unit(b)])
+    ]
     assert not wrong, wrong
     assert set(LAYER) == {unit(m) for m in MODULES if m != "elmgen"}  # every unit has its layer
 

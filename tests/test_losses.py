@@ -43,8 +43,9 @@ def weights_file(tmp_path_factory):
 def test_weights_file_layout_is_torchvision_vgg16_plus_lpips_heads():
     keys = set(lpips_state_dict(PerceptualLoss()))
     convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]  # torchvision's vgg16.features conv indices
-    assert keys == {f"features.{i}.{p}" for i in convs for p in ("weight", "bias")} | \
-        {f"lin{i}.model.1.weight" for i in range(5)}
+    assert keys == {f"features.{i}.{p}" for i in convs for p in ("weight", "bias")} | {
+        f"lin{i}.model.1.weight" for i in range(5)
+    }
 
 
 def test_perceptual_distance_properties(weights_file, tmp_path):
@@ -115,10 +116,22 @@ def test_adaptive_weight_is_the_gradient_ratio_clamped_to_one():
 
 
 def job(steps: int, save_every: int, **loss) -> TokenizerJob:
-    return TokenizerJob(data=DataConfig(limit=64), tokenizer=TINY, eval_images=16,
-                        loss=LossConfig(gan=True, gan_start=2, **loss),
-                        train=TrainConfig(steps=steps, batch_size=8, lr=1e-3, weight_decay=0.0, log_every=1,
-                                          save_every=save_every, precision="bf16", ema_decay=0.9))
+    return TokenizerJob(
+        data=DataConfig(limit=64),
+        tokenizer=TINY,
+        eval_images=16,
+        loss=LossConfig(gan=True, gan_start=2, **loss),
+        train=TrainConfig(
+            steps=steps,
+            batch_size=8,
+            lr=1e-3,
+            weight_decay=0.0,
+            log_every=1,
+            save_every=save_every,
+            precision="bf16",
+            ema_decay=0.9,
+        ),
+    )
 
 
 def test_generator_term_leaves_the_discriminator_alone():
@@ -189,20 +202,39 @@ def run(capsys, *argv):
 
 
 def test_cli_gan_and_perceptual_options(fake_fmnist, weights_file, tmp_path, capsys):
-    args = ["tokenizer.base_width=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.latent_dim=16",
-            "tokenizer.num_bits=8", "train.batch_size=4", "train.log_every=1", "eval_images=8", "data.limit=16",
-            "train.steps=2", "loss.gan_start=1"]
-    code, out, err = run(capsys, "train-tokenizer", "--out", tmp_path / "t", "--gan", "--perceptual-weights",
-                         weights_file, *args)
+    args = [
+        "tokenizer.base_width=16",
+        "tokenizer.channel_mult=[1,2,2]",
+        "tokenizer.latent_dim=16",
+        "tokenizer.num_bits=8",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "eval_images=8",
+        "data.limit=16",
+        "train.steps=2",
+        "loss.gan_start=1",
+    ]
+    code, out, err = run(
+        capsys, "train-tokenizer", "--out", tmp_path / "t", "--gan", "--perceptual-weights", weights_file, *args
+    )
     assert code == 0, err
     rows = read_metrics(tmp_path / "t" / "metrics.jsonl")
     assert "perceptual" in rows[0] and "disc" not in rows[0] and "disc" in rows[1]
     assert json.loads(out)["bits"] == 8
-    code, _, err = run(capsys, "train-tokenizer", "--out", tmp_path / "u", "--perceptual-weights",
-                       tmp_path / "none.pth", *args)
+    code, _, err = run(
+        capsys, "train-tokenizer", "--out", tmp_path / "u", "--perceptual-weights", tmp_path / "none.pth", *args
+    )
     lines = [line for line in err.splitlines() if line.startswith("elmgen: error:")]
     assert code == 2 and len(lines) == 1 and "perceptual weights file not found" in lines[0]
-    code, _, err = run(capsys, "train-tokenizer", "--out", tmp_path / "v", "--gan", *args, "data.image_size=16",
-                       "tokenizer.channel_mult=[1,2]")
+    code, _, err = run(
+        capsys,
+        "train-tokenizer",
+        "--out",
+        tmp_path / "v",
+        "--gan",
+        *args,
+        "data.image_size=16",
+        "tokenizer.channel_mult=[1,2]",
+    )
     assert code == 2 and "at least 24 px" in err
     assert not np.isnan(rows[-1]["loss"])

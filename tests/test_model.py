@@ -12,9 +12,15 @@ def random_model(**overrides) -> Transformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("name,vocab,expected", [
-    ("L", "2-10", 315e6), ("XL", "2-12", 757e6), ("XXL", "2-12", 1.4e9), ("2B", "2-12", 1.9e9),
-])
+@pytest.mark.parametrize(
+    "name,vocab,expected",
+    [
+        ("L", "2-10", 315e6),
+        ("XL", "2-12", 757e6),
+        ("XXL", "2-12", 1.4e9),
+        ("2B", "2-12", 1.9e9),
+    ],
+)
 def test_paper_sizes(name, vocab, expected):
     cfg = ModelConfig(**preset(name), vocab=vocab, grid_size=16, num_classes=1000)
     assert abs(count_params(cfg) / expected - 1) < 0.03
@@ -59,7 +65,7 @@ def test_kv_cache_matches_full_forward():
     full = model(labels, sub)
     caches = model.new_caches(3)
     steps = [model(labels, sub[:, :0], caches)]
-    steps += [model.decode_step(sub[:, t:t + 1], torch.tensor([t + 1]), caches) for t in range(15)]
+    steps += [model.decode_step(sub[:, t : t + 1], torch.tensor([t + 1]), caches) for t in range(15)]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 

@@ -12,10 +12,23 @@ from elmgen.data.shapes import SHAPES, make_shapes
 from elmgen.errors import ElmgenError
 
 # A run small enough for the test suite: the same pipeline, a fraction of its size.
-TINY = ["tokenizer.tokenizer.base_width=8", "tokenizer.tokenizer.num_bits=8", "tokenizer.train.batch_size=8",
-        "tokenizer.train.steps=4", "tokenizer.eval_images=12", "lm.model.vocab=2-4", "lm.model.n_layer=1",
-        "lm.model.d_model=64", "lm.model.n_head=2", "lm.train.batch_size=8", "lm.train.steps=4",
-        "classifier.train.batch_size=16", "classifier.train.steps=4", "num_per_class=2", "reference_images=30"]
+TINY = [
+    "tokenizer.tokenizer.base_width=8",
+    "tokenizer.tokenizer.num_bits=8",
+    "tokenizer.train.batch_size=8",
+    "tokenizer.train.steps=4",
+    "tokenizer.eval_images=12",
+    "lm.model.vocab=2-4",
+    "lm.model.n_layer=1",
+    "lm.model.d_model=64",
+    "lm.model.n_head=2",
+    "lm.train.batch_size=8",
+    "lm.train.steps=4",
+    "classifier.train.batch_size=16",
+    "classifier.train.steps=4",
+    "num_per_class=2",
+    "reference_images=30",
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +89,16 @@ def test_a_config_that_contradicts_the_data_names_the_setting(shapes, tmp_path, 
 @pytest.mark.slow
 def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"
-    base = "\n".join(f"  {line}" for line in [
-        f"tokenizer: {{data: {{source: {shapes}, channels: 3}}, tokenizer: {{base_width: 8, num_bits: 8}},",
-        "            train: {steps: 2, batch_size: 8}, eval_images: 6}",
-        "lm: {model: {n_layer: 1, d_model: 64, n_head: 2, vocab: 2-4}, train: {steps: 2, batch_size: 8}}",
-        "num_per_class: 1", "evaluate: false"])
+    base = "\n".join(
+        f"  {line}"
+        for line in [
+            f"tokenizer: {{data: {{source: {shapes}, channels: 3}}, tokenizer: {{base_width: 8, num_bits: 8}},",
+            "            train: {steps: 2, batch_size: 8}, eval_images: 6}",
+            "lm: {model: {n_layer: 1, d_model: 64, n_head: 2, vocab: 2-4}, train: {steps: 2, batch_size: 8}}",
+            "num_per_class: 1",
+            "evaluate: false",
+        ]
+    )
     sweep.write_text(f"base:\n{base}\ngrid:\n  sample.guidance_scale: [1.0, 2.0]\n")
     assert main(["sweep", str(sweep), "--out", str(tmp_path / "sw")]) == 0
     rows = (tmp_path / "sw" / "summary.csv").read_text().strip().splitlines()

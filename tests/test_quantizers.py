@@ -115,7 +115,7 @@ def photo_folder(tmp_path_factory):
         for i in range(8):
             side = int(rng.integers(40, 121))
             top, left = (int(rng.integers(0, s - side)) for s in photo.shape[:2])
-            crop = Image.fromarray(photo[top: top + side, left: left + side])
+            crop = Image.fromarray(photo[top : top + side, left : left + side])
             crop.save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
     return root
 
@@ -127,18 +127,41 @@ def run(capsys, *argv):
     return out
 
 
-TINY_ARGS = ["tokenizer.base_width=16", "tokenizer.channel_mult=[1,2,2]", "tokenizer.latent_dim=16",
-             "train.batch_size=8", "train.log_every=5", "eval_images=8"]
+TINY_ARGS = [
+    "tokenizer.base_width=16",
+    "tokenizer.channel_mult=[1,2,2]",
+    "tokenizer.latent_dim=16",
+    "train.batch_size=8",
+    "train.log_every=5",
+    "eval_images=8",
+]
 
 
-@pytest.mark.parametrize("quantizer,extra", [("bae", ["tokenizer.num_bits=10"]),
-                                             ("vq", ["tokenizer.codebook_size=64"]),
-                                             ("fsq", ["tokenizer.fsq_levels=[4,4,4]"])])
+@pytest.mark.parametrize(
+    "quantizer,extra",
+    [
+        ("bae", ["tokenizer.num_bits=10"]),
+        ("vq", ["tokenizer.codebook_size=64"]),
+        ("fsq", ["tokenizer.fsq_levels=[4,4,4]"]),
+    ],
+)
 @pytest.mark.slow
 def test_train_eval_tokenize_on_colour_photos(photo_folder, tmp_path, capsys, quantizer, extra):
     tok = tmp_path / "tok"
-    out = run(capsys, "train-tokenizer", "--out", tok, "--data", photo_folder, "data.channels=3",
-              "data.image_size=32", f"tokenizer.quantizer={quantizer}", *extra, *TINY_ARGS, "train.steps=4")
+    out = run(
+        capsys,
+        "train-tokenizer",
+        "--out",
+        tok,
+        "--data",
+        photo_folder,
+        "data.channels=3",
+        "data.image_size=32",
+        f"tokenizer.quantizer={quantizer}",
+        *extra,
+        *TINY_ARGS,
+        "train.steps=4",
+    )
     report = json.loads(out)
     assert report["quantizer"] == quantizer and report["grid"] == [8, 8] and -1 <= report["ssim"] <= 1
     model, meta = load_tokenizer(tok)
@@ -147,8 +170,21 @@ def test_train_eval_tokenize_on_colour_photos(photo_folder, tmp_path, capsys, qu
     report = json.loads(run(capsys, "eval-tokenizer", "--tokenizer", tok, "--out", ev, "--split", "train"))
     assert report["images"] == 21 and (ev / "eval.json").is_file()  # one crop of each photo is held out
     assert Image.open(ev / "reconstructions.png").mode == "RGB"
-    codes = json.loads(run(capsys, "tokenize", "--tokenizer", tok, "--out", tmp_path / "codes", "--crops", "five",
-                           "--crop-range", "1.25", "--flip"))
+    codes = json.loads(
+        run(
+            capsys,
+            "tokenize",
+            "--tokenizer",
+            tok,
+            "--out",
+            tmp_path / "codes",
+            "--crops",
+            "five",
+            "--crop-range",
+            "1.25",
+            "--flip",
+        )
+    )
     assert codes["count"] == 21 * 10 and codes["vocab"] == ("2-5" if quantizer == "bae" else f"1-{meta['bits']}")
 
 
@@ -156,10 +192,12 @@ def test_train_eval_tokenize_on_colour_photos(photo_folder, tmp_path, capsys, qu
 @pytest.mark.parametrize("quantizer", ["bae", "vq", "fsq"])
 def test_each_quantizer_learns_colour_photos(photo_folder, quantizer):
     """40 steps of the training objective on 24 crops must clearly beat the untrained reconstruction."""
-    x = to_float(load_dataset(DataConfig(source=str(photo_folder), channels=3, image_size=16,
-                                                holdout=0.0)).images(range(24)))
-    cfg = TokenizerConfig(**TINY, in_channels=3, quantizer=quantizer, num_bits=12, codebook_size=256,
-                          fsq_levels=[5, 5, 5])
+    x = to_float(
+        load_dataset(DataConfig(source=str(photo_folder), channels=3, image_size=16, holdout=0.0)).images(range(24))
+    )
+    cfg = TokenizerConfig(
+        **TINY, in_channels=3, quantizer=quantizer, num_bits=12, codebook_size=256, fsq_levels=[5, 5, 5]
+    )
     trainer = TokenizerTraining(TokenizerJob(tokenizer=cfg))
     model = trainer.tokenizer
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

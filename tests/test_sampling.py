@@ -107,13 +107,16 @@ def model():
     return m.eval()
 
 
-@pytest.mark.parametrize("cfg", [
-    SampleConfig(temperature=0.0, guidance_scale=1.0),
-    SampleConfig(temperature=0.0, guidance_scale=4.0, guidance_schedule="constant"),
-    SampleConfig(temperature=1.0, guidance_scale=1.0),
-    SampleConfig(temperature=1.0, guidance_scale=3.0, guidance_schedule="linear", top_k=10),
-    SampleConfig(temperature=0.7, guidance_scale=2.0, top_p=0.8),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SampleConfig(temperature=0.0, guidance_scale=1.0),
+        SampleConfig(temperature=0.0, guidance_scale=4.0, guidance_schedule="constant"),
+        SampleConfig(temperature=1.0, guidance_scale=1.0),
+        SampleConfig(temperature=1.0, guidance_scale=3.0, guidance_schedule="linear", top_k=10),
+        SampleConfig(temperature=0.7, guidance_scale=2.0, top_p=0.8),
+    ],
+)
 def test_kv_cache_gives_exactly_the_tokens_of_recomputation(model, cfg):
     labels = torch.tensor([0, 1, 2, 1])
     cached = generate(model, labels, cfg, seeds=[7, 8, 9, 10])
@@ -183,7 +186,7 @@ def test_bf16_kv_decoding_tracks_the_fp32_logits(model):
     caches = model.new_caches(4, torch.bfloat16)
     with torch.no_grad(), autocast(torch.device("cpu"), "bf16"):
         steps = [model(labels, sub[:, :0], caches)[:, -1]]
-        steps += [model.decode_step(sub[:, t - 1:t], torch.tensor([t]), caches)[:, -1] for t in range(1, 16)]
+        steps += [model.decode_step(sub[:, t - 1 : t], torch.tensor([t]), caches)[:, -1] for t in range(1, 16)]
     assert caches[0].k.dtype == torch.bfloat16
     error = (torch.stack(steps, 1).float() - full).abs().max() / full.abs().max()
     assert error < 0.03, error  # measured 0.007

@@ -28,6 +28,7 @@ from elmgen.train import ClassifierJob, TrainConfig, fit, train_classifier
 
 def linear_fit(run, steps, resume=False, crash_at=None, **train):
     """The real training loop on a 3-parameter model; `crash_at`: the step whose batch raises KeyboardInterrupt."""
+
     def step_fn(model, step, idx):
         if step == crash_at:
             raise KeyboardInterrupt
@@ -70,18 +71,22 @@ def test_a_planted_pickle_is_refused_never_run(tmp_path):
 
 
 def small_classifier(steps: int, **classifier) -> ClassifierJob:
-    return ClassifierJob(data=DataConfig(limit=32),
-                         classifier=ClassifierConfig(**{"widths": [4, 8], "feature_dim": 8, **classifier}),
-                         train=TrainConfig(steps=steps, batch_size=8, lr=3e-3, log_every=1, save_every=2))
+    return ClassifierJob(
+        data=DataConfig(limit=32),
+        classifier=ClassifierConfig(**{"widths": [4, 8], "feature_dim": 8, **classifier}),
+        train=TrainConfig(steps=steps, batch_size=8, lr=3e-3, log_every=1, save_every=2),
+    )
 
 
 def test_a_refused_run_leaves_job_yaml_alone_and_a_good_one_resumes(fake_fmnist, tmp_path, one_thread):
     run = tmp_path / "clf"
     train_classifier(small_classifier(2), run)
     job_yaml = (run / "job.yaml").read_text()
-    refused = [("--resume", small_classifier(3), False),  # an existing run without --resume
-               ("does not match", small_classifier(3, feature_dim=16), True),  # another model
-               ("train.lr=-1", replace_train(small_classifier(3), lr=-1.0), True)]
+    refused = [
+        ("--resume", small_classifier(3), False),  # an existing run without --resume
+        ("does not match", small_classifier(3, feature_dim=16), True),  # another model
+        ("train.lr=-1", replace_train(small_classifier(3), lr=-1.0), True),
+    ]
     for message, job, resume in refused:
         with pytest.raises(ElmgenError, match=message):
             train_classifier(job, run, resume=resume)
@@ -178,8 +183,9 @@ def test_old_checkpoints_are_pruned_before_a_new_one_is_written(tmp_path, monkey
     for keep in (2, 3):
         on_disk.clear()
         for step in range(1, 6):
-            checkpoint.save_checkpoint(tmp_path / str(keep), step, torch.nn.Linear(2, 2), CheckpointMeta(kind="x"),
-                                       keep=keep)
+            checkpoint.save_checkpoint(
+                tmp_path / str(keep), step, torch.nn.Linear(2, 2), CheckpointMeta(kind="x"), keep=keep
+            )
         # with the one being written, never more than `keep` checkpoints
         assert max(on_disk) == keep - 1
         names = sorted(p.name for p in (tmp_path / str(keep) / "checkpoints").iterdir())
@@ -223,11 +229,27 @@ def test_metrics_survive_a_kill_before_the_first_checkpoint_and_a_torn_last_line
     assert str(metrics) in one_line_error(e)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("lr", -1.0), ("lr", math.nan), ("save_every", 0), ("log_every", 0), ("steps", 0), ("batch_size", 0),
-    ("grad_accum", 0), ("ema_decay", 1.0), ("ema_decay", -0.1), ("warmup_steps", -1), ("min_lr", math.nan),
-    ("weight_decay", -1.0), ("beta2", 1.0), ("grad_clip", math.inf), ("seed", -1), ("keep_checkpoints", 0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", -1.0),
+        ("lr", math.nan),
+        ("save_every", 0),
+        ("log_every", 0),
+        ("steps", 0),
+        ("batch_size", 0),
+        ("grad_accum", 0),
+        ("ema_decay", 1.0),
+        ("ema_decay", -0.1),
+        ("warmup_steps", -1),
+        ("min_lr", math.nan),
+        ("weight_decay", -1.0),
+        ("beta2", 1.0),
+        ("grad_clip", math.inf),
+        ("seed", -1),
+        ("keep_checkpoints", 0),
+    ],
+)
 def test_out_of_range_training_settings_are_one_line(field, value, tmp_path):
     with pytest.raises(ElmgenError, match=f"train.{field}={value}.* must be") as e:
         linear_fit(tmp_path / "run", **{"steps": 2, field: value})
@@ -238,8 +260,12 @@ def test_out_of_range_training_settings_are_one_line(field, value, tmp_path):
 def test_an_unavailable_device_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    for name, message in (("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
-                          ("mps", "MPS is not available"), ("tpu", "unknown device")):
+    for name, message in (
+        ("cuda", "CUDA is not available"),
+        ("cuda:1", "CUDA is not available"),
+        ("mps", "MPS is not available"),
+        ("tpu", "unknown device"),
+    ):
         with pytest.raises(ElmgenError, match=message) as e:
             resolve_device(name)
         assert "--device cpu" in one_line_error(e) or "use auto" in str(e.value)
@@ -256,20 +282,32 @@ def test_a_malformed_weights_file_is_one_line(tmp_path, corrupt):
     ckpt = checkpoint.save_checkpoint(tmp_path, 1, torch.nn.Linear(2, 2), CheckpointMeta(kind="x"))
     f = ckpt / checkpoint.WEIGHTS
     good = f.read_bytes()
-    f.write_bytes({
-        "huge header": struct.pack("<Q", 2**63) + good[8:],
-        "offsets past the end": safetensors_header({"weight": {"dtype": "F32", "shape": [2, 2],
-                                                               "data_offsets": [0, 1 << 40]}}, b"\0" * 16),
-        "truncated": good[:-5],
-        "empty": b"",
-    }[corrupt])
+    f.write_bytes(
+        {
+            "huge header": struct.pack("<Q", 2**63) + good[8:],
+            "offsets past the end": safetensors_header(
+                {"weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 1 << 40]}}, b"\0" * 16
+            ),
+            "truncated": good[:-5],
+            "empty": b"",
+        }[corrupt]
+    )
     with pytest.raises(ElmgenError, match="re-train or re-export") as e:
         checkpoint.load_weights(tmp_path, torch.nn.Linear(2, 2))
     assert str(f) in one_line_error(e)
 
 
-@pytest.mark.parametrize("text", ['{"kind": "x", ', "[1, 2]", '{"kind": 3}', '{"kind": "lm", "model": "tiny"}',
-                                  '{"kind": "bae", "bits": true}', "\udcff"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"kind": "x", ',
+        "[1, 2]",
+        '{"kind": 3}',
+        '{"kind": "lm", "model": "tiny"}',
+        '{"kind": "bae", "bits": true}',
+        "\udcff",
+    ],
+)
 def test_a_broken_config_json_is_one_line(tmp_path, text):
     ckpt = checkpoint.save_checkpoint(tmp_path, 1, torch.nn.Linear(2, 2), CheckpointMeta(kind="x"))
     (ckpt / checkpoint.CONFIG).write_bytes(text.encode(errors="surrogateescape"))

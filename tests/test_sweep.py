@@ -28,8 +28,12 @@ grid:
 
 def test_expand_grid_and_runs():
     cfg = SweepConfig(grid={"a.b": [1, 2], "c": ["x"]}, runs=[{"k": 0}, {"k": 1}])
-    assert expand(cfg) == [{"k": 0, "a.b": 1, "c": "x"}, {"k": 0, "a.b": 2, "c": "x"},
-                           {"k": 1, "a.b": 1, "c": "x"}, {"k": 1, "a.b": 2, "c": "x"}]
+    assert expand(cfg) == [
+        {"k": 0, "a.b": 1, "c": "x"},
+        {"k": 0, "a.b": 2, "c": "x"},
+        {"k": 1, "a.b": 1, "c": "x"},
+        {"k": 1, "a.b": 2, "c": "x"},
+    ]
     with pytest.raises(ElmgenError, match="does not exist"):
         apply_overrides(SweepConfig().base, {"lm.model.layers": 3})
 
@@ -70,7 +74,11 @@ def test_sweep_shares_stages_skips_done_runs_and_resumes(fake_fmnist, tmp_path, 
     assert calls["train_lm"] == 0 and calls["sample_images"] == 0
     rows = [json.loads((p / "metrics.json").read_text()) for p in sorted((out / "runs").iterdir())]
     assert sorted((r["lm"]["vocab"], r["sampling"]["guidance_scale"]) for r in rows) == [
-        ("2-4", 1.0), ("2-4", 2.0), ("4-2", 1.0), ("4-2", 2.0)]
+        ("2-4", 1.0),
+        ("2-4", 2.0),
+        ("4-2", 1.0),
+        ("4-2", 2.0),
+    ]
 
 
 @pytest.mark.slow

@@ -25,8 +25,9 @@ def test_codes_round_trip_through_the_interface(quantizer):
     assert model.decode_cells(cells, 16).shape == x.shape
 
 
-@pytest.mark.parametrize("quantizer,mode", [("bae", "bernoulli"), ("bae", "deterministic"), ("vq", None),
-                                            ("fsq", None)])
+@pytest.mark.parametrize(
+    "quantizer,mode", [("bae", "bernoulli"), ("bae", "deterministic"), ("vq", None), ("fsq", None)]
+)
 def test_straight_through_gradient_reaches_encoder(quantizer, mode):
     cfg = TokenizerConfig(**SMALL, quantizer=quantizer, **({"binarization": mode} if mode else {}))
     model = Autoencoder(cfg)
@@ -77,8 +78,9 @@ def test_ssim_matches_scikit_image():
     y = np.clip(x + rng.normal(0, 0.3, size=x.shape), -1, 1).astype(np.float32)
     ours = ssim(torch.from_numpy(x), torch.from_numpy(y))
     for i in range(2):
-        ref = structural_similarity(x[i], y[i], channel_axis=0, data_range=2.0, gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=False)
+        ref = structural_similarity(
+            x[i], y[i], channel_axis=0, data_range=2.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
         assert ours[i].item() == pytest.approx(ref, abs=1e-5)
     assert ssim(torch.from_numpy(x), torch.from_numpy(x)).tolist() == pytest.approx([1.0, 1.0])
 
@@ -126,5 +128,9 @@ def test_usage_statistics_of_evaluate_tokenizer_by_hand():
     assert report["bit_mean"] == [0.5, 0.375, 0.375, 0.375]  # bit 1 (MSB) set in 15, 15, 10, 8
     h = lambda p: -(p * np.log2(p) + (1 - p) * np.log2(1 - p))  # noqa: E731
     assert report["bit_entropies"] == pytest.approx([1.0, h(0.375), h(0.375), h(0.375)], abs=1e-4)
-    assert evaluate_tokenizer(FixedCodes(), Images([[0, 1, 2, 3]]), vocab=Vocab.parse("4-1"))["subcode_usage"] == \
-        [0.5, 0.5, 1.0, 1.0]
+    assert evaluate_tokenizer(FixedCodes(), Images([[0, 1, 2, 3]]), vocab=Vocab.parse("4-1"))["subcode_usage"] == [
+        0.5,
+        0.5,
+        1.0,
+        1.0,
+    ]

@@ -58,9 +58,12 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("training")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ELMGEN_FASHION_MNIST", str(write_fake_fmnist(tmp / "fmnist")))
-        job = TokenizerJob(data=DataConfig(limit=64), eval_images=20,
-                           tokenizer=TokenizerConfig(**TOKENIZER),
-                           train=TrainConfig(steps=4, batch_size=8, lr=1e-3, log_every=2, save_every=4))
+        job = TokenizerJob(
+            data=DataConfig(limit=64),
+            eval_images=20,
+            tokenizer=TokenizerConfig(**TOKENIZER),
+            train=TrainConfig(steps=4, batch_size=8, lr=1e-3, log_every=2, save_every=4),
+        )
         train_tokenizer(job, tmp / "tok")
         tok, meta = load_tokenizer(tmp / "tok")
         ds = load_dataset(DataConfig(limit=40))
@@ -89,10 +92,19 @@ def test_tokenize_writes_codes_with_flipped_copies(codes, trained_tokenizer):
 
 
 def lm_job(steps: int, save_every: int) -> LMJob:
-    return LMJob(model=ModelConfig(**{**preset("micro"), "dropout": 0.1}, vocab="2-4", grid_size=8,
-                                   num_classes=10),
-                 train=TrainConfig(steps=steps, batch_size=4, lr=3e-3, warmup_steps=2, lr_decay="cosine",
-                                   log_every=1, save_every=save_every, ema_decay=0.9))
+    return LMJob(
+        model=ModelConfig(**{**preset("micro"), "dropout": 0.1}, vocab="2-4", grid_size=8, num_classes=10),
+        train=TrainConfig(
+            steps=steps,
+            batch_size=4,
+            lr=3e-3,
+            warmup_steps=2,
+            lr_decay="cosine",
+            log_every=1,
+            save_every=save_every,
+            ema_decay=0.9,
+        ),
+    )
 
 
 def test_resume_reproduces_an_uninterrupted_run(codes, tmp_path, monkeypatch):
@@ -212,10 +224,27 @@ def test_two_processes_train_like_one(codes, tmp_path, parallel):
     import sys
 
     single = train_lm(deterministic_job(4), codes, tmp_path / "single")
-    args = ["train", "--codes", str(codes), "--out", str(tmp_path / "ddp"), "--preset", "micro", "--vocab", "2-4",
-            "model.dropout=0", "model.class_dropout=0", "train.steps=4", "train.batch_size=8", "train.lr=3e-3",
-            "train.warmup_steps=2", "train.lr_decay=cosine", "train.log_every=1", "train.save_every=4",
-            "train.ema_decay=0.9"] + (["--fsdp"] if parallel == "fsdp" else [])
+    args = [
+        "train",
+        "--codes",
+        str(codes),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--preset",
+        "micro",
+        "--vocab",
+        "2-4",
+        "model.dropout=0",
+        "model.class_dropout=0",
+        "train.steps=4",
+        "train.batch_size=8",
+        "train.lr=3e-3",
+        "train.warmup_steps=2",
+        "train.lr_decay=cosine",
+        "train.log_every=1",
+        "train.save_every=4",
+        "train.ema_decay=0.9",
+    ] + (["--fsdp"] if parallel == "fsdp" else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "elmgen.cli"]
     done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)

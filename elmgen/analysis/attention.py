@@ -116,14 +116,21 @@ def input_sequences(model: Transformer, meta: dict, cfg: AttentionConfig) -> tup
     if cfg.sampled:
         labels_B = torch.arange(cfg.num_sequences) % mc.num_classes
         seeds = image_seeds(cfg.seed, labels_B, torch.arange(cfg.num_sequences) // mc.num_classes)
-        sub_BLn = torch.cat([generate(model, labels_B[i: i + cfg.batch_size], SampleConfig(seed=cfg.seed),
-                                      seeds[i: i + cfg.batch_size])
-                             for i in range(0, cfg.num_sequences, cfg.batch_size)])
+        sub_BLn = torch.cat(
+            [
+                generate(
+                    model, labels_B[i : i + cfg.batch_size], SampleConfig(seed=cfg.seed), seeds[i : i + cfg.batch_size]
+                )
+                for i in range(0, cfg.num_sequences, cfg.batch_size)
+            ]
+        )
     else:
         codes = CodeDataset(cfg.codes or meta["codes"]["path"])
         if codes.meta["grid"] != mc.grid_size:
-            raise ElmgenError(f"{codes.path} holds a {codes.meta['grid']}x{codes.meta['grid']} grid; the model "
-                              f"expects {mc.grid_size}x{mc.grid_size}")
+            raise ElmgenError(
+                f"{codes.path} holds a {codes.meta['grid']}x{codes.meta['grid']} grid; the model "
+                f"expects {mc.grid_size}x{mc.grid_size}"
+            )
         vocab = Vocab.for_bits(mc.vocab, codes.meta["bits"])
         rows = np.random.default_rng(cfg.seed).choice(len(codes), min(cfg.num_sequences, len(codes)), replace=False)
         sub_BLn, labels_B = codes.batch(np.sort(rows), vocab)
@@ -135,14 +142,15 @@ def input_sequences(model: Transformer, meta: dict, cfg: AttentionConfig) -> tup
 
 
 @torch.no_grad()
-def mean_attention(model: Transformer, labels_B: torch.Tensor, sub_BTn: torch.Tensor,
-                   batch_size: int) -> list[torch.Tensor]:
+def mean_attention(
+    model: Transformer, labels_B: torch.Tensor, sub_BTn: torch.Tensor, batch_size: int
+) -> list[torch.Tensor]:
     """Per layer, the attention probabilities (A, T, S) averaged over the sequences."""
     model.eval()
     sums: list[torch.Tensor] = []
     with capture_attention(model) as maps:
         for i in range(0, len(labels_B), batch_size):
-            model(labels_B[i: i + batch_size], sub_BTn[i: i + batch_size])
+            model(labels_B[i : i + batch_size], sub_BTn[i : i + batch_size])
             batch = [m.sum(0) for m in maps]
             sums = batch if not sums else [s + b for s, b in zip(sums, batch, strict=True)]
     return [s / len(labels_B) for s in sums]
@@ -168,10 +176,18 @@ def model_attention(model: Transformer, meta: dict, cfg: AttentionConfig) -> tup
         layer = {k: v[0] for k, v in figures(attn_ATS.mean(0, keepdim=True)).items()}
         layers.append({"layer": i + 1, **layer, "heads": figures(attn_ATS)})
     report = {
-        "kind": mc.kind, "n_layer": mc.n_layer, "d_model": mc.d_model, "n_head": mc.n_head,
-        "params": count_params(mc), "vocab": mc.vocab, "grid": mc.grid_size, "step": meta.get("step"),
-        "sequences": len(labels_B), "source": "sampled" if cfg.sampled else "real",
-        "layers": layers, "uniform": {k: v[0] for k, v in figures(uniform_attention(T, mc.kind == "ar")).items()},
+        "kind": mc.kind,
+        "n_layer": mc.n_layer,
+        "d_model": mc.d_model,
+        "n_head": mc.n_head,
+        "params": count_params(mc),
+        "vocab": mc.vocab,
+        "grid": mc.grid_size,
+        "step": meta.get("step"),
+        "sequences": len(labels_B),
+        "source": "sampled" if cfg.sampled else "real",
+        "layers": layers,
+        "uniform": {k: v[0] for k, v in figures(uniform_attention(T, mc.kind == "ar")).items()},
     }
     return report, maps
 
@@ -190,8 +206,9 @@ def analyze_attention(models: list, out_dir, cfg: AttentionConfig) -> dict:
         if bad:
             raise ElmgenError(f"query cells {bad} are not (row, col) cells of the {grid}x{grid} grid of {path}")
         report, maps = model_attention(model, meta, cfg)
-        plot_heatmaps(maps, grid, queries, model.cfg.kind == "ar", out / f"attention-{name.replace('/', '-')}.png",
-                      name)
+        plot_heatmaps(
+            maps, grid, queries, model.cfg.kind == "ar", out / f"attention-{name.replace('/', '-')}.png", name
+        )
         reports[name] = {"path": str(path), **report}
     result = {"config": asdict(cfg), "models": reports}
     atomic_write_text(out / "attention.json", json.dumps(result, indent=2))
@@ -199,13 +216,15 @@ def analyze_attention(models: list, out_dir, cfg: AttentionConfig) -> dict:
     return result
 
 
-def plot_heatmaps(maps: list[torch.Tensor], grid: int, queries: list[list[int]], causal: bool, path,
-                  title: str) -> None:
+def plot_heatmaps(
+    maps: list[torch.Tensor], grid: int, queries: list[list[int]], causal: bool, path, title: str
+) -> None:
     """Rows: layers; columns: query cells (red box); colour: attention (mean over heads and sequences) on
     each cell; the class token's share is in the title. Cells a query cannot see are blank."""
     plt = pyplot()
-    fig, axes = plt.subplots(len(maps), len(queries), figsize=(2.3 * len(queries), 2.3 * len(maps)), dpi=110,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(maps), len(queries), figsize=(2.3 * len(queries), 2.3 * len(maps)), dpi=110, squeeze=False
+    )
     for li, attn_ATS in enumerate(maps):
         attn_TS = attn_ATS.mean(0)
         n = attn_TS.shape[1] - 1
@@ -220,8 +239,10 @@ def plot_heatmaps(maps: list[torch.Tensor], grid: int, queries: list[list[int]],
             ax.imshow(heat.reshape(grid, grid), cmap="viridis", vmin=0)
             ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
             cls = float(attn_TS[pos, 0]) if pos <= n else float("nan")
-            ax.set_title(f"layer {li + 1}, cell ({row},{col})\nclass token {cls:.2f}, "
-                         f"top cell {np.nanmax(heat, initial=0):.2f}", fontsize=8)
+            ax.set_title(
+                f"layer {li + 1}, cell ({row},{col})\nclass token {cls:.2f}, top cell {np.nanmax(heat, initial=0):.2f}",
+                fontsize=8,
+            )
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
@@ -235,16 +256,24 @@ def plot_depth(reports: dict, path, cfg: AttentionConfig) -> None:
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    panels = [("mean_distance", "mean attention distance (cells)"),
-              (f"within_r{cfg.radii[0]}", f"share within radius {cfg.radii[0]}"),
-              ("global_share", f"share beyond radius {cfg.global_radius:g}"), ("cls_share", "share on class token")]
+    panels = [
+        ("mean_distance", "mean attention distance (cells)"),
+        (f"within_r{cfg.radii[0]}", f"share within radius {cfg.radii[0]}"),
+        ("global_share", f"share beyond radius {cfg.global_radius:g}"),
+        ("cls_share", "share on class token"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
     for ci, (name, rep) in enumerate(reports.items()):
         colour = f"C{ci}"
         layers = [lay["layer"] for lay in rep["layers"]]
         for ax, (key, label) in zip(axes, panels, strict=True):
-            ax.plot(layers, [lay[key] for lay in rep["layers"]], "o-", color=colour,
-                    label=f"{name} ({rep['params'] / 1e6:.2f}M)")
+            ax.plot(
+                layers,
+                [lay[key] for lay in rep["layers"]],
+                "o-",
+                color=colour,
+                label=f"{name} ({rep['params'] / 1e6:.2f}M)",
+            )
             ax.axhline(rep["uniform"][key], color=colour, ls=":", lw=1)
             ax.set_xlabel("layer")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

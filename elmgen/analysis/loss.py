@@ -30,9 +30,17 @@ def run_losses(path) -> dict:
     cfg = from_dict(ModelConfig, meta["model"])
     ln_v = math.log(cfg.vocabulary.size)
     return {
-        "path": str(path), "kind": cfg.kind, "vocab": cfg.vocab, "ln_vocab": ln_v, "params": count_params(cfg),
-        "n_layer": cfg.n_layer, "d_model": cfg.d_model, "steps": [r["step"] for r in rows],
-        "loss": [r["loss"] for r in rows], "final_step": rows[-1]["step"], "final_loss": rows[-1]["loss"],
+        "path": str(path),
+        "kind": cfg.kind,
+        "vocab": cfg.vocab,
+        "ln_vocab": ln_v,
+        "params": count_params(cfg),
+        "n_layer": cfg.n_layer,
+        "d_model": cfg.d_model,
+        "steps": [r["step"] for r in rows],
+        "loss": [r["loss"] for r in rows],
+        "final_step": rows[-1]["step"],
+        "final_loss": rows[-1]["loss"],
         "final_loss_norm": rows[-1]["loss"] / ln_v,
     }
 
@@ -49,8 +57,13 @@ def analyze_loss(runs: list, out_dir) -> dict:
         label = f"{name}: {r['kind']} {r['vocab']}, {r['params'] / 1e6:.2f}M"
         ax_c.plot(r["steps"], np.asarray(r["loss"]) / r["ln_vocab"], lw=1.5, label=label)
         ax_s.scatter(r["params"], r["final_loss_norm"])
-        ax_s.annotate(f"{name} ({r['final_step']} steps)", (r["params"], r["final_loss_norm"]), fontsize=7,
-                      xytext=(4, 4), textcoords="offset points")
+        ax_s.annotate(
+            f"{name} ({r['final_step']} steps)",
+            (r["params"], r["final_loss_norm"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax_c.axhline(1.0, color="grey", ls="--", lw=1, label="ln V (uniform guess)")
     ax_c.set(xlabel="step", ylabel="loss / ln V", title="training loss per sub-code, normalised")
     ax_c.legend(fontsize=7)

@@ -62,11 +62,18 @@ def token_statistics(tokens_Nhw: np.ndarray, vocab_size: int) -> dict:
     h_up, per_up = conditional_entropy(x[:, 1:, :], x[:, :-1, :])
     h_both, per_both = conditional_entropy(x[:, 1:, 1:], x[:, 1:, :-1], x[:, :-1, 1:])
     return {
-        "vocab_size": vocab_size, "tokens": int(x.size), "usage": len(np.unique(x)) / vocab_size,
-        "entropy": h1, "kl_uniform": ln_v - h1, "kl_uniform_norm": (ln_v - h1) / ln_v,
+        "vocab_size": vocab_size,
+        "tokens": int(x.size),
+        "usage": len(np.unique(x)) / vocab_size,
+        "entropy": h1,
+        "kl_uniform": ln_v - h1,
+        "kl_uniform_norm": (ln_v - h1) / ln_v,
         "pair_kl_uniform": 2 * ln_v - joint_entropy(ctx, tok) if tok.size else None,
-        "cond_entropy_left": h_left, "cond_entropy_up": h_up, "cond_entropy_left_up": h_both,
-        "samples_per_context_left": per_left, "samples_per_context_up": per_up,
+        "cond_entropy_left": h_left,
+        "cond_entropy_up": h_up,
+        "cond_entropy_left_up": h_both,
+        "samples_per_context_left": per_left,
+        "samples_per_context_up": per_up,
         "samples_per_context_left_up": per_both,
     }
 
@@ -93,8 +100,10 @@ def code_streams(codes_dir, limit: int | None = None) -> list[tuple[str, np.ndar
     streams = [(f"{name} cell ({meta['kind']}, K={meta['bits']})", cells_Nhw, code_space_size(meta))]
     if vocab.num_subcodes > 1:
         sub_Nhwn = cells_to_subcodes(cells_NL, vocab).reshape(-1, grid, grid, vocab.num_subcodes).numpy()
-        streams += [(f"{name} sub-code {j + 1}/{vocab.num_subcodes} ({vocab})", sub_Nhwn[..., j], vocab.size)
-                    for j in range(vocab.num_subcodes)]
+        streams += [
+            (f"{name} sub-code {j + 1}/{vocab.num_subcodes} ({vocab})", sub_Nhwn[..., j], vocab.size)
+            for j in range(vocab.num_subcodes)
+        ]
     return streams
 
 
@@ -104,12 +113,14 @@ def bpe_tokens(text: str, vocab_size: int) -> tuple[np.ndarray, int]:
     try:
         from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     except ImportError:
-        raise ElmgenError("the BPE text baseline needs the 'tokenizers' package: "
-                          "pip install 'elmgen[analysis]'") from None
+        raise ElmgenError(
+            "the BPE text baseline needs the 'tokenizers' package: pip install 'elmgen[analysis]'"
+        ) from None
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     lines = text.splitlines(keepends=True)
     tokenizer.train_from_iterator(lines, trainer)
     ids = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(lines)])
@@ -124,14 +135,23 @@ def text_streams(paths: list, bpe_vocab: int) -> list[tuple[str, np.ndarray, int
         raise ElmgenError(f"text files not found: {', '.join(missing)}")
     data = b"\n".join(Path(p).read_bytes() for p in paths)
     ids, size = bpe_tokens(data.decode("utf-8", errors="replace"), bpe_vocab)
-    return [("text bytes", np.frombuffer(data, dtype=np.uint8)[None, None], 256),
-            (f"text BPE-{size}", ids[None, None], size)]
+    return [
+        ("text bytes", np.frombuffer(data, dtype=np.uint8)[None, None], 256),
+        (f"text BPE-{size}", ids[None, None], size),
+    ]
 
 
 RANDOMNESS_COLUMNS = (  # (key, Markdown header)
-    ("vocab_size", "V"), ("tokens", "tokens"), ("usage", "usage"), ("entropy", "H"), ("kl_uniform", "KL(p‖U)"),
-    ("kl_uniform_norm", "KL / ln V"), ("pair_kl_uniform", "pair KL(p‖U)"), ("cond_entropy_left", "H(x|left)"),
-    ("cond_entropy_up", "H(x|up)"), ("cond_entropy_left_up", "H(x|left,up)"),
+    ("vocab_size", "V"),
+    ("tokens", "tokens"),
+    ("usage", "usage"),
+    ("entropy", "H"),
+    ("kl_uniform", "KL(p‖U)"),
+    ("kl_uniform_norm", "KL / ln V"),
+    ("pair_kl_uniform", "pair KL(p‖U)"),
+    ("cond_entropy_left", "H(x|left)"),
+    ("cond_entropy_up", "H(x|up)"),
+    ("cond_entropy_left_up", "H(x|left,up)"),
     ("samples_per_context_left_up", "samples/context (left,up)"),
 )
 
@@ -146,8 +166,9 @@ def randomness_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\nEntropies and KL in nats; usage: share of the V entries that occur.\n"
 
 
-def analyze_randomness(out_dir, codes_dirs=(), text_files=(), bpe_vocab: int = 4096,
-                       limit: int | None = None) -> list[dict]:
+def analyze_randomness(
+    out_dir, codes_dirs=(), text_files=(), bpe_vocab: int = 4096, limit: int | None = None
+) -> list[dict]:
     """randomness.json, randomness.md and randomness.png in `out_dir` for code folders and a text corpus."""
     if not codes_dirs and not text_files:
         raise ElmgenError("give at least one code folder (--codes) or text file (--text)")
@@ -175,8 +196,12 @@ def plot_randomness(rows: list[dict], path) -> None:
     def bars(ax, series):
         width = 0.8 / len(series)
         for i, (label, values) in enumerate(series):
-            ax.barh(y + (i - (len(series) - 1) / 2) * width, [np.nan if v is None else v for v in values],
-                    height=width, label=label)
+            ax.barh(
+                y + (i - (len(series) - 1) / 2) * width,
+                [np.nan if v is None else v for v in values],
+                height=width,
+                label=label,
+            )
         ax.set_yticks(y, [r["source"] for r in rows])
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
@@ -185,9 +210,17 @@ def plot_randomness(rows: list[dict], path) -> None:
     bars(ax_kl, [("token", [r["kl_uniform"] for r in rows]), ("neighbour pair", [r["pair_kl_uniform"] for r in rows])])
     ax_kl.set_xlabel("KL divergence from uniform (nats)")
     ln = [math.log(r["vocab_size"]) for r in rows]
-    bars(ax_h, [(label, [None if r[k] is None else r[k] / v for r, v in zip(rows, ln, strict=True)])
-                for label, k in (("H(x)", "entropy"), ("H(x | left)", "cond_entropy_left"),
-                                 ("H(x | left, up)", "cond_entropy_left_up"))])
+    bars(
+        ax_h,
+        [
+            (label, [None if r[k] is None else r[k] / v for r, v in zip(rows, ln, strict=True)])
+            for label, k in (
+                ("H(x)", "entropy"),
+                ("H(x | left)", "cond_entropy_left"),
+                ("H(x | left, up)", "cond_entropy_left_up"),
+            )
+        ],
+    )
     ax_h.set_xlabel("entropy / ln V (1 = uniformly random)")
     ax_h.tick_params(labelleft=False)
     fig.tight_layout()

@@ -22,4 +22,3 @@ from elmgen.data.images import (
     open_image,
 )
 from elmgen.data.transforms import crop_source_size, random_hflip, random_shift, to_float, to_uint8
-

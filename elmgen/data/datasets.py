@@ -29,8 +29,16 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 
 
@@ -106,9 +114,14 @@ class FashionMNIST(ImageDataset):
     def images(self, idx) -> torch.Tensor:
         x = self._images[torch.as_tensor(idx)]
         if self.image_size != x.shape[-1]:
-            x = torch.nn.functional.interpolate(
-                x.float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True
-            ).round().clamp(0, 255).to(torch.uint8)
+            x = (
+                torch.nn.functional.interpolate(
+                    x.float(), size=(self.image_size, self.image_size), mode="bilinear", antialias=True
+                )
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
         return x.expand(-1, self.channels, -1, -1).contiguous()
 
 
@@ -129,14 +142,18 @@ class ImageFolder(ImageDataset):
         classes, files, labels, empty = class_files(root)
         if empty:
             more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
-            raise ElmgenError(f"class folder {empty[0]} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}){more}; "
-                              "add images or remove it")
+            raise ElmgenError(
+                f"class folder {empty[0]} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}){more}; "
+                "add images or remove it"
+            )
         if len(files) <= CHECK_AT_LOAD_MAX_FILES:
             bad = find_bad_images(files)
             if bad:
                 first = ", ".join(f"{path} ({reason})" for path, reason in bad[:3])
-                raise ElmgenError(f"{len(bad)} corrupt or unreadable image(s) in {root}: {first}; remove or replace "
-                                  f"them (run `elmgen check-data {root}` for the full list)")
+                raise ElmgenError(
+                    f"{len(bad)} corrupt or unreadable image(s) in {root}: {first}; remove or replace "
+                    f"them (run `elmgen check-data {root}` for the full list)"
+                )
         labels = np.asarray(labels, dtype=np.int64)
         self.name = str(root) + note
         if held_out is not None:
@@ -209,10 +226,12 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise ElmgenError(f"{path} is not an IDX file; pass Fashion-MNIST's IDX files (unsigned bytes)")
     if data[2] != 0x08:  # labels of another type would be truncated or misread: refuse them
         kind = IDX_TYPES.get(data[2], f"type 0x{data[2]:02x}")
-        raise ElmgenError(f"{path} holds {kind} values, not unsigned bytes; pass images and integer labels 0-255 "
-                          "as unsigned-byte IDX files")
+        raise ElmgenError(
+            f"{path} holds {kind} values, not unsigned bytes; pass images and integer labels 0-255 "
+            "as unsigned-byte IDX files"
+        )
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
         raise ElmgenError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {body.size}")

@@ -29,8 +29,20 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
         pts = [(math.cos(a), math.sin(a)) for a in np.arange(3) * 2 * math.pi / 3 - math.pi / 2]
     elif kind == "cross":
         w = 0.35
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w),
-               (-w, -w)]
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
     else:
         raise ValueError(kind)
     c, s = math.cos(angle), math.sin(angle)
@@ -60,8 +72,9 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     return img.resize((size, size), Image.BOX)
 
 
-def make_shapes(out_dir: str | Path, num_classes: int = 4, per_class: int = 1000, size: int = 32,
-                seed: int = 0) -> Path:
+def make_shapes(
+    out_dir: str | Path, num_classes: int = 4, per_class: int = 1000, size: int = 32, seed: int = 0
+) -> Path:
     """Write `per_class` images of each of the first `num_classes` shapes to out_dir/<shape>/NNNNN.png."""
     if not 2 <= num_classes <= len(SHAPES):
         raise ElmgenError(f"--classes must be in 2..{len(SHAPES)} ({', '.join(SHAPES)}), not {num_classes}")

@@ -27,7 +27,7 @@ def random_shift(x_BCHW: torch.Tensor, shift: int) -> torch.Tensor:
     B, _, H, W = x_BCHW.shape
     padded = F.pad(x_BCHW, (shift,) * 4, mode="replicate")
     dy, dx = torch.randint(0, 2 * shift + 1, (2, B)).tolist()
-    return torch.stack([padded[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
+    return torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
 
 
 CROPS = ("none", "five", "random")
@@ -38,15 +38,18 @@ def crop_source_size(image_size: int, crop_range: float) -> int:
     return round(image_size * crop_range)
 
 
-def crop_views(x_BCHW: torch.Tensor, size: int, crops: str, num_crops: int, image_ids: np.ndarray,
-               seed: int) -> list[torch.Tensor]:
+def crop_views(
+    x_BCHW: torch.Tensor, size: int, crops: str, num_crops: int, image_ids: np.ndarray, seed: int
+) -> list[torch.Tensor]:
     """The crops of a batch of square images, one (B, C, size, size) tensor per crop."""
     S = x_BCHW.shape[-1]
     if crops == "none":
         return [x_BCHW]
     if crops == "five":
         m = S - size
-        return [x_BCHW[..., t: t + size, le: le + size] for t, le in ((0, 0), (0, m), (m, 0), (m, m), (m // 2, m // 2))]
+        return [
+            x_BCHW[..., t : t + size, le : le + size] for t, le in ((0, 0), (0, m), (m, 0), (m, m), (m // 2, m // 2))
+        ]
     # Random crops, LlamaGen-style: resize to a random side in [size, S], then crop at a random place.
     out: list[list[torch.Tensor]] = [[] for _ in range(num_crops)]
     for b, image in enumerate(image_ids):
@@ -54,8 +57,8 @@ def crop_views(x_BCHW: torch.Tensor, size: int, crops: str, num_crops: int, imag
         for c in range(num_crops):
             side = int(rng.integers(size, S + 1))
             top, left = (int(v) for v in rng.integers(0, side - size + 1, size=2))
-            img = x_BCHW[b: b + 1]
+            img = x_BCHW[b : b + 1]
             if side != S:
                 img = F.interpolate(img, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-            out[c].append(img[..., top: top + size, left: left + size])
+            out[c].append(img[..., top : top + size, left : left + size])
     return [torch.cat(views) for views in out]

@@ -33,8 +33,12 @@ class ClassifierFeatures:
         self.image_size, self.channels = meta["image_size"], meta["channels"]
         self.class_names = meta["class_names"]
         self.feature_space = {
-            "name": "elmgen-classifier", "fingerprint": meta["fingerprint"], "path": meta["path"],
-            "dataset": meta["dataset"], "image_size": self.image_size, "channels": self.channels,
+            "name": "elmgen-classifier",
+            "fingerprint": meta["fingerprint"],
+            "path": meta["path"],
+            "dataset": meta["dataset"],
+            "image_size": self.image_size,
+            "channels": self.channels,
             "feature_dim": self.model.cfg.feature_dim,
         }
 
@@ -62,20 +66,26 @@ class InceptionFeatures:
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError as e:
-            raise ElmgenError(f"the Inception backend needs torch-fidelity ({e}); "
-                              "install it with: pip install 'elmgen[inception]'") from None
+            raise ElmgenError(
+                f"the Inception backend needs torch-fidelity ({e}); install it with: pip install 'elmgen[inception]'"
+            ) from None
         try:
             # Read once as plain tensors first: a file that needs more is refused here, whatever the
             # torch version lets the library's own load do.
             torch.load(weights, map_location="cpu", weights_only=True)
-            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                                   feature_extractor_weights_path=str(weights)).to(device)
+            self.net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
+            ).to(device)
         except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
             raise ElmgenError(f"{weights} does not hold the FID Inception weights: {str(e).splitlines()[0]}") from None
         self.device = device
         self.feature_space = {
-            "name": "inception-v3-fid (torch-fidelity)", "fingerprint": file_hash(weights),
-            "path": str(Path(weights).resolve()), "image_size": self.image_size, "channels": 3, "feature_dim": 2048,
+            "name": "inception-v3-fid (torch-fidelity)",
+            "fingerprint": file_hash(weights),
+            "path": str(Path(weights).resolve()),
+            "image_size": self.image_size,
+            "channels": 3,
+            "feature_dim": 2048,
         }
 
     @torch.no_grad()
@@ -88,8 +98,10 @@ def load_extractor(backend: str = "classifier", classifier=None, inception_weigh
     """'classifier' (a run of `elmgen train-classifier`) or 'inception' (a local FID Inception weights file)."""
     if backend == "classifier":
         if classifier is None:
-            raise ElmgenError("the classifier backend needs --classifier RUN (train one with "
-                              "'elmgen train-classifier'), or choose --backend inception")
+            raise ElmgenError(
+                "the classifier backend needs --classifier RUN (train one with "
+                "'elmgen train-classifier'), or choose --backend inception"
+            )
         return ClassifierFeatures(classifier, device)
     if backend == "inception":
         return InceptionFeatures(inception_weights, device)

@@ -48,8 +48,11 @@ def code_usage(cells: np.ndarray, num_codes: int) -> dict:
     cells, whichever is smaller), and the perplexity exp(entropy) of the code histogram."""
     counts = np.unique(cells, return_counts=True)[1]
     p = counts / counts.sum()
-    return {"distinct_codes": int(counts.size), "code_usage": counts.size / min(num_codes, int(cells.size)),
-            "perplexity": float(np.exp(-(p * np.log(p)).sum()))}
+    return {
+        "distinct_codes": int(counts.size),
+        "code_usage": counts.size / min(num_codes, int(cells.size)),
+        "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+    }
 
 
 def subcode_usage(cells: np.ndarray, vocab: Vocab) -> list[float]:
@@ -91,8 +94,10 @@ def frechet_distance(mu1_D, sigma1_DD, mu2_D, sigma2_DD, eps: float = 1e-6) -> f
     mu1, mu2 = np.atleast_1d(np.asarray(mu1_D, np.float64)), np.atleast_1d(np.asarray(mu2_D, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1_DD, np.float64)), np.atleast_2d(np.asarray(sigma2_DD, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ElmgenError(f"feature statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs "
-                          f"{s2.shape}; were they made with the same feature extractor?")
+        raise ElmgenError(
+            f"feature statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs "
+            f"{s2.shape}; were they made with the same feature extractor?"
+        )
     product = s1 @ s2
     covmean = _sqrtm(product)
     residual = np.linalg.norm(covmean @ covmean - product) / max(np.linalg.norm(product), 1e-300)
@@ -104,8 +109,10 @@ def frechet_distance(mu1_D, sigma1_DD, mu2_D, sigma2_DD, eps: float = 1e-6) -> f
     if np.iscomplexobj(covmean):
         worst = np.abs(covmean.imag).max()
         if worst > 1e-3 * max(1.0, np.abs(covmean.real).max()):
-            raise ElmgenError(f"the matrix square root in the Frechet distance has a large imaginary part "
-                              f"({worst:.3g}); the covariances are degenerate: use more samples")
+            raise ElmgenError(
+                f"the matrix square root in the Frechet distance has a large imaginary part "
+                f"({worst:.3g}); the covariances are degenerate: use more samples"
+            )
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
@@ -118,8 +125,9 @@ def inception_score(probs_NY: np.ndarray, splits: int = 10) -> tuple[float, floa
     by class, and consecutive parts would each hold one class (an IS near 1 whatever the quality)."""
     probs_NY = np.asarray(probs_NY, dtype=np.float64)
     if len(probs_NY) < splits:
-        raise ElmgenError(f"the Inception Score over {splits} splits needs at least {splits} samples, "
-                          f"got {len(probs_NY)}")
+        raise ElmgenError(
+            f"the Inception Score over {splits} splits needs at least {splits} samples, got {len(probs_NY)}"
+        )
     shuffled_NY = probs_NY[np.random.default_rng(0).permutation(len(probs_NY))]
     scores = []
     for part_NY in np.array_split(shuffled_NY, splits):
@@ -143,8 +151,8 @@ def knn_radii(feats_ND: np.ndarray, k: int = 3) -> np.ndarray:
         raise ElmgenError(f"a {k}-NN manifold needs more than {k} feature vectors, got {len(feats_ND)}")
     radii_N, step = np.empty(len(feats_ND)), _rows_per_block(len(feats_ND))
     for s in range(0, len(feats_ND), step):
-        d2 = _sq_dists(feats_ND[s:s + step], feats_ND)
-        radii_N[s:s + step] = np.partition(d2, k, axis=1)[:, k]  # entry 0 is the point itself
+        d2 = _sq_dists(feats_ND[s : s + step], feats_ND)
+        radii_N[s : s + step] = np.partition(d2, k, axis=1)[:, k]  # entry 0 is the point itself
     return np.sqrt(radii_N)
 
 
@@ -154,26 +162,34 @@ def in_manifold(points_MD: np.ndarray, centres_ND: np.ndarray, radii_N: np.ndarr
     r2_N, step = np.asarray(radii_N, np.float64) ** 2, _rows_per_block(len(centres_ND))
     inside = np.empty(len(points_MD), dtype=bool)
     for s in range(0, len(points_MD), step):
-        inside[s:s + step] = (_sq_dists(points_MD[s:s + step], centres_ND) <= r2_N[None]).any(1)
+        inside[s : s + step] = (_sq_dists(points_MD[s : s + step], centres_ND) <= r2_N[None]).any(1)
     return inside
 
 
-def precision_recall(real_ND: np.ndarray, fake_MD: np.ndarray, k: int = 3,
-                     real_radii_N: np.ndarray | None = None) -> dict:
+def precision_recall(
+    real_ND: np.ndarray, fake_MD: np.ndarray, k: int = 3, real_radii_N: np.ndarray | None = None
+) -> dict:
     """Improved precision/recall with k-NN manifolds, as in the ADM evaluation suite: precision is the share of
     samples inside the real manifold, recall the share of real points inside the samples' manifold."""
     if real_radii_N is None:
         real_radii_N = knn_radii(real_ND, k)
-    return {"precision": float(in_manifold(fake_MD, real_ND, real_radii_N).mean()),
-            "recall": float(in_manifold(real_ND, fake_MD, knn_radii(fake_MD, k)).mean())}
+    return {
+        "precision": float(in_manifold(fake_MD, real_ND, real_radii_N).mean()),
+        "recall": float(in_manifold(real_ND, fake_MD, knn_radii(fake_MD, k)).mean()),
+    }
 
 
 def class_accuracy(probs_NY: np.ndarray, labels_N: np.ndarray, class_names: list[str]) -> dict:
     """Share of images the classifier assigns to their own class, overall and per class (keyed by class name)."""
     preds_N, labels_N = np.asarray(probs_NY).argmax(1), np.asarray(labels_N, dtype=np.int64)
     if len(labels_N) and (labels_N.min() < 0 or labels_N.max() >= len(class_names)):
-        raise ElmgenError(f"sample labels range over {labels_N.min()}..{labels_N.max()} but the classifier knows "
-                          f"{len(class_names)} classes")
-    return {"class_accuracy": float((preds_N == labels_N).mean()),
-            "per_class_accuracy": {class_names[c]: float((preds_N[labels_N == c] == c).mean())
-                                   for c in np.unique(labels_N)}}
+        raise ElmgenError(
+            f"sample labels range over {labels_N.min()}..{labels_N.max()} but the classifier knows "
+            f"{len(class_names)} classes"
+        )
+    return {
+        "class_accuracy": float((preds_N == labels_N).mean()),
+        "per_class_accuracy": {
+            class_names[c]: float((preds_N[labels_N == c] == c).mean()) for c in np.unique(labels_N)
+        },
+    }

@@ -44,8 +44,15 @@ def save_ref_stats(stats: RefStats, path: str | Path) -> Path:
         raise ElmgenError(f"reference statistics are written as .npz, not {path.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {} if stats.feats is None else {"feats": stats.feats, "radii": stats.radii, "k": stats.k}
-    atomic_savez(path, mu=stats.mu, sigma=stats.sigma, count=stats.count, source=stats.source,
-                 feature_space=json.dumps(stats.feature_space), **extra)
+    atomic_savez(
+        path,
+        mu=stats.mu,
+        sigma=stats.sigma,
+        count=stats.count,
+        source=stats.source,
+        feature_space=json.dumps(stats.feature_space),
+        **extra,
+    )
     return path
 
 
@@ -64,10 +71,14 @@ def load_ref_stats(path) -> RefStats:
     with np.load(path, allow_pickle=False) as z:
         feats = z["feats"] if "feats" in z else None
         return RefStats(
-            mu=z["mu"].astype(np.float64), sigma=z["sigma"].astype(np.float64),
-            count=int(z["count"]) if "count" in z else 0, source=str(z["source"]) if "source" in z else str(path),
+            mu=z["mu"].astype(np.float64),
+            sigma=z["sigma"].astype(np.float64),
+            count=int(z["count"]) if "count" in z else 0,
+            source=str(z["source"]) if "source" in z else str(path),
             feature_space=json.loads(str(z["feature_space"])) if "feature_space" in z else None,
-            feats=feats, radii=z["radii"] if feats is not None else None, k=int(z["k"]) if feats is not None else 0,
+            feats=feats,
+            radii=z["radii"] if feats is not None else None,
+            k=int(z["k"]) if feats is not None else 0,
         )
 
 
@@ -82,8 +93,9 @@ def open_reference(spec: str | Path | DataConfig, extractor, batch_size: int = 2
         if is_stats_file(path):
             return check_stats(load_ref_stats(path), extractor, path)
         return reference_stats(extractor, NpzImages([path]), batch_size, k)
-    return reference_stats(extractor, DatasetImages(DataConfig(source=str(spec)), extractor.image_size,
-                                                    extractor.channels), batch_size, k)
+    return reference_stats(
+        extractor, DatasetImages(DataConfig(source=str(spec)), extractor.image_size, extractor.channels), batch_size, k
+    )
 
 
 def check_stats(stats: RefStats, extractor, path) -> RefStats:
@@ -96,6 +108,8 @@ def check_stats(stats: RefStats, extractor, path) -> RefStats:
         )
     D = space["feature_dim"]
     if stats.mu.shape != (D,) or stats.sigma.shape != (D, D):
-        raise ElmgenError(f"{path} holds statistics of shapes mu {stats.mu.shape}, sigma {stats.sigma.shape} but "
-                          f"{space['name']} makes {D}-d features: expected ({D},) and ({D}, {D})")
+        raise ElmgenError(
+            f"{path} holds statistics of shapes mu {stats.mu.shape}, sigma {stats.sigma.shape} but "
+            f"{space['name']} makes {D}-d features: expected ({D},) and ({D}, {D})"
+        )
     return stats

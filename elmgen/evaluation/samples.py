@@ -28,10 +28,14 @@ def evaluate_samples(samples, reference, extractor, k: int = 3, splits: int = 10
     is_mean, is_std = inception_score(probs_NY, splits)
     out = {
         "feature_space": extractor.feature_space,
-        "samples": source.name, "num_samples": len(source),
-        "reference": ref.source, "num_reference": ref.count,
+        "samples": source.name,
+        "num_samples": len(source),
+        "reference": ref.source,
+        "num_reference": ref.count,
         "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
-        "inception_score": is_mean, "inception_score_std": is_std, "is_splits": splits,
+        "inception_score": is_mean,
+        "inception_score_std": is_std,
+        "is_splits": splits,
     }
     if ref.feature_space is None:
         out["reference_feature_space"] = "unverified: the statistics file names no feature extractor"

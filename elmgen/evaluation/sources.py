@@ -32,10 +32,14 @@ def conform(images_NHWC: np.ndarray, size: int, channels: int, what: str) -> np.
     elif C == 1 and channels == 3:
         images_NHWC = np.repeat(images_NHWC, 3, axis=-1)
     if images_NHWC.shape[1:3] != (size, size):
-        images_NHWC = np.stack([
-            np.asarray(center_crop_resize(Image.fromarray(img[..., 0] if channels == 1 else img), size))
-            .reshape(size, size, channels) for img in images_NHWC
-        ])
+        images_NHWC = np.stack(
+            [
+                np.asarray(center_crop_resize(Image.fromarray(img[..., 0] if channels == 1 else img), size)).reshape(
+                    size, size, channels
+                )
+                for img in images_NHWC
+            ]
+        )
     return np.ascontiguousarray(images_NHWC.transpose(0, 3, 1, 2))
 
 
@@ -71,8 +75,9 @@ class NpzImages(ImageSource):
             try:
                 with zipfile.ZipFile(path) as zf:
                     if "arr_0.npy" not in zf.namelist():
-                        raise ElmgenError(f"{path} holds no arr_0 (expected ADM layout: arr_0 uint8 NHWC images, "
-                                          "arr_1 labels)")
+                        raise ElmgenError(
+                            f"{path} holds no arr_0 (expected ADM layout: arr_0 uint8 NHWC images, arr_1 labels)"
+                        )
                     with zf.open("arr_0.npy") as f:
                         shape, fortran, dtype = _npy_header(f, str(path))
                 with np.load(path, allow_pickle=False) as z:
@@ -80,12 +85,15 @@ class NpzImages(ImageSource):
             except (zipfile.BadZipFile, OSError, ValueError) as e:
                 raise ElmgenError(f"cannot read {path} as an .npz file: {e}") from None
             if dtype != np.uint8 or fortran or len(shape) not in (3, 4) or shape[0] == 0:
-                raise ElmgenError(f"{path}: arr_0 is {dtype} of shape {shape}; expected uint8 images (N, H, W, C) "
-                                  "with N >= 1")
+                raise ElmgenError(
+                    f"{path}: arr_0 is {dtype} of shape {shape}; expected uint8 images (N, H, W, C) with N >= 1"
+                )
             self.counts.append(shape[0])
             if labels[-1] is not None and (labels[-1].dtype.kind not in "iu" or len(labels[-1]) != shape[0]):
-                raise ElmgenError(f"{path}: arr_1 holds {len(labels[-1])} {labels[-1].dtype} labels for {shape[0]} "
-                                  "images; expected one integer class id per image")
+                raise ElmgenError(
+                    f"{path}: arr_1 holds {len(labels[-1])} {labels[-1].dtype} labels for {shape[0]} "
+                    "images; expected one integer class id per image"
+                )
         if any(lab is None for lab in labels) and not all(lab is None for lab in labels):
             raise ElmgenError("some sample shards have labels (arr_1) and some do not; pass shards of one run")
         self.labels = None if labels[0] is None else np.concatenate(labels).astype(np.int64)
@@ -123,8 +131,9 @@ class FolderImages(ImageSource):
 
     def batches(self, batch_size: int, size: int, channels: int) -> Iterator[np.ndarray]:
         for start in range(0, len(self.files), batch_size):
-            yield np.concatenate([conform(load_pixels(f)[None], size, channels, str(f))
-                                  for f in self.files[start:start + batch_size]])
+            yield np.concatenate(
+                [conform(load_pixels(f)[None], size, channels, str(f)) for f in self.files[start : start + batch_size]]
+            )
 
 
 class DatasetImages(ImageSource):

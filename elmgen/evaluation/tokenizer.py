@@ -17,8 +17,9 @@ from elmgen.vocab import Vocab, cells_to_bits
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model, dataset: ImageDataset, batch_size: int = 256, limit: int | None = None,
-                       vocab: Vocab | None = None) -> dict:
+def evaluate_tokenizer(
+    model, dataset: ImageDataset, batch_size: int = 256, limit: int | None = None, vocab: Vocab | None = None
+) -> dict:
     """PSNR and SSIM of reconstructions from deterministic codes, and code usage on `dataset`: of the
     code space (with perplexity), of each sub-code vocabulary of `vocab` (default: the tokenizer's), per bit."""
     model.eval()
@@ -42,8 +43,10 @@ def evaluate_tokenizer(model, dataset: ImageDataset, batch_size: int = 256, limi
         "images": n,
         "psnr": float(psnr_N.mean()),
         # one per class (None for a class with no image here): a tokenizer can serve some classes worse
-        "psnr_per_class": [float(psnr_N[labels_N == c].mean()) if (labels_N == c).any() else None
-                           for c in range(len(getattr(dataset, "class_names", ())) or labels_N.max(initial=-1) + 1)],
+        "psnr_per_class": [
+            float(psnr_N[labels_N == c].mean()) if (labels_N == c).any() else None
+            for c in range(len(getattr(dataset, "class_names", ())) or labels_N.max(initial=-1) + 1)
+        ],
         "ssim": float(torch.cat(ssims).mean()),
         "quantizer": model.cfg.quantizer,
         "bits": K,

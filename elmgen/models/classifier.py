@@ -43,14 +43,18 @@ class Classifier(nn.Module):
             for j in range(cfg.convs_per_stage):
                 # strided convs downsample: max-pooling is costly on CPUs (docs/performance.md)
                 stride = 2 if i > 0 and j == 0 else 1
-                layers += [nn.Conv2d(c_in, width, 3, stride, padding=1, bias=False), nn.BatchNorm2d(width),
-                           nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(c_in, width, 3, stride, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
                 c_in = width
         # a small fixed grid instead of a global pool keeps where things are (a shirt from a coat), at any image size
         layers.append(nn.AdaptiveAvgPool2d(cfg.pool_grid))
         self.trunk = nn.Sequential(*layers)
-        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(c_in * cfg.pool_grid**2, cfg.feature_dim),
-                                   nn.ReLU(inplace=True))
+        self.embed = nn.Sequential(
+            nn.Flatten(), nn.Linear(c_in * cfg.pool_grid**2, cfg.feature_dim), nn.ReLU(inplace=True)
+        )
         self.head = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.feature_dim, cfg.num_classes))
 
     def forward_features(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,8 +84,10 @@ def load_classifier(path: str | Path, device="cpu") -> tuple[Classifier, dict]:
     """A trained classifier and its checkpoint config, with `fingerprint` (weights hash) and `path` added."""
     meta = checkpoint.load_config(path)
     if meta.get("kind") != "classifier":
-        raise ElmgenError(f"{path} is not a classifier checkpoint (kind {meta.get('kind')!r}); "
-                          "train one with 'elmgen train-classifier'")
+        raise ElmgenError(
+            f"{path} is not a classifier checkpoint (kind {meta.get('kind')!r}); "
+            "train one with 'elmgen train-classifier'"
+        )
     model = Classifier(from_dict(ClassifierConfig, meta["classifier"]))
     checkpoint.load_weights(path, model)
     meta["fingerprint"] = checkpoint.fingerprint(path)

@@ -30,8 +30,14 @@ def flops_per_token(cfg: ModelConfig) -> dict:
     return {"matmul": 2 * matmul_params, "attention": attention, "forward": forward, "train": 3 * forward}
 
 
-def training_memory_gb(cfg: ModelConfig, batch_per_gpu: int, gpus: int = 1, sharded: bool = False,
-                       activation_checkpointing: bool = False, ema: bool = True) -> float:
+def training_memory_gb(
+    cfg: ModelConfig,
+    batch_per_gpu: int,
+    gpus: int = 1,
+    sharded: bool = False,
+    activation_checkpointing: bool = False,
+    ema: bool = True,
+) -> float:
     """Estimated peak memory per GPU (GB) of bf16-autocast AdamW training.
 
     States: fp32 weights, grads and two Adam moments = 16 B/param (+4 with fp32 EMA), divided by the

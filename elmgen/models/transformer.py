@@ -61,16 +61,21 @@ class ModelConfig:
         return m * math.ceil(int(8 * self.d_model / 3) / m)
 
     def validate(self) -> None:
-        small = [f"{k}={getattr(self, k)}" for k in ("n_layer", "d_model", "n_head", "grid_size", "num_classes")
-                 if getattr(self, k) < 1]
+        small = [
+            f"{k}={getattr(self, k)}"
+            for k in ("n_layer", "d_model", "n_head", "grid_size", "num_classes")
+            if getattr(self, k) < 1
+        ]
         if small:
             raise ElmgenError(f"model sizes must be at least 1, not {', '.join(small)}")
         if self.kind not in ("ar", "mlm"):
             raise ElmgenError(f"model.kind must be 'ar' or 'mlm', not {self.kind!r}")
         vocab = self.vocabulary
         if self.num_codes is not None and self.num_codes < 2**vocab.bits and vocab.num_subcodes > 1:
-            raise ElmgenError(f"a code space of {self.num_codes} codes (not a power of two) needs one sub-code "
-                              f"per cell: use vocabulary 1-{vocab.bits}")
+            raise ElmgenError(
+                f"a code space of {self.num_codes} codes (not a power of two) needs one sub-code "
+                f"per cell: use vocabulary 1-{vocab.bits}"
+            )
         if self.d_model % self.n_head:
             raise ElmgenError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.head_dim % 4:
@@ -179,8 +184,9 @@ class Transformer(nn.Module):
         self.register_buffer("sub_offsets", torch.arange(self.n_sub) * table, persistent=False)
         # Entries that are no cell code (a VQ/FSQ code space smaller than 2^K) can never be predicted.
         smaller = cfg.num_codes is not None and cfg.num_codes < self.vocab_size
-        self.register_buffer("invalid_V", torch.arange(self.vocab_size) >= cfg.num_codes if smaller else None,
-                             persistent=False)
+        self.register_buffer(
+            "invalid_V", torch.arange(self.vocab_size) >= cfg.num_codes if smaller else None, persistent=False
+        )
         cos, sin = rope_2d(sequence_positions(cfg.grid_size), cfg.head_dim, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

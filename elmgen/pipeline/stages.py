@@ -32,21 +32,43 @@ from elmgen.vocab import Vocab
 class PipelineConfig:
     """One full run. The defaults are the Fashion-MNIST demo (its time: README, docs/performance.md)."""
 
-    tokenizer: TokenizerJob = field(default_factory=lambda: TokenizerJob(
-        tokenizer=TokenizerConfig(base_width=32, channel_mult=[1, 2, 2], num_res_blocks=1, num_bits=16),
-        train=TrainConfig(steps=800, batch_size=64, lr=2e-3, warmup_steps=100, lr_decay="cosine",
-                          weight_decay=0.0, precision="auto", save_every=300, ema_decay=0.999),
-    ))
-    lm: LMJob = field(default_factory=lambda: LMJob(
-        model=ModelConfig(**preset("tiny"), vocab="2-8", grid_size=0, num_classes=0),  # 0: from the code folder
-        train=TrainConfig(steps=600, batch_size=128, lr=2e-3, warmup_steps=100, lr_decay="cosine",
-                          min_lr=1e-4, precision="auto", save_every=100),
-    ))
+    tokenizer: TokenizerJob = field(
+        default_factory=lambda: TokenizerJob(
+            tokenizer=TokenizerConfig(base_width=32, channel_mult=[1, 2, 2], num_res_blocks=1, num_bits=16),
+            train=TrainConfig(
+                steps=800,
+                batch_size=64,
+                lr=2e-3,
+                warmup_steps=100,
+                lr_decay="cosine",
+                weight_decay=0.0,
+                precision="auto",
+                save_every=300,
+                ema_decay=0.999,
+            ),
+        )
+    )
+    lm: LMJob = field(
+        default_factory=lambda: LMJob(
+            model=ModelConfig(**preset("tiny"), vocab="2-8", grid_size=0, num_classes=0),  # 0: from the code folder
+            train=TrainConfig(
+                steps=600,
+                batch_size=128,
+                lr=2e-3,
+                warmup_steps=100,
+                lr_decay="cosine",
+                min_lr=1e-4,
+                precision="auto",
+                save_every=100,
+            ),
+        )
+    )
     sample: SampleConfig = field(default_factory=SampleConfig)
     num_per_class: int = 10
     evaluate: bool = True  # FID, IS, precision/recall, class accuracy in the feature space of `classifier`
     classifier: ClassifierJob = field(  # the classifier's own recipe, shorter; trained once on the tokenizer's data
-        default_factory=lambda: ClassifierJob(train=replace(ClassifierJob().train, steps=1000)))
+        default_factory=lambda: ClassifierJob(train=replace(ClassifierJob().train, steps=1000))
+    )
     reference_images: int = 10000  # training images behind the reference statistics
 
 
@@ -65,8 +87,10 @@ def folder_config(source: str | Path, image_size: int | None = None) -> tuple[di
     levels = RESOLUTION_LEVELS[size]
     grid = size // 2 ** (len(levels) - 1)
     data = {"source": str(Path(source).resolve()), "channels": channels, "image_size": size}
-    note = (f"{source}: {'colour' if channels == 3 else 'grey'} images at {size} px "
-            f"({'given' if image_size else 'detected'}), a {grid}x{grid} grid of codes")
+    note = (
+        f"{source}: {'colour' if channels == 3 else 'grey'} images at {size} px "
+        f"({'given' if image_size else 'detected'}), a {grid}x{grid} grid of codes"
+    )
     return {"tokenizer": {"data": data, "tokenizer": {"channel_mult": levels}}}, note
 
 
@@ -90,9 +114,13 @@ def shared_dirs(cfg: PipelineConfig, root: str | Path, samples: str | Path) -> S
     the LM's vocabulary split, so every split shares one code folder)."""
     root = Path(root)
     tok = config_hash(cfg.tokenizer)
-    return StageDirs(root / "tokenizers" / tok, root / "codes" / tok,
-                     root / "lms" / config_hash(cfg.tokenizer, cfg.lm), Path(samples),
-                     root / "classifiers" / config_hash(classifier_job(cfg)))
+    return StageDirs(
+        root / "tokenizers" / tok,
+        root / "codes" / tok,
+        root / "lms" / config_hash(cfg.tokenizer, cfg.lm),
+        Path(samples),
+        root / "classifiers" / config_hash(classifier_job(cfg)),
+    )
 
 
 def classifier_job(cfg: PipelineConfig) -> ClassifierJob:
@@ -131,8 +159,10 @@ def fit_to_codes(job: LMJob, meta: dict) -> LMJob:
     for key, data_key, what in (("grid_size", "grid", "a grid of"), ("num_classes", "num_classes", "classes:")):
         value = getattr(model, key)
         if value and value != meta[data_key]:
-            raise ElmgenError(f"lm.model.{key}={value} is set in the config, but the data gives {what} "
-                              f"{meta[data_key]} ({meta['dataset']}); drop lm.model.{key} to take it from the data")
+            raise ElmgenError(
+                f"lm.model.{key}={value} is set in the config, but the data gives {what} "
+                f"{meta[data_key]} ({meta['dataset']}); drop lm.model.{key} to take it from the data"
+            )
     return replace(job, model=replace(model, grid_size=meta["grid"], num_classes=meta["num_classes"]))
 
 
@@ -180,9 +210,14 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     metrics = {
         "tokenizer": {k: v for k, v in tok_eval.items() if k != "bit_mean"},
         "lm": {
-            "kind": lm_job.model.kind, "layers": lm_job.model.n_layer, "width": lm_job.model.d_model,
-            "vocab": str(vocab), "params": count_params(lm_job.model), "steps": rows[-1]["step"],
-            "final_loss": rows[-1]["loss"], "uniform_loss": math.log(vocab.size),
+            "kind": lm_job.model.kind,
+            "layers": lm_job.model.n_layer,
+            "width": lm_job.model.d_model,
+            "vocab": str(vocab),
+            "params": count_params(lm_job.model),
+            "steps": rows[-1]["step"],
+            "final_loss": rows[-1]["loss"],
+            "uniform_loss": math.log(vocab.size),
             "tokens_per_s": rows[-1].get("tok_per_s"),
         },
         "sampling": {**to_dict(cfg.sample), "num_per_class": cfg.num_per_class, "images": len(labels)},

@@ -24,8 +24,14 @@ def decode_one(decode_step, cell_B1n: torch.Tensor, t: int, caches) -> torch.Ten
 
 
 @torch.no_grad()
-def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int],
-                known_sub_BLn: torch.Tensor | None = None, known_BL: torch.Tensor | None = None) -> torch.Tensor:
+def generate_ar(
+    model: Transformer,
+    labels_B: torch.Tensor,
+    cfg: SampleConfig,
+    seeds: list[int],
+    known_sub_BLn: torch.Tensor | None = None,
+    known_BL: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Raster-order decoding, one cell per step, with a KV cache unless cfg.kv_cache is off (then every step
     recomputes the whole prefix). Cells marked in `known_BL` are fed their `known_sub_BLn` codes instead of a
     draw (outpainting)."""
@@ -47,7 +53,7 @@ def generate_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
         logits = prefill(model, labels_in, caches)
         for t in range(L):
             if t > 0 and caches is not None:
-                logits = decode_one(decode_step, both(out_BLn[:, t - 1: t]), t, caches)
+                logits = decode_one(decode_step, both(out_BLn[:, t - 1 : t]), t, caches)
             elif t > 0:
                 logits = model(labels_in, both(out_BLn[:, :t]))[:, -1]
             scale, temperature = step_rules(cfg, t, L)

@@ -34,14 +34,20 @@ class SampleConfig:
         ci, t_end = self.guidance_interval, self.temperature_end
         checks = (
             ("guidance_scale", 0 <= self.guidance_scale < inf, "a number >= 0 (1 disables guidance)"),
-            ("guidance_schedule", self.guidance_schedule in GUIDANCE_SCHEDULES,
-             f"one of {', '.join(GUIDANCE_SCHEDULES)}"),
+            (
+                "guidance_schedule",
+                self.guidance_schedule in GUIDANCE_SCHEDULES,
+                f"one of {', '.join(GUIDANCE_SCHEDULES)}",
+            ),
             ("guidance_power", 0 < self.guidance_power < inf, "a number > 0"),
             ("guidance_interval", len(ci) == 2 and 0 <= ci[0] <= ci[1] <= 1, "LO HI with 0 <= LO <= HI <= 1"),
             ("temperature", 0 <= self.temperature < inf, "a number >= 0 (0 samples greedily)"),
             ("temperature_end", t_end is None or 0 <= t_end < inf, "a number >= 0"),
-            ("top_k", 0 <= self.top_k <= (vocab_size or self.top_k),
-             "between 0 (all) and the sub-code vocabulary size" + (f" {vocab_size}" if vocab_size else "")),
+            (
+                "top_k",
+                0 <= self.top_k <= (vocab_size or self.top_k),
+                "between 0 (all) and the sub-code vocabulary size" + (f" {vocab_size}" if vocab_size else ""),
+            ),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("seed", self.seed >= 0, "an integer >= 0"),
             ("steps", self.steps >= 1, "at least 1"),
@@ -50,12 +56,14 @@ class SampleConfig:
         )
         for name, ok, valid in checks:
             if not ok:
-                raise ElmgenError(f"--{name.replace('_', '-')} (sample.{name}) must be {valid}, "
-                                  f"not {getattr(self, name)}")
+                raise ElmgenError(
+                    f"--{name.replace('_', '-')} (sample.{name}) must be {valid}, not {getattr(self, name)}"
+                )
 
 
 def step_rules(cfg: SampleConfig, step: int, num_steps: int) -> tuple[float, float]:
     """(guidance scale, temperature) at one decoding step."""
-    scale = guidance_scale_at(step, num_steps, cfg.guidance_scale, cfg.guidance_schedule, cfg.guidance_power,
-                              cfg.guidance_interval)
+    scale = guidance_scale_at(
+        step, num_steps, cfg.guidance_scale, cfg.guidance_schedule, cfg.guidance_power, cfg.guidance_interval
+    )
     return scale, temperature_at(step, num_steps, cfg.temperature, cfg.temperature_end)

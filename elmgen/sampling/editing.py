@@ -20,9 +20,15 @@ MAX_OUTPAINT_WINDOWS = 1024  # an outpainting canvas costs one full AR decode pe
 
 
 @torch.no_grad()
-def inpaint_images(model: Transformer, tokenizer: Autoencoder, images_BCHW: torch.Tensor,
-                   labels_B: torch.Tensor, region: tuple[int, int, int, int], cfg: SampleConfig,
-                   seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def inpaint_images(
+    model: Transformer,
+    tokenizer: Autoencoder,
+    images_BCHW: torch.Tensor,
+    labels_B: torch.Tensor,
+    region: tuple[int, int, int, int],
+    cfg: SampleConfig,
+    seeds: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Regenerate a rectangle of grid cells (top, left, height, width) of real uint8 images with the MLM.
 
     Returns the inpainted images and the inputs with the region blanked (for showing), both uint8.
@@ -37,13 +43,13 @@ def inpaint_images(model: Transformer, tokenizer: Autoencoder, images_BCHW: torc
     cells_BL = tokenizer.encode_cells(to_float(images_BCHW).to(next(tokenizer.parameters()).device))
     sub_BLn = cells_to_subcodes(cells_BL, model.cfg.vocabulary).to(device)
     hole_hw = torch.zeros(g, g, dtype=torch.bool)
-    hole_hw[top:top + height, left:left + width] = True
+    hole_hw[top : top + height, left : left + width] = True
     known_BL = (~hole_hw.flatten()).expand(len(labels_B), -1)
     out_BLn = generate_mlm(model, labels_B.to(device), cfg, seeds, sub_BLn, known_BL)
     result = to_uint8(tokenizer.decode_cells(subcodes_to_cells(out_BLn, model.cfg.vocabulary), g)).cpu()
     f = images_BCHW.shape[-1] // g
     blanked = images_BCHW.clone()
-    blanked[..., top * f:(top + height) * f, left * f:(left + width) * f] = 128
+    blanked[..., top * f : (top + height) * f, left * f : (left + width) * f] = 128
     return result, blanked
 
 
@@ -55,8 +61,15 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
-def outpaint_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int],
-                height: int, width: int, stride: int) -> torch.Tensor:
+def outpaint_ar(
+    model: Transformer,
+    labels_B: torch.Tensor,
+    cfg: SampleConfig,
+    seeds: list[int],
+    height: int,
+    width: int,
+    stride: int,
+) -> torch.Tensor:
     """Class-conditional images on a grid larger than the trained one: sub-codes (B, height*width, n).
 
     A trained-size window slides over the canvas in raster order, `stride` cells at a time; in each
@@ -66,33 +79,45 @@ def outpaint_ar(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, s
     """
     g, n = model.cfg.grid_size, model.n_sub
     if height < g or width < g or not 1 <= stride <= g:
-        raise ElmgenError(f"outpainting needs a grid of at least {g}x{g} cells (got {height}x{width}) and "
-                          f"a stride between 1 and {g} (got {stride})")
+        raise ElmgenError(
+            f"outpainting needs a grid of at least {g}x{g} cells (got {height}x{width}) and "
+            f"a stride between 1 and {g} (got {stride})"
+        )
     rows, cols = window_starts(height, g, stride), window_starts(width, g, stride)
     if len(rows) * len(cols) > MAX_OUTPAINT_WINDOWS:
-        raise ElmgenError(f"outpainting {height}x{width} cells at stride {stride} takes {len(rows) * len(cols):,} "
-                          f"windows of {g}x{g} cells (each a full AR decode), more than {MAX_OUTPAINT_WINDOWS:,}; "
-                          "use a smaller --width/--height or a larger --stride")
+        raise ElmgenError(
+            f"outpainting {height}x{width} cells at stride {stride} takes {len(rows) * len(cols):,} "
+            f"windows of {g}x{g} cells (each a full AR decode), more than {MAX_OUTPAINT_WINDOWS:,}; "
+            "use a smaller --width/--height or a larger --stride"
+        )
     model.eval()
     B, device = labels_B.shape[0], labels_B.device
     canvas_Bhwn = torch.zeros(B, height, width, n, dtype=torch.long, device=device)
     known_Bhw = torch.zeros(B, height, width, dtype=torch.bool, device=device)
     windows = [(r, c) for r in rows for c in cols]
     for i, (r, c) in enumerate(tqdm(windows, desc="outpaint", unit="window", leave=False)):
-        known = known_Bhw[:, r:r + g, c:c + g].reshape(B, g * g)
+        known = known_Bhw[:, r : r + g, c : c + g].reshape(B, g * g)
         if bool(known.all()):
             continue
         window_seeds = seeds if i == 0 else [int(np.random.SeedSequence([s, i]).generate_state(1)[0]) for s in seeds]
-        sub_BLn = canvas_Bhwn[:, r:r + g, c:c + g].reshape(B, g * g, n)
+        sub_BLn = canvas_Bhwn[:, r : r + g, c : c + g].reshape(B, g * g, n)
         out_BLn = generate_ar(model, labels_B, cfg, window_seeds, sub_BLn, known)
-        canvas_Bhwn[:, r:r + g, c:c + g] = out_BLn.view(B, g, g, n)
-        known_Bhw[:, r:r + g, c:c + g] = True
+        canvas_Bhwn[:, r : r + g, c : c + g] = out_BLn.view(B, g, g, n)
+        known_Bhw[:, r : r + g, c : c + g] = True
     return canvas_Bhwn.view(B, height * width, n)
 
 
 @torch.no_grad()
-def outpaint_images(model: Transformer, tokenizer: Autoencoder, labels: torch.Tensor, seeds: list[int],
-                    cfg: SampleConfig, height: int, width: int, stride: int) -> torch.Tensor:
+def outpaint_images(
+    model: Transformer,
+    tokenizer: Autoencoder,
+    labels: torch.Tensor,
+    seeds: list[int],
+    cfg: SampleConfig,
+    height: int,
+    width: int,
+    stride: int,
+) -> torch.Tensor:
     """Class labels (N,) -> uint8 images (N, C, height*f, width*f) from an AR model (see `outpaint_ar`)."""
     if model.cfg.kind != "ar":
         raise ElmgenError("outpainting needs an autoregressive model (trained with --kind ar)")

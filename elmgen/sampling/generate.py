@@ -40,8 +40,15 @@ def image_seeds(base_seed: int, labels_N: torch.Tensor, index_in_class_N: torch.
 
 
 @torch.no_grad()
-def sample_images(model: Transformer, tokenizer: Autoencoder, labels: torch.Tensor, seeds: list[int],
-                  cfg: SampleConfig, batch_size: int = 100, progress: bool = True) -> torch.Tensor:
+def sample_images(
+    model: Transformer,
+    tokenizer: Autoencoder,
+    labels: torch.Tensor,
+    seeds: list[int],
+    cfg: SampleConfig,
+    batch_size: int = 100,
+    progress: bool = True,
+) -> torch.Tensor:
     """Class labels (N,) and per-image seeds -> uint8 images (N, C, H, W)."""
     device = next(model.parameters()).device
     vocab, g = model.cfg.vocabulary, model.cfg.grid_size
@@ -74,8 +81,9 @@ def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
         )
 
 
-def write_samples(images_NCHW: torch.Tensor, labels_N: torch.Tensor, seeds: list[int], out_dir, ncols: int,
-                  name: str = "samples") -> tuple[Path, Path]:
+def write_samples(
+    images_NCHW: torch.Tensor, labels_N: torch.Tensor, seeds: list[int], out_dir, ncols: int, name: str = "samples"
+) -> tuple[Path, Path]:
     """`name`.png (a grid, `ncols` images a row) and an ADM-style `name`.npz (arr_0 NHWC uint8, arr_1 labels,
     plus each image's seed)."""
     out_dir = Path(out_dir)

@@ -14,8 +14,14 @@ from elmgen.schedules import cells_left_masked
 
 
 @torch.no_grad()
-def generate_mlm(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int],
-                 known_sub_BLn: torch.Tensor | None = None, known_BL: torch.Tensor | None = None) -> torch.Tensor:
+def generate_mlm(
+    model: Transformer,
+    labels_B: torch.Tensor,
+    cfg: SampleConfig,
+    seeds: list[int],
+    known_sub_BLn: torch.Tensor | None = None,
+    known_BL: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MaskGIT: start with every unknown cell masked; each step samples every masked cell, keeps the most
     confident (log p averaged over sub-codes + annealed Gumbel noise) and re-masks the rest on a cosine
     schedule. Cells marked in `known_BL` keep their `known_sub_BLn` codes throughout (inpainting)."""

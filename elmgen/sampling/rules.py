@@ -51,8 +51,9 @@ def shape_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
 
 
-def sample_logits(logits_BnV: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                  uniforms_Bn: torch.Tensor) -> torch.Tensor:
+def sample_logits(
+    logits_BnV: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms_Bn: torch.Tensor
+) -> torch.Tensor:
     """One draw per (row, sub-code) from the last dimension: (..., V) -> (...) int64.
 
     Draws by inverting the CDF at the given uniforms, so each image's randomness is its own

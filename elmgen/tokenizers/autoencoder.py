@@ -140,8 +140,10 @@ class Autoencoder(nn.Module):
         if cells_BL.shape[-1] != height * width:
             raise ElmgenError(f"{cells_BL.shape[-1]} cell codes do not fill a {height}x{width} grid")
         if cells_BL.numel() and (cells_BL.min() < 0 or cells_BL.max() >= self.num_codes):
-            raise ElmgenError(f"cell codes must lie in [0, {self.num_codes}) for this {self.cfg.quantizer} "
-                              f"tokenizer; got {int(cells_BL.min())}..{int(cells_BL.max())}")
+            raise ElmgenError(
+                f"cell codes must lie in [0, {self.num_codes}) for this {self.cfg.quantizer} "
+                f"tokenizer; got {int(cells_BL.min())}..{int(cells_BL.max())}"
+            )
         return self.decoder(self.quantizer.lookup(cells_BL, height, width))
 
     def draw_cells(self, x_BCHW: torch.Tensor, uniforms_BRKhw: torch.Tensor) -> torch.Tensor:
@@ -196,7 +198,7 @@ def release_weights(state: dict) -> dict:
     """The tokenizer's weights in a training checkpoint's state (EMA already applied by `load_state`):
     prefixed `tokenizer.` (or `ema.` in checkpoints written before the loop kept the EMA), or unprefixed."""
     for prefix in ("ema.", "tokenizer."):
-        picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if picked:
             return picked
     return state

@@ -18,7 +18,7 @@ class FiniteScalarQuantizer(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         levels = cfg.fsq_levels
-        radix = [math.prod(levels[i + 1:]) for i in range(len(levels))]
+        radix = [math.prod(levels[i + 1 :]) for i in range(len(levels))]
         self.register_buffer("levels", torch.tensor(levels)[:, None, None], persistent=False)
         self.register_buffer("radix", torch.tensor(radix)[:, None], persistent=False)
         self.proj_in = nn.Conv2d(cfg.latent_dim, len(levels), 1)

@@ -111,8 +111,9 @@ def load_perceptual(path: str | Path) -> PerceptualLoss:
     missing = [k for k in wanted if k not in state]
     wrong = [k for k in wanted if k in state and tuple(state[k].shape) != tuple(wanted[k].shape)]
     if missing or wrong:
-        raise ElmgenError(f"{path} is not a VGG16 + LPIPS weights file: missing {missing[:3]}, wrong shape "
-                          f"{wrong[:3]}; {hint}")
+        raise ElmgenError(
+            f"{path} is not a VGG16 + LPIPS weights file: missing {missing[:3]}, wrong shape {wrong[:3]}; {hint}"
+        )
     with torch.no_grad():
         for k, v in wanted.items():
             v.copy_(state[k])
@@ -129,8 +130,11 @@ class PatchDiscriminator(nn.Module):
         cin = width
         for n in range(1, layers + 1):
             cout = width * min(2**n, 8)
-            seq += [nn.Conv2d(cin, cout, 4, 2 if n < layers else 1, 1, bias=False), nn.BatchNorm2d(cout),
-                    nn.LeakyReLU(0.2)]
+            seq += [
+                nn.Conv2d(cin, cout, 4, 2 if n < layers else 1, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.LeakyReLU(0.2),
+            ]
             cin = cout
         seq.append(nn.Conv2d(cin, 1, 4, 1, 1))
         self.net = nn.Sequential(*seq)
@@ -154,8 +158,9 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
 
 
-def adaptive_weight(rec_loss: torch.Tensor, gen_loss: torch.Tensor, last_layer: torch.Tensor,
-                    max_weight: float = 1.0) -> torch.Tensor:
+def adaptive_weight(
+    rec_loss: torch.Tensor, gen_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1.0
+) -> torch.Tensor:
     """VQGAN's balance: |grad rec| / |grad gen| at the decoder's last layer, clamped to [0, max_weight]."""
     g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_gen = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]

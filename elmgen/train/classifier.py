@@ -29,9 +29,18 @@ from elmgen.train.loop import fit
 class ClassifierJob:
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=1500, batch_size=128, lr=3e-3, warmup_steps=100, lr_decay="cosine", weight_decay=0.05,
-        precision="auto", save_every=500))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=1500,
+            batch_size=128,
+            lr=3e-3,
+            warmup_steps=100,
+            lr_decay="cosine",
+            weight_decay=0.05,
+            precision="auto",
+            save_every=500,
+        )
+    )
     shift: int = 0  # random translations of up to this many pixels (the short default schedule learns faster without)
     hflip: bool = True  # random horizontal flips
     label_smoothing: float = 0.1
@@ -40,10 +49,12 @@ class ClassifierJob:
 @torch.no_grad()
 def evaluate_classifier(model: Classifier, dataset: ImageDataset, batch_size: int = 500) -> dict:
     """Accuracy and per-class accuracy (keyed by class name) on `dataset`."""
-    probs_NY = np.concatenate([
-        model.probs(dataset.images(np.arange(s, min(len(dataset), s + batch_size)))).cpu().numpy()
-        for s in range(0, len(dataset), batch_size)
-    ])
+    probs_NY = np.concatenate(
+        [
+            model.probs(dataset.images(np.arange(s, min(len(dataset), s + batch_size)))).cpu().numpy()
+            for s in range(0, len(dataset), batch_size)
+        ]
+    )
     acc = class_accuracy(probs_NY, dataset.labels, dataset.class_names)
     return {"images": len(dataset), "accuracy": acc["class_accuracy"], "per_class_accuracy": acc["per_class_accuracy"]}
 
@@ -60,8 +71,12 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
     device = resolve_device(job.train.device)
     model = Classifier(job.classifier).to(device)
     meta = CheckpointMeta(
-        kind="classifier", classifier=to_dict(job.classifier), data=to_dict(absolute_source(job.data)),
-        dataset=dataset.name, image_size=job.data.image_size, channels=job.data.channels,
+        kind="classifier",
+        classifier=to_dict(job.classifier),
+        data=to_dict(absolute_source(job.data)),
+        dataset=dataset.name,
+        image_size=job.data.image_size,
+        channels=job.data.channels,
         class_names=dataset.class_names,
     )
 
@@ -77,17 +92,31 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
         return F.cross_entropy(logits, y, label_smoothing=job.label_smoothing), {"train_acc": acc}
 
     t0, cpu0 = time.perf_counter(), time.process_time()
-    fit(model, job.train, out_dir, step_fn, len(dataset), meta, resume, desc="classifier",
-        units_per_step=job.train.batch_size, unit="img", job=job)
+    fit(
+        model,
+        job.train,
+        out_dir,
+        step_fn,
+        len(dataset),
+        meta,
+        resume,
+        desc="classifier",
+        units_per_step=job.train.batch_size,
+        unit="img",
+        job=job,
+    )
     # CPU seconds too: on a shared machine wall time says more about the neighbours than about the model
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     if not is_main_process():
         return {}
     test = load_dataset(replace(job.data, split="test", limit=None))
     report = {
-        "dataset": test.name, **evaluate_classifier(model, test),
-        "train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(train_cpu_seconds, 1),
-        "threads": torch.get_num_threads(), "steps": job.train.steps,
+        "dataset": test.name,
+        **evaluate_classifier(model, test),
+        "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(train_cpu_seconds, 1),
+        "threads": torch.get_num_threads(),
+        "steps": job.train.steps,
         "fingerprint": checkpoint.fingerprint(out_dir),
     }
     atomic_write_text(out_dir / "eval.json", json.dumps(report, indent=2))

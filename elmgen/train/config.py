@@ -41,20 +41,27 @@ class TrainConfig:
             raise ElmgenError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         # (field, holds, valid range): written so that NaN fails every test
         ranges = [
-            ("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
-            ("grad_accum", self.grad_accum >= 1, ">= 1"), ("lr", 0 < self.lr < math.inf, "a finite number > 0"),
+            ("steps", self.steps >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("lr", 0 < self.lr < math.inf, "a finite number > 0"),
             ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
             ("min_lr", 0 <= self.min_lr <= self.lr, "in [0, train.lr]"),
             ("weight_decay", 0 <= self.weight_decay < math.inf, "a finite number >= 0"),
-            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
             ("grad_clip", 0 <= self.grad_clip < math.inf, "a finite number >= 0 (0 disables clipping)"),
-            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no EMA)"), ("seed", self.seed >= 0, ">= 0"),
-            ("log_every", self.log_every >= 1, ">= 1"), ("save_every", self.save_every >= 1, ">= 1"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no EMA)"),
+            ("seed", self.seed >= 0, ">= 0"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+            ("save_every", self.save_every >= 1, ">= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
         ]
         for name, holds, valid in ranges:
             if not holds:
                 raise ElmgenError(f"train.{name}={getattr(self, name)} is out of range: it must be {valid}")
         if self.batch_size % (world * self.grad_accum):
-            raise ElmgenError(f"train.batch_size={self.batch_size} must be divisible by processes x grad_accum "
-                              f"= {world} x {self.grad_accum}")
+            raise ElmgenError(
+                f"train.batch_size={self.batch_size} must be divisible by processes x grad_accum "
+                f"= {world} x {self.grad_accum}"
+            )

@@ -25,8 +25,9 @@ from elmgen.vocab import Vocab
 @dataclass
 class LMJob:
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=4000, batch_size=64, lr=1e-3,
-                                                                    warmup_steps=200, ema_decay=0.9999))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=4000, batch_size=64, lr=1e-3, warmup_steps=200, ema_decay=0.9999)
+    )
 
 
 def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: bool = False) -> list[dict]:
@@ -35,8 +36,10 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
     codes = CodeDataset(codes_dir)
     meta, cfg = codes.meta, job.model
     if cfg.grid_size != meta["grid"] or cfg.num_classes != meta["num_classes"]:
-        raise ElmgenError(f"model.grid_size={cfg.grid_size} / model.num_classes={cfg.num_classes} do not match "
-                          f"the code folder ({meta['grid']} / {meta['num_classes']}); drop those overrides")
+        raise ElmgenError(
+            f"model.grid_size={cfg.grid_size} / model.num_classes={cfg.num_classes} do not match "
+            f"the code folder ({meta['grid']} / {meta['num_classes']}); drop those overrides"
+        )
     vocab = Vocab.for_bits(cfg.vocab, meta["bits"])
     num_codes = meta.get("num_codes")
     if cfg.num_codes is None and num_codes is not None and num_codes < 2 ** meta["bits"]:
@@ -44,10 +47,14 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
     if cfg.num_codes not in (None, num_codes):
         raise ElmgenError(f"model.num_codes={cfg.num_codes} does not match the code folder's {num_codes} codes")
     t, g = job.train, cfg.grid_size
-    check_training_memory(t, lambda batch: training_memory_gb(cfg, batch, ema=t.ema_decay > 0,
-                                                        activation_checkpointing=t.activation_checkpointing),
-                          f"training this LM on {g}x{g}-cell sequences", "lower train.batch_size, raise --grad-accum, "
-                          "add --activation-checkpointing or use a smaller --preset")
+    check_training_memory(
+        t,
+        lambda batch: training_memory_gb(
+            cfg, batch, ema=t.ema_decay > 0, activation_checkpointing=t.activation_checkpointing
+        ),
+        f"training this LM on {g}x{g}-cell sequences",
+        "lower train.batch_size, raise --grad-accum, add --activation-checkpointing or use a smaller --preset",
+    )
     device = resolve_device(job.train.device)
     torch.manual_seed(job.train.seed)
     model = Transformer(cfg).to(device)
@@ -60,11 +67,27 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
         sub_BLn, labels_B = sub_BLn.to(device), labels_B.to(device)
         return loss_fn(model, labels_B, sub_BLn), {}
 
-    rows = fit(model, job.train, out_dir, step_fn, len(codes), ckpt_meta, resume, desc=cfg.kind.upper(),
-               units_per_step=B * cfg.num_cells, unit="tok", job=job)
+    rows = fit(
+        model,
+        job.train,
+        out_dir,
+        step_fn,
+        len(codes),
+        ckpt_meta,
+        resume,
+        desc=cfg.kind.upper(),
+        units_per_step=B * cfg.num_cells,
+        unit="tok",
+        job=job,
+    )
     if is_main_process():
-        loss_curve(rows, out_dir / "loss.png", title=f"{cfg.kind.upper()} loss, vocabulary {vocab}",
-                   hline=float(torch.log(torch.tensor(float(vocab.size)))), hline_label=f"ln {vocab.size} (uniform)")
+        loss_curve(
+            rows,
+            out_dir / "loss.png",
+            title=f"{cfg.kind.upper()} loss, vocabulary {vocab}",
+            hline=float(torch.log(torch.tensor(float(vocab.size)))),
+            hline_label=f"ln {vocab.size} (uniform)",
+        )
     return rows
 
 

@@ -50,8 +50,10 @@ def check_training_memory(train, estimate_gb, what: str, fix: str) -> None:
     else:
         total, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine"
     if needed > total / 1e9:
-        raise ElmgenError(f"{what}, {micro_batch} at a time, needs about {needed:,.0f} GB of memory, more than the "
-                          f"{total / 1e9:,.0f} GB of {where}; {fix}")
+        raise ElmgenError(
+            f"{what}, {micro_batch} at a time, needs about {needed:,.0f} GB of memory, more than the "
+            f"{total / 1e9:,.0f} GB of {where}; {fix}"
+        )
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -72,7 +74,7 @@ def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> np.n
     while len(out) < batch_size:
         epoch, offset = divmod(start, num_items)
         perm = np.random.default_rng([seed, epoch]).permutation(num_items)
-        take = perm[offset: offset + batch_size - len(out)]
+        take = perm[offset : offset + batch_size - len(out)]
         out.extend(take.tolist())
         start += len(take)
     return np.asarray(out, dtype=np.int64)
@@ -137,9 +139,19 @@ def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
     return cfg.fsdp and world > 1
 
 
-def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: StepFn, num_items: int,
-        meta: CheckpointMeta, resume: bool = False, desc: str = "train",
-        units_per_step: int | None = None, unit: str = "it", job=None) -> list[dict]:
+def fit(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    step_fn: StepFn,
+    num_items: int,
+    meta: CheckpointMeta,
+    resume: bool = False,
+    desc: str = "train",
+    units_per_step: int | None = None,
+    unit: str = "it",
+    job=None,
+) -> list[dict]:
     """Train `model` for cfg.steps optimizer steps over a dataset of `num_items`, logging to
     run_dir/metrics.jsonl. Under torchrun every process takes its share of each global batch and
     gradients are averaged (with cfg.fsdp: reduce-scattered onto parameter shards), so any number of
@@ -199,9 +211,7 @@ def _start(model: torch.nn.Module, opt: torch.optim.Optimizer, run_dir: Path, re
             raise ElmgenError(f"nothing to resume: {run_dir} holds no checkpoint")
         return 0, None
     if not resume:
-        raise ElmgenError(
-            f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out"
-        )
+        raise ElmgenError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out")
     state = checkpoint.load_trainer_state(run_dir)
     if state is None:
         raise ElmgenError(f"checkpoint in {run_dir} has no trainer state to resume from")
@@ -209,8 +219,10 @@ def _start(model: torch.nn.Module, opt: torch.optim.Optimizer, run_dir: Path, re
     try:
         load_whole_state(model, opt, checkpoint.load_state(run_dir, ema=False), state["optimizer"])
     except (RuntimeError, KeyError, ValueError) as e:
-        raise ElmgenError(f"checkpoint in {run_dir} does not match this model or optimizer "
-                          f"({str(e).splitlines()[0]}); was it written for another config?") from None
+        raise ElmgenError(
+            f"checkpoint in {run_dir} does not match this model or optimizer "
+            f"({str(e).splitlines()[0]}); was it written for another config?"
+        ) from None
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -229,8 +241,18 @@ def _clean_run_folder(run_dir: Path, step: int, job) -> None:
         save_yaml(job, run_dir / "job.yaml")
 
 
-def _optimizer_step(model, opt, cfg: TrainConfig, step_fn: StepFn, step: int, num_items: int, rank: int,
-                    world: int, sharded: bool, device) -> tuple[torch.Tensor, dict]:
+def _optimizer_step(
+    model,
+    opt,
+    cfg: TrainConfig,
+    step_fn: StepFn,
+    step: int,
+    num_items: int,
+    rank: int,
+    world: int,
+    sharded: bool,
+    device,
+) -> tuple[torch.Tensor, dict]:
     """One optimizer step over this process's micro-batches; the loss (averaged over every process) and the
     last micro-batch's extra figures."""
     losses = []
@@ -257,7 +279,9 @@ def _save(model, opt, ema: EMA | None, cfg: TrainConfig, run_dir: Path, step: in
     ema_weights = ema.full_state() if ema is not None else None
     if is_main_process():
         state = {
-            "optimizer": optimizer, "step": step, "rng": torch.get_rng_state(),
+            "optimizer": optimizer,
+            "step": step,
+            "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         checkpoint.save_checkpoint(run_dir, step, weights, meta, state, cfg.keep_checkpoints, ema_weights)
@@ -280,8 +304,10 @@ class MetricsWindow:
 
     def check_finite(self, step: int) -> None:
         if not torch.isfinite(torch.stack(self.losses)).all():
-            raise ElmgenError(f"the loss became non-finite before step {step} (no checkpoint was written "
-                              f"after it); lower train.lr or use fp32, then --resume")
+            raise ElmgenError(
+                f"the loss became non-finite before step {step} (no checkpoint was written "
+                f"after it); lower train.lr or use fp32, then --resume"
+            )
 
     def log(self, step: int, lr: float) -> dict:
         """Append the window's row (main process) and start a new window; returns the row."""

@@ -34,9 +34,11 @@ from elmgen.train.loop import check_training_memory, fit
 class TokenizerJob:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=3000, batch_size=64, lr=1e-3,
-                                                                    warmup_steps=100, weight_decay=0.0,
-                                                                    ema_decay=0.999))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.0, ema_decay=0.999
+        )
+    )
     loss: LossConfig = field(default_factory=LossConfig)
     hflip: bool = False  # random horizontal flips of training images
     eval_images: int = 2000  # held-out images for the PSNR / SSIM / code-usage report
@@ -62,8 +64,9 @@ class TokenizerTraining(nn.Module):
             self.discriminator.compile(**kwargs)
 
 
-def tokenizer_step(trainer: TokenizerTraining, x: torch.Tensor, step: int, loss_cfg: LossConfig,
-                   perceptual: PerceptualLoss | None) -> tuple[torch.Tensor, dict]:
+def tokenizer_step(
+    trainer: TokenizerTraining, x: torch.Tensor, step: int, loss_cfg: LossConfig, perceptual: PerceptualLoss | None
+) -> tuple[torch.Tensor, dict]:
     """The full objective on one batch: L1 + L2 (+ perceptual) + the quantizer's loss, and from
     loss_cfg.gan_start the adaptive-weighted hinge GAN terms of generator and discriminator."""
     recon, q = trainer.tokenizer(x)
@@ -96,26 +99,39 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
     job.loss.validate()
     dataset = load_dataset(job.data)
     job.tokenizer.in_channels = job.data.channels
-    check_training_memory(job.train, lambda batch: training_memory_gb(job.tokenizer, job.data.image_size, batch),
-                          f"training a tokenizer on {job.data.image_size} px images",
-                          "lower data.image_size or train.batch_size, or raise --grad-accum")
+    check_training_memory(
+        job.train,
+        lambda batch: training_memory_gb(job.tokenizer, job.data.image_size, batch),
+        f"training a tokenizer on {job.data.image_size} px images",
+        "lower data.image_size or train.batch_size, or raise --grad-accum",
+    )
     if job.data.image_size % job.tokenizer.downsample:
-        raise ElmgenError(f"image size {job.data.image_size} is not divisible by the tokenizer's "
-                          f"downsampling factor {job.tokenizer.downsample}")
+        raise ElmgenError(
+            f"image size {job.data.image_size} is not divisible by the tokenizer's "
+            f"downsampling factor {job.tokenizer.downsample}"
+        )
     perceptual = load_perceptual(job.loss.perceptual_weights) if job.loss.perceptual_weights else None
     device = resolve_device(job.train.device)
     torch.manual_seed(job.train.seed)
     trainer = TokenizerTraining(job).to(device)
     if trainer.discriminator is not None and job.data.image_size < trainer.discriminator.min_image_size():
-        raise ElmgenError(f"the PatchGAN discriminator needs images of at least "
-                          f"{trainer.discriminator.min_image_size()} px, not {job.data.image_size}; drop --gan")
+        raise ElmgenError(
+            f"the PatchGAN discriminator needs images of at least "
+            f"{trainer.discriminator.min_image_size()} px, not {job.data.image_size}; drop --gan"
+        )
     if perceptual is not None:
         perceptual.to(device)
     model = trainer.tokenizer
     meta = CheckpointMeta(
-        kind=job.tokenizer.quantizer, tokenizer=to_dict(job.tokenizer), data=to_dict(absolute_source(job.data)),
-        bits=model.code_bits, num_codes=model.num_codes, image_size=job.data.image_size, channels=job.data.channels,
-        grid=job.data.image_size // job.tokenizer.downsample, class_names=dataset.class_names,
+        kind=job.tokenizer.quantizer,
+        tokenizer=to_dict(job.tokenizer),
+        data=to_dict(absolute_source(job.data)),
+        bits=model.code_bits,
+        num_codes=model.num_codes,
+        image_size=job.data.image_size,
+        channels=job.data.channels,
+        grid=job.data.image_size // job.tokenizer.downsample,
+        class_names=dataset.class_names,
     )
 
     def step_fn(trainer, step, idx):
@@ -124,9 +140,19 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
             x = random_hflip(x)
         return tokenizer_step(trainer, x, step, job.loss, perceptual)
 
-    rows = fit(trainer, job.train, out_dir, step_fn, len(dataset), meta, resume,
-               desc=f"tokenizer ({job.tokenizer.quantizer})", units_per_step=job.train.batch_size, unit="img",
-               job=job)
+    rows = fit(
+        trainer,
+        job.train,
+        out_dir,
+        step_fn,
+        len(dataset),
+        meta,
+        resume,
+        desc=f"tokenizer ({job.tokenizer.quantizer})",
+        units_per_step=job.train.batch_size,
+        unit="img",
+        job=job,
+    )
     if not is_main_process():
         return {}
     loss_curve(rows, out_dir / "loss.png", title="tokenizer loss")
