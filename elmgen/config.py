@@ -16,9 +16,18 @@ from elmgen.io import atomic_write_text
 T = TypeVar("T")
 
 
-def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides=(), **base) -> T:
-    """`cls` defaults <- `base` values <- YAML file <- `a.b=value` overrides, type-checked; a problem is one line
-    naming the key. Old field names (RENAMED) are read as the new ones."""
+def build_config(
+    cls: type[T],
+    yaml_path: str | Path | None = None,
+    overrides=(),
+    *,
+    base: dict | None = None,
+    flags: dict | None = None,
+    labels: dict[str, str] | None = None,
+) -> T:
+    """`cls` defaults <- `base` values <- YAML file <- `a.b=value` overrides <- `flags` (nested values, e.g. from
+    command-line options), type-checked; a problem is one line naming the key (or its label: `labels` maps a
+    key to the name the user knows, e.g. an option). Old field names (RENAMED) are read as the new ones."""
     try:
         merged = OmegaConf.structured(cls)
         if base:
@@ -30,6 +39,12 @@ def build_config(cls: type[T], yaml_path: str | Path | None = None, overrides=()
                 raise ElmgenError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
         dotlist = [f"{current_name(key)}={value}" for key, value in (item.split("=", 1) for item in overrides)]
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
+        if flags:
+            merged = OmegaConf.merge(merged, flags)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            names = ", ".join((labels or {}).get(key, key) for key in missing)
+            raise ElmgenError(f"{names} must be given (an option, key=value or a --config file)")
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = f"{e.full_key}: " if getattr(e, "full_key", None) else ""
@@ -86,7 +101,7 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(cls: type[T], values: dict) -> T:
     """Rebuild a config saved with `to_dict` (unknown keys are an error, missing ones default)."""
-    return build_config(cls, None, (), **values)
+    return build_config(cls, base=values)
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

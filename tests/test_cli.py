@@ -284,3 +284,49 @@ def test_quick_demo_writes_every_file_and_resumes(fake_fmnist, tmp_path, capsys)
     assert run(capsys, *args)[0] == 0  # a second run reuses every stage and samples the same images
     assert lm_weights.stat().st_mtime_ns == trained_at
     assert np.array_equal(np.load(tmp_path / "demo" / "samples.npz")["arr_0"], first)
+
+
+def test_every_command_reads_a_config_file_keys_and_options_in_that_order(tmp_path, capsys):
+    config = tmp_path / "info.yaml"
+    config.write_text("n_head: 2\nn_layer: 5\nvocab: 2-4\n")
+    code, out, _ = run(
+        capsys, "model-info", "tiny", "--config", config, "n_layer=3", "vocab=2-6", "--vocab", "2-8", "--json"
+    )
+    info = json.loads(out)
+    assert code == 0 and (info["n_head"], info["n_layer"], info["vocab"], info["d_model"]) == (2, 3, "2-8", 256)
+
+
+def test_help_comes_from_the_config_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "1 disables classifier-free guidance [sample.guidance_scale]" in help_text  # an option: its field's comment
+    assert "sample.top_p=1.0" in help_text and "keep the smallest set of entries" in help_text  # every config key
+    assert "-n NUM_PER_CLASS" in help_text and "--cfg-scale" in help_text
+
+
+@pytest.mark.slow
+def test_sampling_keys_are_the_sweep_files_keys(pipeline, tmp_path, capsys):
+    _, _, lm = pipeline
+    config = tmp_path / "sample.yaml"
+    config.write_text("sample:\n  temperature: 0.5\n  top_k: 2\nnum_per_class: 3\n")
+    code, out, _ = run(
+        capsys,
+        "sample",
+        "sample.guidance_scale=1.5",
+        "sample.top_k=4",
+        "--model",
+        lm,
+        "--out",
+        tmp_path / "s",
+        "--config",
+        config,
+        "--classes",
+        1,
+        "-n",
+        2,
+    )
+    result = json.loads(out)
+    assert code == 0 and result["images"] == 2  # -n beats the file's num_per_class
+    assert (result["guidance_scale"], result["top_k"], result["temperature"]) == (1.5, 4, 0.5)
+    assert "--model must be given" in error_line(capsys, "sample", "--out", tmp_path / "s2")

@@ -15,6 +15,7 @@ LAYERS = [
     {"evaluation", "analysis"},
     {"train"},
     {"pipeline"},
+    {"commands"},
     {"cli"},
 ]
 LAYER = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

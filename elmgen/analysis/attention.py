@@ -95,10 +95,10 @@ class AttentionConfig:
     codes: str | None = None  # code folder of the real sequences (default: the one the model was trained on)
     mask_ratio: float = 0.5  # MLM: share of cells masked in the input, as in training
     queries: list[list[int]] = field(default_factory=list)  # (row, col) cells of the heat-maps; default: two
-    radii: list[int] = field(default_factory=lambda: [1, 2])
+    radii: list[int] = field(default_factory=lambda: [1, 2])  # distances (cells) of the local shares
     global_radius: float = 3.0  # attention on cells farther than this counts as global
-    batch_size: int = 32
-    seed: int = 0
+    batch_size: int = 32  # sequences per forward pass
+    seed: int = 0  # picks the real rows, the masks and the sample seeds
 
     def validate(self) -> None:
         if self.num_sequences < 1 or self.batch_size < 1:

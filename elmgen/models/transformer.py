@@ -29,16 +29,16 @@ from elmgen.vocab import Vocab
 
 @dataclass
 class ModelConfig:
-    n_layer: int = 4
-    d_model: int = 256
-    n_head: int = 4
+    n_layer: int = 4  # transformer blocks
+    d_model: int = 256  # width
+    n_head: int = 4  # attention heads (head width d_model / n_head)
     vocab: str = "2-8"  # n-c: n sub-codes of c bits per grid cell
     grid_size: int = 8  # the token grid is grid_size x grid_size
-    num_classes: int = 10
+    num_classes: int = 10  # class labels (one more embedding: the null class)
     dropout: float = 0.0  # on token embeddings, residual branches and MLP
-    class_dropout: float = 0.1  # training labels replaced by the null class (enables CFG)
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
+    class_dropout: float = 0.1  # training labels replaced by the null class (enables guidance)
+    rope_base: float = 10000.0  # 2-D rotary embedding base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
     mlp_multiple_of: int = 256  # SwiGLU hidden = smallest multiple of this >= 8*d/3
     kind: str = "ar"  # "ar": causal, raster order; "mlm": bidirectional over masked cells (MaskGIT)
     num_codes: int | None = None  # valid cell codes when fewer than 2^K (a VQ/FSQ code space); None: all

@@ -64,7 +64,7 @@ class PipelineConfig:
         )
     )
     sample: SampleConfig = field(default_factory=SampleConfig)
-    num_per_class: int = 10
+    num_per_class: int = 10  # samples of each class
     evaluate: bool = True  # FID, IS, precision/recall, class accuracy in the feature space of `classifier`
     classifier: ClassifierJob = field(  # the classifier's own recipe, shorter; trained once on the tokenizer's data
         default_factory=lambda: ClassifierJob(train=replace(ClassifierJob().train, steps=1000))

@@ -14,13 +14,13 @@ class SampleConfig:
     guidance_scale: float = 3.0  # 1 disables classifier-free guidance
     guidance_schedule: str = "linear"  # how the scale ramps from 1 to guidance_scale with progress p = (t+1)/T:
     #   constant: s; linear: 1 + (s-1) p; cosine: 1 + (s-1)(1 - cos(pi p))/2; power: 1 + (s-1) p^guidance_power
-    guidance_power: float = 2.0
+    guidance_power: float = 2.0  # the exponent of the power schedule
     guidance_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guide only while p is inside
     temperature: float = 1.0  # 0 samples greedily (argmax)
     temperature_end: float | None = None  # if set, temperature moves linearly to this over the steps
     top_k: int = 0  # keep the k most likely entries of each sub-code vocabulary; 0 keeps all
     top_p: float = 1.0  # keep the smallest set of entries holding this much probability
-    seed: int = 0
+    seed: int = 0  # with the class and the index in it, picks each image's own random stream
     kv_cache: bool = True  # AR: False recomputes the whole prefix at every step (for checking)
     compile: bool = False  # AR: torch.compile the one-cell decode step (static shapes: traced once)
     steps: int = 10  # MLM: decoding steps

@@ -43,7 +43,7 @@ class ClassifierJob:
     )
     shift: int = 0  # random translations of up to this many pixels (the short default schedule learns faster without)
     hflip: bool = True  # random horizontal flips
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # of the cross-entropy
 
 
 @torch.no_grad()

@@ -11,26 +11,26 @@ from elmgen.errors import ElmgenError
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
+    steps: int = 2000  # optimizer steps of the whole run
     batch_size: int = 64  # global batch: split over data-parallel processes, then over grad_accum micro-batches
     grad_accum: int = 1  # micro-batches per optimizer step (same result as one big batch, less memory)
-    lr: float = 1e-4
+    lr: float = 1e-4  # peak learning rate (after warm-up)
     warmup_steps: int = 0  # linear warm-up from 0
     lr_decay: str = "constant"  # "constant" or "cosine" (to min_lr at the last step)
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # cosine decay ends here
     weight_decay: float = 0.05  # on matrices only (not norms, biases)
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     precision: str = "fp32"  # "fp32", "bf16" (autocast) or "auto" (bf16 where the device computes it natively)
     ema_decay: float = 0.0  # keep an EMA of the weights (saved beside them, used for sampling); 0: none
     compile: bool = False  # torch.compile the model's forward (fixed shapes: compiled once)
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (language models)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
-    seed: int = 0
-    log_every: int = 20
-    save_every: int = 500
-    keep_checkpoints: int = 2
+    seed: int = 0  # initial weights and batch order
+    log_every: int = 20  # steps per row of metrics.jsonl
+    save_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
 
     def validate(self, world: int = 1) -> None:

@@ -1,0 +1,19 @@
+"""The commands of `elmgen`: one config dataclass and one function each (`elmgen.cli` makes the parser).
+
+A command's dataclass is all it reads: `--config FILE` and `key=value` overrides set its fields (dotted keys, as
+in sweep files: `elmgen sample sample.guidance_scale=3`), and its options are short ways to the most used keys.
+Field comments are the help.
+"""
+
+from elmgen.commands import measure, runs, sample, tokens, train
+from elmgen.commands.base import Command, Option
+from elmgen.commands.measure import ANALYZE_HELP
+
+COMMANDS = (
+    *train.COMMANDS[:1],
+    *tokens.COMMANDS,
+    *train.COMMANDS[1:],
+    *sample.COMMANDS,
+    *runs.COMMANDS,
+    *measure.COMMANDS,
+)
