@@ -83,34 +83,10 @@ def tokenize(
     `crop_source_size(image_size, crop_range)`, which `dataset` must have. draws: 0 stores the
     deterministic codes; N > 0 (binary autoencoder only) stores N Bernoulli draws of every view.
     """
-    K, grid, size = tokenizer.code_bits, tokenizer_meta["grid"], tokenizer_meta["image_size"]
+    K = tokenizer.code_bits
     _check_settings(tokenizer_meta, dataset, vocab, K, crops, num_crops, crop_range, draws, batch_size, shard_size)
-    views = (5 if crops == "five" else num_crops) * (2 if flip else 1)
-    n = len(dataset)
-    plan = {
-        "tokenizer": tokenizer_meta["path"],
-        "tokenizer_fingerprint": tokenizer_meta["fingerprint"],
-        "kind": tokenizer_meta["kind"],
-        "bits": K,
-        "num_codes": tokenizer.num_codes,
-        "grid": grid,
-        "image_size": size,
-        "vocab": str(vocab),
-        "num_classes": dataset.num_classes,
-        "class_names": dataset.class_names,
-        "dataset": dataset.name,
-        "images": n,
-        "flip": flip,
-        "crops": crops,
-        "num_crops": num_crops,
-        "crop_range": crop_range,
-        "draws": draws,
-        "seed": seed,
-        "views": views,
-        "count": n * views,
-        "shard_size": shard_size,
-        "shards": [f"shard_{s:05d}.npy" for s in range(-(-n // shard_size))],
-    }
+    augmentation = dict(flip=flip, crops=crops, num_crops=num_crops, crop_range=crop_range, draws=draws, seed=seed)
+    plan = _plan(tokenizer, tokenizer_meta, dataset, vocab, augmentation, shard_size)
     out_dir = Path(out_dir).resolve()
     try:
         work = _work_folder(out_dir, Path(tokenizer_meta["path"]).resolve(), plan)
@@ -123,7 +99,10 @@ def tokenize(
         if not (work / name).is_file():
             atomic_save_npy(work / name, _encode_shard(tokenizer, dataset, plan, s, batch_size))
     labels = np.concatenate(
-        [np.tile(dataset.labels[s * shard_size : (s + 1) * shard_size], views) for s in range(len(plan["shards"]))]
+        [
+            np.tile(dataset.labels[s * shard_size : (s + 1) * shard_size], plan["views"])
+            for s in range(len(plan["shards"]))
+        ]
     ).astype(np.int64)
     atomic_save_npy(work / "labels.npy", labels)
     atomic_write_text(work / "meta.json", json.dumps(plan, indent=2))
@@ -136,6 +115,38 @@ def tokenize(
             "make sure it is absent or empty and re-run"
         ) from None
     return plan
+
+
+def _plan(
+    tokenizer: Autoencoder,
+    tokenizer_meta: dict,
+    dataset: ImageDataset,
+    vocab: Vocab,
+    augmentation: dict,
+    shard_size: int,
+) -> dict:
+    """A code folder's meta.json: the tokenizer and data it encodes, how (`augmentation`), and its shards."""
+    n = len(dataset)
+    views = (5 if augmentation["crops"] == "five" else augmentation["num_crops"]) * (2 if augmentation["flip"] else 1)
+    return {
+        "tokenizer": tokenizer_meta["path"],
+        "tokenizer_fingerprint": tokenizer_meta["fingerprint"],
+        "kind": tokenizer_meta["kind"],
+        "bits": tokenizer.code_bits,
+        "num_codes": tokenizer.num_codes,
+        "grid": tokenizer_meta["grid"],
+        "image_size": tokenizer_meta["image_size"],
+        "vocab": str(vocab),
+        "num_classes": dataset.num_classes,
+        "class_names": dataset.class_names,
+        "dataset": dataset.name,
+        "images": n,
+        **augmentation,
+        "views": views,
+        "count": n * views,
+        "shard_size": shard_size,
+        "shards": [f"shard_{s:05d}.npy" for s in range(-(-n // shard_size))],
+    }
 
 
 def _check_settings(

@@ -16,6 +16,18 @@ from elmgen.vocab import Vocab, cells_to_subcodes
 
 SIZE = 8  # images are tokenized at 8x8; crops come from 10x10 (crop range 1.25)
 
+# A 1-step tokenizer on 16 images, for the command-line tests of tokenize
+TINY_TOKENIZER = [
+    "data.limit=16",
+    "train.steps=1",
+    "tokenizer.base_width=8",
+    "tokenizer.channel_mult=[1,2,2]",
+    "tokenizer.latent_dim=8",
+    "tokenizer.num_bits=8",
+    "eval_images=4",
+    "train.batch_size=4",
+]
+
 
 class PixelTokenizer(torch.nn.Module):
     """Cell code = grey value of each pixel (f = 1): a stored row shows exactly which view was encoded."""
@@ -200,24 +212,7 @@ def test_user_errors(tmp_path):
 
 def test_cli_tokenize_with_random_crops_and_draws(fake_fmnist, tmp_path, capsys):
     tok = tmp_path / "tok"
-    assert (
-        main(
-            [
-                "train-tokenizer",
-                "--out",
-                str(tok),
-                "data.limit=16",
-                "train.steps=1",
-                "tokenizer.base_width=8",
-                "tokenizer.channel_mult=[1,2,2]",
-                "tokenizer.latent_dim=8",
-                "tokenizer.num_bits=8",
-                "eval_images=4",
-                "train.batch_size=4",
-            ]
-        )
-        == 0
-    )
+    assert main(["train-tokenizer", "--out", str(tok), *TINY_TOKENIZER]) == 0
     capsys.readouterr()
     assert (
         main(

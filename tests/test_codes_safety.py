@@ -11,7 +11,7 @@ from elmgen.cli import main
 from elmgen.codes import CodeDataset, tokenize
 from elmgen.errors import ElmgenError
 from elmgen.vocab import Vocab
-from tests.test_codes import PIXEL_META, SIZE, Pictures, PixelTokenizer
+from tests.test_codes import PIXEL_META, SIZE, TINY_TOKENIZER, Pictures, PixelTokenizer
 
 VOCAB = Vocab.parse("2-4")
 
@@ -179,24 +179,7 @@ def test_wrong_labels_and_shards(codes):
 
 def test_cli_tokenize_out_and_limit(fake_fmnist, tmp_path, capsys):
     tok = tmp_path / "tok"
-    assert (
-        main(
-            [
-                "train-tokenizer",
-                "--out",
-                str(tok),
-                "data.limit=16",
-                "train.steps=1",
-                "tokenizer.base_width=8",
-                "tokenizer.channel_mult=[1,2,2]",
-                "tokenizer.latent_dim=8",
-                "tokenizer.num_bits=8",
-                "eval_images=4",
-                "train.batch_size=4",
-            ]
-        )
-        == 0
-    )
+    assert main(["train-tokenizer", "--out", str(tok), *TINY_TOKENIZER]) == 0
     files = {p: p.read_bytes() for p in tok.rglob("*") if p.is_file()}
     capsys.readouterr()
 

@@ -166,6 +166,22 @@ def fit_to_codes(job: LMJob, meta: dict) -> LMJob:
     return replace(job, model=replace(model, grid_size=meta["grid"], num_classes=meta["num_classes"]))
 
 
+def lm_summary(model: ModelConfig, last_row: dict) -> dict:
+    """The LM's part of metrics.json: its shape and its last logged loss, next to a uniform guess's."""
+    vocab = model.vocabulary
+    return {
+        "kind": model.kind,
+        "layers": model.n_layer,
+        "width": model.d_model,
+        "vocab": str(vocab),
+        "params": count_params(model),
+        "steps": last_row["step"],
+        "final_loss": last_row["loss"],
+        "uniform_loss": math.log(vocab.size),
+        "tokens_per_s": last_row.get("tok_per_s"),
+    }
+
+
 def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     """Run (or finish) every stage; returns the run's metrics, also written to samples/metrics.json."""
     timings: dict[str, float] = {}
@@ -209,17 +225,7 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
 
     metrics = {
         "tokenizer": {k: v for k, v in tok_eval.items() if k != "bit_mean"},
-        "lm": {
-            "kind": lm_job.model.kind,
-            "layers": lm_job.model.n_layer,
-            "width": lm_job.model.d_model,
-            "vocab": str(vocab),
-            "params": count_params(lm_job.model),
-            "steps": rows[-1]["step"],
-            "final_loss": rows[-1]["loss"],
-            "uniform_loss": math.log(vocab.size),
-            "tokens_per_s": rows[-1].get("tok_per_s"),
-        },
+        "lm": lm_summary(lm_job.model, rows[-1]),
         "sampling": {**to_dict(cfg.sample), "num_per_class": cfg.num_per_class, "images": len(labels)},
         "eval": evaluation,
         "seconds": {k: round(v, 1) for k, v in timings.items()},

@@ -9,7 +9,7 @@ from elmgen.device import autocast
 from elmgen.models import Transformer
 from elmgen.rng import uniforms_for
 from elmgen.sampling.config import SampleConfig, step_rules
-from elmgen.sampling.rules import guide, sample_logits, with_null_class
+from elmgen.sampling.rules import guide, guided_labels, sample_logits
 
 
 def prefill(model: Transformer, labels_in: torch.Tensor, caches) -> torch.Tensor:
@@ -38,8 +38,7 @@ def generate_ar(
     cfg.validate(model.vocab_size)
     B, L, n = labels_B.shape[0], model.cfg.num_cells, model.n_sub
     uniforms_BLn = uniforms_for(seeds, (L, n)).to(labels_B.device)
-    guided = cfg.guidance_scale != 1.0
-    labels_in = with_null_class(model, labels_B, guided)
+    guided, labels_in = guided_labels(model, labels_B, cfg.guidance_scale)
     out_BLn = torch.zeros(B, L, n, dtype=torch.long, device=labels_B.device)
 
     def both(x):

@@ -9,7 +9,7 @@ from elmgen.device import autocast
 from elmgen.models import Transformer
 from elmgen.rng import uniforms_for
 from elmgen.sampling.config import SampleConfig, step_rules
-from elmgen.sampling.rules import draw_from, guide, shape_logits, with_null_class
+from elmgen.sampling.rules import draw_from, guide, guided_labels, shape_logits
 from elmgen.schedules import cells_left_masked
 
 
@@ -29,8 +29,7 @@ def generate_mlm(
     B, L, n, S = labels_B.shape[0], model.cfg.num_cells, model.n_sub, cfg.steps
     device = labels_B.device
     noise_BILm = uniforms_for(seeds, (S, L, n + 1)).to(device)  # n token draws + 1 Gumbel per cell
-    guided = cfg.guidance_scale != 1.0
-    labels_in = with_null_class(model, labels_B, guided)
+    guided, labels_in = guided_labels(model, labels_B, cfg.guidance_scale)
     masked_BL = torch.ones(B, L, dtype=torch.bool, device=device) if known_BL is None else ~known_BL.to(device)
     sub_BLn = torch.full((B, L, n), model.mask_index, dtype=torch.long, device=device)
     if known_sub_BLn is not None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch
 
 
-def with_null_class(model, labels_B: torch.Tensor, guided: bool) -> torch.Tensor:
-    """The guided batch: conditional rows, then the same rows with the null class."""
-    return torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
+def guided_labels(model, labels_B: torch.Tensor, scale: float) -> tuple[bool, torch.Tensor]:
+    """Whether guidance is on (scale 1 turns it off) and the labels the model reads: the conditional rows, then
+    (guided) the same rows with the null class."""
+    guided = scale != 1.0
+    return guided, torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
 
 
 def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -17,7 +19,7 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> to
 
 def guide(logits: torch.Tensor, guided: bool, scale: float) -> torch.Tensor:
     """Classifier-free guidance over a batch of conditional rows followed by the same rows unconditioned (the
-    batch `with_null_class` makes); unguided logits pass as they are."""
+    batch `guided_labels` makes); unguided logits pass as they are."""
     if not guided:
         return logits
     cond, uncond = logits.chunk(2)

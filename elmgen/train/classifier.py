@@ -109,12 +109,17 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     if not is_main_process():
         return {}
+    return test_report(model, job, out_dir, train_seconds, train_cpu_seconds)
+
+
+def test_report(model: Classifier, job: ClassifierJob, out_dir: Path, seconds: float, cpu_seconds: float) -> dict:
+    """eval.json: accuracy on the test split, the training time and the weights' fingerprint."""
     test = load_dataset(replace(job.data, split="test", limit=None))
     report = {
         "dataset": test.name,
         **evaluate_classifier(model, test),
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(train_cpu_seconds, 1),
+        "train_seconds": round(seconds, 1),
+        "train_cpu_seconds": round(cpu_seconds, 1),
         "threads": torch.get_num_threads(),
         "steps": job.train.steps,
         "fingerprint": checkpoint.fingerprint(out_dir),

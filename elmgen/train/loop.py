@@ -172,10 +172,7 @@ def fit(
     device = next(model.parameters()).device
     sharded = prepare(model, cfg, world)
     opt = make_optimizer(model, cfg)
-    step, ema_state = _start(model, opt, run_dir, resume)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None and ema_state is not None:
-        ema.load_full_state(ema_state)
+    step, ema = _start(model, opt, cfg, run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         _clean_run_folder(run_dir, step, job)
@@ -203,13 +200,15 @@ def fit(
     return read_metrics(run_dir / "metrics.jsonl")
 
 
-def _start(model: torch.nn.Module, opt: torch.optim.Optimizer, run_dir: Path, resume: bool) -> tuple[int, dict | None]:
-    """(step, EMA state) to start from: the run's last checkpoint, loaded into model and optimizer (with
-    `resume`), or (0, None) for a new run."""
+def _start(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, run_dir: Path, resume: bool
+) -> tuple[int, EMA | None]:
+    """The step to start from and the EMA (with cfg.ema_decay > 0): the run's last checkpoint, loaded into
+    model, optimizer and EMA (with `resume`), or step 0 for a new run."""
     if not checkpoint.has_checkpoint(run_dir):
         if resume:
             raise ElmgenError(f"nothing to resume: {run_dir} holds no checkpoint")
-        return 0, None
+        return 0, _ema(model, cfg, None)
     if not resume:
         raise ElmgenError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out")
     state = checkpoint.load_trainer_state(run_dir)
@@ -226,7 +225,17 @@ def _start(model: torch.nn.Module, opt: torch.optim.Optimizer, run_dir: Path, re
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"], checkpoint.load_ema(run_dir)
+    return state["step"], _ema(model, cfg, checkpoint.load_ema(run_dir))
+
+
+def _ema(model: torch.nn.Module, cfg: TrainConfig, state: dict | None) -> EMA | None:
+    """The EMA of the (loaded) weights when cfg.ema_decay > 0, with a checkpoint's EMA state if it kept one."""
+    if cfg.ema_decay <= 0:
+        return None
+    ema = EMA(model, cfg.ema_decay)
+    if state is not None:
+        ema.load_full_state(state)
+    return ema
 
 
 def _clean_run_folder(run_dir: Path, step: int, job) -> None:

@@ -93,12 +93,8 @@ def tokenizer_step(
     return loss, logs
 
 
-def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False) -> dict:
-    """Train a tokenizer; writes checkpoints, metrics, loss.png, eval.json and reconstructions.png."""
-    out_dir = Path(out_dir)
-    job.loss.validate()
-    dataset = load_dataset(job.data)
-    job.tokenizer.in_channels = job.data.channels
+def check_fits(job: TokenizerJob) -> None:
+    """Refuse, before any work, a tokenizer job that would run out of memory or cannot divide its images."""
     check_training_memory(
         job.train,
         lambda batch: training_memory_gb(job.tokenizer, job.data.image_size, batch),
@@ -110,6 +106,29 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
             f"image size {job.data.image_size} is not divisible by the tokenizer's "
             f"downsampling factor {job.tokenizer.downsample}"
         )
+
+
+def checkpoint_meta(job: TokenizerJob, model: Autoencoder, class_names: list[str]) -> CheckpointMeta:
+    return CheckpointMeta(
+        kind=job.tokenizer.quantizer,
+        tokenizer=to_dict(job.tokenizer),
+        data=to_dict(absolute_source(job.data)),
+        bits=model.code_bits,
+        num_codes=model.num_codes,
+        image_size=job.data.image_size,
+        channels=job.data.channels,
+        grid=job.data.image_size // job.tokenizer.downsample,
+        class_names=class_names,
+    )
+
+
+def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train a tokenizer; writes checkpoints, metrics, loss.png, eval.json and reconstructions.png."""
+    out_dir = Path(out_dir)
+    job.loss.validate()
+    dataset = load_dataset(job.data)
+    job.tokenizer.in_channels = job.data.channels
+    check_fits(job)
     perceptual = load_perceptual(job.loss.perceptual_weights) if job.loss.perceptual_weights else None
     device = resolve_device(job.train.device)
     torch.manual_seed(job.train.seed)
@@ -121,18 +140,7 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
         )
     if perceptual is not None:
         perceptual.to(device)
-    model = trainer.tokenizer
-    meta = CheckpointMeta(
-        kind=job.tokenizer.quantizer,
-        tokenizer=to_dict(job.tokenizer),
-        data=to_dict(absolute_source(job.data)),
-        bits=model.code_bits,
-        num_codes=model.num_codes,
-        image_size=job.data.image_size,
-        channels=job.data.channels,
-        grid=job.data.image_size // job.tokenizer.downsample,
-        class_names=dataset.class_names,
-    )
+    meta = checkpoint_meta(job, trainer.tokenizer, dataset.class_names)
 
     def step_fn(trainer, step, idx):
         x = to_float(dataset.images(idx)).to(device)
