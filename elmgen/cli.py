@@ -29,10 +29,18 @@ OVERRIDES_HELP = "config keys to set, e.g. train.steps=500 (all keys: below)"
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors are one line, as every other error (the full usage is one --help away)."""
+    """Usage errors are one line, as every other error (the full usage is one --help away). A command's parser
+    ends its help with every key of its config, listed when the help is asked for."""
+
+    config: type | None = None
 
     def error(self, message):
         self.exit(2, f"elmgen: error: {message} (see '{self.prog} --help')\n")
+
+    def format_help(self) -> str:
+        if self.config is not None and self.epilog is None:
+            self.epilog = keys_help(self.config)
+        return super().format_help()
 
 
 @functools.cache
@@ -57,6 +65,7 @@ def field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
+@functools.cache
 def field_at(cls: type, key: str) -> tuple[type, dataclasses.Field, type]:
     """The dataclass that holds the dotted `key`, its field and the field's value type (without None)."""
     *parents, name = key.split(".")
@@ -127,9 +136,9 @@ def add_command(sub, command: Command) -> None:
         aliases=command.aliases,
         help=command.help,
         description=textwrap.fill(command.description, 110),
-        epilog=keys_help(command.config),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.config = command.config
     if command.config_positional:
         p.add_argument("_config", metavar="CONFIG.yaml", help="the config file (YAML)")
     else:
