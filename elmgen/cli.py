@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -38,6 +39,16 @@ def int_at_least(lo: int):
 
 
 positive_int, nonneg_int = int_at_least(1), int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    value = float(text)  # a ValueError becomes argparse's "invalid float value"
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {text}")
+    return value
+
+
+positive_float.__name__ = "float"
 
 
 def out_path(folder: bool):
@@ -312,6 +323,8 @@ def cmd_run(a) -> None:
     elif a.image_size:
         raise ElmgenError("--image-size applies to --data DIR (Fashion-MNIST runs at 32 px)")
     cfg = build_config(PipelineConfig, a.config, a.overrides, **base)
+    if a.minutes:
+        cfg = replace(cfg, minutes=a.minutes)
     if a.quick:
         cfg = quick_demo(cfg)
     metrics = run_demo(cfg, a.out)
@@ -597,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "Fashion-MNIST); make one with 'elmgen shapes'")
     s.add_argument("--image-size", type=int, metavar="PX",
                    help="image side for --data: 32, 64, 128 or 256 (default: the largest the images support)")
+    s.add_argument("--minutes", type=positive_float, metavar="N",
+                   help="fit the training stages' step counts to about N minutes in all on this machine, measured "
+                        "from each stage's first steps (the same as minutes=N; default: the configured steps)")
     s.add_argument("--quick", action="store_true", help="a short smoke run on a data subset")
     _common(s, "YAML with tokenizer/lm/sample sections (see configs/demo.yaml)")
     s.set_defaults(func=cmd_run)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -61,6 +62,8 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    time_budget_s: float = 0.0  # > 0: train as many steps as fit in this many seconds at the pace of the first
+    # steps (`steps` is then only the provisional length the learning rate follows until the count is decided)
 
     def validate(self, world: int = 1) -> None:
         """Refuse out-of-range settings (NaN included) before anything is written; `world`: processes."""
@@ -80,6 +83,7 @@ class TrainConfig:
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0: no EMA)"), ("seed", self.seed >= 0, ">= 0"),
             ("log_every", self.log_every >= 1, ">= 1"), ("save_every", self.save_every >= 1, ">= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("time_budget_s", 0 <= self.time_budget_s < math.inf, "a finite number >= 0 (0: train.steps steps)"),
         ]
         for name, holds, valid in ranges:
             if not holds:
@@ -89,11 +93,13 @@ class TrainConfig:
                               f"= {world} x {self.grad_accum}")
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
+    """The learning rate of `step` in a run of `total_steps` (default cfg.steps)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_decay == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        total = cfg.steps if total_steps is None else total_steps
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr
 
@@ -195,6 +201,35 @@ def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> np.n
         out.extend(take.tolist())
         start += len(take)
     return np.asarray(out, dtype=np.int64)
+
+
+PACE_STEPS = 6  # a time budget is turned into a step count after this many steps (the first is not timed)
+
+
+def steps_within(budget_s: float, elapsed_s: float, steps_done: int, s_per_step: float) -> int:
+    """How many steps a run that has taken `elapsed_s` for `steps_done` steps can do in `budget_s`
+    at `s_per_step` from now on (at least one more)."""
+    return steps_done + max(1, int((budget_s - elapsed_s) / s_per_step))
+
+
+def clock(device: torch.device) -> float:
+    """Seconds, once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def budget_steps(budget_s: float, step: int, t_start: float, t_first: float, device: torch.device, desc: str) -> int:
+    """The run's step count under a time budget, from the pace since step 1 (every process gets rank 0's)."""
+    now = clock(device)
+    pace = (now - t_first) / (step - 1) if step > 1 else now - t_start
+    total = torch.tensor([steps_within(budget_s, now - t_start, step, pace)], device=device)
+    if dist.is_initialized():  # every process must stop at the same step
+        dist.broadcast(total, 0)
+    if is_main_process():
+        tqdm.write(f"{desc}: {pace:.3g} s a step, so {int(total)} steps fit the {budget_s / 60:.3g}-minute budget",
+                   file=sys.stderr)
+    return int(total)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -317,6 +352,8 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
     With cfg.ema_decay > 0 an EMA of the weights is kept and saved beside them (`ema.safetensors`);
     loaders prefer it. `job` (a config dataclass) is saved as run_dir/job.yaml once the run is accepted:
     a refused run leaves the folder as it was.
+    With cfg.time_budget_s the step count is decided early in the run and saved in its checkpoints, so a
+    resumed run ends where the first one planned to.
     Returns the logged metric rows of this run (all of them, when resumed).
     """
     rank, world = distributed()
@@ -327,6 +364,7 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
     opt = make_optimizer(model, cfg)
     metrics_path = run_dir / "metrics.jsonl"
     step = 0
+    total = cfg.steps  # with a time budget, decided at step PACE_STEPS and kept in the checkpoints
     ema_state = None
     if checkpoint.has_checkpoint(run_dir):
         if not resume:
@@ -348,6 +386,8 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         step = state["step"]
+        if cfg.time_budget_s and isinstance(state.get("total_steps"), int):
+            total = state["total_steps"]  # the count decided when the run started: a resumed run ends there
         ema_state = checkpoint.load_ema(run_dir)
     elif resume:
         raise ElmgenError(f"nothing to resume: {run_dir} holds no checkpoint")
@@ -372,19 +412,25 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
         ema_weights = ema.full_state() if ema is not None else None
         if is_main_process():
             state = {
-                "optimizer": optimizer, "step": step, "rng": torch.get_rng_state(),
+                "optimizer": optimizer, "step": step, "total_steps": total, "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             }
-            checkpoint.save_checkpoint(run_dir, step, weights, ckpt_config, state, cfg.keep_checkpoints, ema_weights)
+            checkpoint.save_checkpoint(run_dir, step, weights, {**ckpt_config, "total_steps": total}, state,
+                                       cfg.keep_checkpoints, ema_weights)
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True)
+    # A time budget becomes a step count at step pace_at, before the first checkpoint, from the pace of the
+    # steps after the first (whose allocations and compilation make it slow)
+    pace_at = min(PACE_STEPS, cfg.save_every) if cfg.time_budget_s and step == 0 else 0
+    total = max(total, pace_at)
+    t_start = t_first = clock(device)
     window: list[torch.Tensor] = []  # losses stay on the device: no host sync until a log or a checkpoint
     extras: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     with bar:
-        while step < cfg.steps:
-            lr = lr_at(step, cfg)
+        while step < total:
+            lr = lr_at(step, cfg, total)
             for group in opt.param_groups:
                 group["lr"] = lr
             losses = []
@@ -406,11 +452,16 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
             if ema is not None:
                 ema.update(step)
             step += 1
+            if step == pace_at:
+                total = budget_steps(cfg.time_budget_s, step, t_start, t_first, device, desc)
+                bar.total = total
+            if step == 1:
+                t_first = clock(device)
             window.append(loss)
             for k, v in extra.items():
                 extras.setdefault(k, []).append(float(v))
             bar.update(1)
-            log, checkpoint_now = step % cfg.log_every == 0 or step == cfg.steps, step % cfg.save_every == 0
+            log, checkpoint_now = step % cfg.log_every == 0 or step == total, step % cfg.save_every == 0
             if log or checkpoint_now:
                 losses_W = torch.stack(window)
                 if not torch.isfinite(losses_W).all():
@@ -427,7 +478,7 @@ def fit(model: torch.nn.Module, cfg: TrainConfig, run_dir: str | Path, step_fn: 
                         f.write(json.dumps(row) + "\n")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step", "lr")})
                 window, extras, t0 = [], {}, time.perf_counter()
-            if checkpoint_now or step == cfg.steps:
+            if checkpoint_now or step == total:
                 save()
     model.eval()
     return read_metrics(metrics_path)
