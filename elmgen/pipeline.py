@@ -219,6 +219,10 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "dirs": {k: str(v) for k, v in vars(dirs).items()},
     }
+    if cfg.minutes:  # the step count each stage chose under the budget
+        stages = {"tokenizer": dirs.tokenizer, "lm": dirs.lm, "classifier": dirs.classifier if cfg.evaluate else None}
+        metrics["budget"] = {"minutes": cfg.minutes, "steps": {
+            name: checkpoint.load_config(d)["step"] for name, d in stages.items() if d is not None}}
     save_yaml(cfg, dirs.samples / "config.yaml")
     checkpoint.atomic_write_text(dirs.samples / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

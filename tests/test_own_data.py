@@ -95,7 +95,9 @@ def test_minutes_fits_each_training_stage_to_the_budget_and_a_rerun_keeps_it(sha
         config = json.loads(next((out / stage / "checkpoints").glob("step_*/config.json")).read_text())
         assert config["step"] == config["total_steps"] >= 7  # decided after 6 steps, not the configured 4
         decided[stage] = config["total_steps"]
-    assert json.loads((out / "metrics.json").read_text())["lm"]["steps"] == decided["lm"]
+    assert json.loads((out / "metrics.json").read_text())["budget"]["steps"] == decided
+    report = (out / "report.md").read_text()
+    assert "budget of 0.1 minutes (`--minutes`)" in report and f"lm {decided['lm']}," in report
     assert main(["run", "--data", str(shapes), "--out", str(out), "--minutes", "0.1", *TINY]) == 0
     assert "steps fit the" not in capsys.readouterr().err  # every stage is complete: nothing trains again
     assert main(["run", "--data", str(shapes), "--out", str(out), "minutes=-1"]) == 2
