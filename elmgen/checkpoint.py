@@ -46,6 +46,7 @@ class CheckpointMeta:
     grid: int | None = None  # tokenizers: cells per side of the code grid
     class_names: list | None = None
     dataset: str | None = None  # classifier: the name of the data set trained on
+    total_steps: int | None = None  # the run's step count (under a time budget, the one it chose)
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

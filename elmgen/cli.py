@@ -99,7 +99,7 @@ def add_option(parser: argparse.ArgumentParser, config: type, option: Option) ->
     else:
         item_type = typing.get_args(value_type)[0] if typing.get_origin(value_type) is list else value_type
         minimum = option.min if option.min is not None else f.metadata.get("min")
-        kwargs["type"] = int_at_least(minimum) if minimum is not None else item_type
+        kwargs["type"] = option.type or (int_at_least(minimum) if minimum is not None else item_type)
         kwargs["metavar"] = option.metavar or (None if option.choices else f.name.upper())
         for name in ("nargs", "choices", "action"):
             if getattr(option, name) is not None:

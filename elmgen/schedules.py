@@ -11,12 +11,14 @@ import torch
 from elmgen.errors import ElmgenError
 
 
-def lr_at(step: int, cfg) -> float:
-    """Learning rate at `step` of a TrainConfig: linear warm-up, then constant or cosine decay to min_lr."""
+def lr_at(step: int, cfg, total_steps: int | None = None) -> float:
+    """Learning rate at `step` of a TrainConfig's run of `total_steps` (default cfg.steps): linear warm-up, then
+    constant or cosine decay to min_lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_decay == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        total = cfg.steps if total_steps is None else total_steps
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr
 

@@ -62,6 +62,9 @@ ROWS = [
     # training settings
     ("train --codes {codes} --out {out} train.steps=1 train.lr=-1", "lr"),
     ("train --codes {codes} --out {out} train.steps=1 train.lr=nan", "lr"),
+    ("train --codes {codes} --out {out} train.time_budget_s=-5", "train.time_budget_s=-5.0 is out of range"),
+    ("demo --out {out} --minutes 0", "--minutes: must be a number > 0"),
+    ("demo --out {out} --minutes inf", "--minutes: must be a number > 0"),
     ("train-tokenizer --out {out} train.steps=1 train.save_every=0", "save_every"),
     ("train-classifier --out {out} train.steps=1 train.log_every=0", "log_every"),
     ("eval-tokenizer --tokenizer {tok} --out {out} --device cuda:99", "CUDA"),

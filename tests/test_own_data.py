@@ -103,3 +103,23 @@ def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, ca
     assert main(["sweep", str(sweep), "--out", str(tmp_path / "sw")]) == 0
     rows = (tmp_path / "sw" / "summary.csv").read_text().strip().splitlines()
     assert len(rows) == 3
+
+
+@pytest.mark.slow
+def test_minutes_fits_each_training_stage_to_the_budget_and_a_rerun_keeps_it(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(shapes), "--out", str(out), "--minutes", "0.1", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert err.count("steps fit the") == 3  # tokenizer, LM and classifier each said what they chose
+    decided = {}
+    for stage in ("tokenizer", "lm", "classifier"):
+        config = json.loads(next((out / stage / "checkpoints").glob("step_*/config.json")).read_text())
+        assert config["step"] == config["total_steps"] >= 7  # decided after 6 steps, not the configured 4
+        decided[stage] = config["total_steps"]
+    assert json.loads((out / "metrics.json").read_text())["budget"]["steps"] == decided
+    report = (out / "report.md").read_text()
+    assert "budget of 0.1 minutes (`--minutes`)" in report and f"lm {decided['lm']}," in report
+    assert main(["run", "--data", str(shapes), "--out", str(out), "--minutes", "0.1", *TINY]) == 0
+    assert "steps fit the" not in capsys.readouterr().err  # every stage is complete: nothing trains again
+    assert main(["run", "--data", str(shapes), "--out", str(out), "minutes=-1"]) == 2
+    assert "minutes=-1.0 is out of range" in capsys.readouterr().err

@@ -3,6 +3,7 @@ import pytest
 import torch
 from conftest import write_fake_fmnist
 
+import elmgen.train.budget
 import elmgen.train.loop
 from elmgen import checkpoint
 from elmgen.checkpoint import CheckpointMeta
@@ -24,6 +25,7 @@ from elmgen.train import (
     train_lm,
     train_tokenizer,
 )
+from elmgen.train.budget import steps_within
 from elmgen.vocab import Vocab
 
 TOKENIZER = dict(base_width=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=16, num_bits=8)
@@ -205,6 +207,33 @@ def test_a_non_finite_loss_stops_the_run_before_the_next_checkpoint(tmp_path):
     with pytest.raises(ElmgenError, match="non-finite before step 4"):
         fit(torch.nn.Linear(2, 1), cfg, tmp_path, step_fn, num_items=8, meta=CheckpointMeta(kind="x"))
     assert checkpoint.resolve(tmp_path).name == "step_00000002"
+
+
+def test_steps_within_a_budget():
+    assert steps_within(300, elapsed_s=90, steps_done=6, s_per_step=10) == 27
+    assert steps_within(60, elapsed_s=90, steps_done=6, s_per_step=10) == 7  # over budget: one more step
+
+
+def test_a_time_budget_decides_the_step_count_once_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
+    """A fake clock advanced by the steps: the first takes 40 s, the next 10 s each (then, after the crash, 30 s)."""
+    now = {"t": 0.0, "step_s": 10.0}
+    monkeypatch.setattr(elmgen.train.budget, "clock", lambda device: now["t"])
+
+    def step_fn(model, step, idx):
+        if step == 15 and now["step_s"] == 10:
+            raise KeyboardInterrupt  # killed after the step-10 checkpoint
+        now["t"] += now["step_s"] + (30 if step == 0 else 0)
+        return model(torch.ones(len(idx), 2)).pow(2).mean(), {}
+
+    cfg = TrainConfig(steps=1000, batch_size=2, log_every=1, save_every=10, time_budget_s=300, lr_decay="cosine")
+    with pytest.raises(KeyboardInterrupt):
+        fit(torch.nn.Linear(2, 1), cfg, tmp_path, step_fn, num_items=8, meta=CheckpointMeta(kind="x"))
+    # steps 2-6 took 50 s: 6 steps in 90 s, then 21 more of 10 s fit the remaining 210 s
+    assert checkpoint.load_config(tmp_path)["total_steps"] == 27
+    now["step_s"] = 30.0  # a slower machine on resume: the decided count stands
+    rows = fit(torch.nn.Linear(2, 1), cfg, tmp_path, step_fn, num_items=8, meta=CheckpointMeta(kind="x"), resume=True)
+    assert rows[-1]["step"] == 27 and checkpoint.load_config(tmp_path)["step"] == 27
+    assert rows[-1]["lr"] == pytest.approx(lr_at(26, cfg, 27)) and lr_at(26, cfg, 27) < lr_at(26, cfg)
 
 
 def test_models_opt_in_to_recomputation_and_sharding():

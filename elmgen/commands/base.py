@@ -19,6 +19,7 @@ class Option:
     choices: tuple | None = None
     min: int | None = None  # integers below are refused (a field's metadata "min" gives it too)
     action: str | None = None  # "append": each use adds a list
+    type: Callable | None = None  # parses the option's text (default: the field's type, with `min`)
 
 
 @dataclass(frozen=True)

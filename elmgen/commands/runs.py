@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -62,6 +64,17 @@ def model_info_command(cmd: ModelInfoCommand) -> None:
 
 def preset_base(cmd: ModelInfoCommand) -> dict:
     return preset(cmd.preset)
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0, or a one-line usage error naming the option."""
+    value = float(text)  # a ValueError becomes argparse's "invalid float value"
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, not {text}")
+    return value
+
+
+positive_float.__name__ = "float"
 
 
 @dataclass
@@ -163,6 +176,7 @@ COMMANDS = (
             *named("out"),
             Option(("--data",), "data", metavar="DIR"),
             Option(("--image-size",), "image_size", metavar="PX"),
+            Option(("--minutes",), "minutes", metavar="N", type=positive_float),
             Option(("--quick",), "quick", const=True),
         ),
         aliases=("demo",),

@@ -110,7 +110,17 @@ Sampling: classifier-free guidance scale {s["guidance_scale"]} ({s["guidance_sch
 {render_eval(m.get("eval"))}
 ## Time
 {", ".join(f"{k}: {v:.0f} s" for k, v in m["seconds"].items())}
-"""
+{render_budget(m.get("budget"))}"""
+
+
+def render_budget(b: dict | None) -> str:
+    if not b:
+        return ""
+    steps = ", ".join(f"{name} {n}" for name, n in b["steps"].items())
+    return (
+        f"\nUnder a budget of {b['minutes']:g} minutes (`--minutes`), each training stage chose its step count "
+        f"from the pace of its first steps: {steps}.\n"
+    )
 
 
 def render_eval(e: dict | None) -> str:

@@ -70,6 +70,7 @@ class PipelineConfig:
         default_factory=lambda: ClassifierJob(train=replace(ClassifierJob().train, steps=1000))
     )
     reference_images: int = 10000  # training images behind the reference statistics
+    minutes: float = 0.0  # > 0: the training stages' step counts are chosen to fit this many minutes in all
 
 
 # The tokenizer's levels at each image side: a downsampling factor that keeps the grid at 8x8 up to 128 px
@@ -103,6 +104,17 @@ class StageDirs:
     classifier: Path
 
 
+# Under a time budget (`minutes`): the tokenizer's share of it, and the share kept back for the classifier and for
+# what is not training (tokenizing, sampling, reference statistics, metrics); the language model gets the rest,
+# measured when it starts, so it absorbs a stage that ran long.
+TOKENIZER_SHARE, CLASSIFIER_SHARE, OVERHEAD_SHARE = 0.30, 0.05, 0.07
+
+
+def with_budget(job, seconds: float):
+    """A job (anything with a `train` TrainConfig) that trains for `seconds` instead of its step count."""
+    return replace(job, train=replace(job.train, time_budget_s=max(1.0, seconds)))
+
+
 def config_hash(*parts) -> str:
     """Short hash of configs (dataclasses) or plain JSON-able values."""
     text = json.dumps([to_dict(p) if is_dataclass(p) else p for p in parts], sort_keys=True)
@@ -113,13 +125,14 @@ def shared_dirs(cfg: PipelineConfig, root: str | Path, samples: str | Path) -> S
     """Stage folders under `root` keyed by the configs that determine them (codes do not depend on
     the LM's vocabulary split, so every split shares one code folder)."""
     root = Path(root)
-    tok = config_hash(cfg.tokenizer)
+    budget = [cfg.minutes] if cfg.minutes else []  # a budgeted stage differs from one of the configured steps
+    tok = config_hash(cfg.tokenizer, *budget)
     return StageDirs(
         root / "tokenizers" / tok,
         root / "codes" / tok,
-        root / "lms" / config_hash(cfg.tokenizer, cfg.lm),
+        root / "lms" / config_hash(cfg.tokenizer, cfg.lm, *budget),
         Path(samples),
-        root / "classifiers" / config_hash(classifier_job(cfg)),
+        root / "classifiers" / config_hash(classifier_job(cfg), *budget),
     )
 
 
@@ -128,17 +141,23 @@ def classifier_job(cfg: PipelineConfig) -> ClassifierJob:
     return replace(cfg.classifier, data=replace(cfg.tokenizer.data, split="train"))
 
 
-def trained(run_dir: Path, steps: int) -> bool:
-    """Whether a training stage is finished: its latest checkpoint is that of the last step. (Its
-    metrics.jsonl can be complete while a kill interrupted that checkpoint.) The tokenizer and
-    classifier stages write eval.json after it, so that file says the same for them."""
-    return checkpoint.has_checkpoint(run_dir) and checkpoint.load_config(run_dir).get("step", 0) >= steps
+def trained(run_dir: Path, train: TrainConfig) -> bool:
+    """Whether a training stage is finished: its latest checkpoint is that of the last step (under a time
+    budget, the step count the run chose). Its metrics.jsonl can be complete while a kill interrupted that
+    checkpoint. The tokenizer and classifier stages write eval.json after it, so that file says the same for them."""
+    if not checkpoint.has_checkpoint(run_dir):
+        return False
+    config = checkpoint.load_config(run_dir)
+    steps = config.get("total_steps", train.steps) if train.time_budget_s else train.steps
+    return config.get("step", 0) >= steps
 
 
 def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, num_samples: int) -> dict:
     """Train (once) the feature-space classifier and its reference statistics, then score the samples."""
     if not (dirs.classifier / "eval.json").is_file():
-        train_classifier(classifier_job(cfg), dirs.classifier, resume=checkpoint.has_checkpoint(dirs.classifier))
+        job = classifier_job(cfg)
+        job = with_budget(job, CLASSIFIER_SHARE * cfg.minutes * 60) if cfg.minutes else job
+        train_classifier(job, dirs.classifier, resume=checkpoint.has_checkpoint(dirs.classifier))
     extractor = load_extractor("classifier", classifier=dirs.classifier)
     ref_file = dirs.classifier / f"reference_{cfg.reference_images}.npz"
     if ref_file.is_file():
@@ -182,16 +201,35 @@ def lm_summary(model: ModelConfig, last_row: dict) -> dict:
     }
 
 
+def budget_seconds(cfg: PipelineConfig) -> float:
+    """The run's time budget in seconds (0: the configured step counts), checked."""
+    if not 0 <= cfg.minutes < math.inf:
+        raise ElmgenError(
+            f"minutes={cfg.minutes} is out of range: it must be a finite number >= 0 (0: the configured steps)"
+        )
+    return cfg.minutes * 60
+
+
+def budget_summary(cfg: PipelineConfig, dirs: StageDirs) -> dict:
+    """metrics.json's budget: the minutes and the step count each training stage chose under them."""
+    stages = {"tokenizer": dirs.tokenizer, "lm": dirs.lm, "classifier": dirs.classifier if cfg.evaluate else None}
+    steps = {name: checkpoint.load_config(d)["step"] for name, d in stages.items() if d is not None}
+    return {"minutes": cfg.minutes, "steps": steps}
+
+
 def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     """Run (or finish) every stage; returns the run's metrics, also written to samples/metrics.json."""
     timings: dict[str, float] = {}
     cfg.sample.validate(cfg.lm.model.vocabulary.size)  # now, not after the training stages
+    budget_s = budget_seconds(cfg)
+    deadline = time.perf_counter() + budget_s  # a resumed run plans its unfinished stages from its own start
     if dirs.samples.is_dir():  # what a killed run left half-written
         remove_temporaries(dirs.samples, "samples", "metrics.json", "config.yaml")
 
     t = time.perf_counter()
     if not (dirs.tokenizer / "eval.json").is_file():
-        train_tokenizer(cfg.tokenizer, dirs.tokenizer, resume=checkpoint.has_checkpoint(dirs.tokenizer))
+        job = with_budget(cfg.tokenizer, TOKENIZER_SHARE * budget_s) if budget_s else cfg.tokenizer
+        train_tokenizer(job, dirs.tokenizer, resume=checkpoint.has_checkpoint(dirs.tokenizer))
     tokenizer, tok_meta = load_tokenizer(dirs.tokenizer)
     tok_eval = json.loads((dirs.tokenizer / "eval.json").read_text())
     timings["tokenizer"] = time.perf_counter() - t
@@ -204,7 +242,9 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
 
     t = time.perf_counter()
     lm_job = fit_to_codes(cfg.lm, CodeDataset(dirs.codes).meta)
-    if not trained(dirs.lm, lm_job.train.steps):
+    if budget_s:
+        lm_job = with_budget(lm_job, deadline - time.perf_counter() - (CLASSIFIER_SHARE + OVERHEAD_SHARE) * budget_s)
+    if not trained(dirs.lm, lm_job.train):
         train_lm(lm_job, dirs.codes, dirs.lm, resume=checkpoint.has_checkpoint(dirs.lm))
     rows = read_metrics(dirs.lm / "metrics.jsonl")
     model, _ = load_model(dirs.lm)
@@ -231,6 +271,8 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "dirs": {k: str(v) for k, v in vars(dirs).items()},
     }
+    if cfg.minutes:
+        metrics["budget"] = budget_summary(cfg, dirs)
     save_yaml(cfg, dirs.samples / "config.yaml")
     atomic_write_text(dirs.samples / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

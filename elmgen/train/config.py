@@ -32,6 +32,8 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    time_budget_s: float = 0.0  # > 0: train as many steps as fit in this many seconds at the pace of the first
+    # steps (`steps` is then only the provisional length the learning rate follows until the count is decided)
 
     def validate(self, world: int = 1) -> None:
         """Refuse out-of-range settings (NaN included) before anything is written; `world`: processes."""
@@ -56,6 +58,7 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, ">= 1"),
             ("save_every", self.save_every >= 1, ">= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("time_budget_s", 0 <= self.time_budget_s < math.inf, "a finite number >= 0 (0: train.steps steps)"),
         ]
         for name, holds, valid in ranges:
             if not holds:

@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from elmgen.device import autocast
 from elmgen.errors import ElmgenError
 from elmgen.io import atomic_write_text, read_metrics, remove_temporaries
 from elmgen.schedules import lr_at
+from elmgen.train.budget import RunLength
 from elmgen.train.config import TrainConfig
 from elmgen.train.distributed import (
     average_gradients,
@@ -159,12 +161,12 @@ def fit(
     whole tensors, so a run can resume with another number of processes.
 
     Seed torch with cfg.seed before building the model: a fresh run continues from that RNG state.
-    `units_per_step` (tokens or images per step) turns step time into a throughput figure.
-    With cfg.ema_decay > 0 an EMA of the weights is kept and saved beside them (`ema.safetensors`);
-    loaders prefer it. `job` (a config dataclass) is saved as run_dir/job.yaml once the run is accepted:
-    a refused run leaves the folder as it was.
-    `meta` is what every checkpoint's config.json records.
-    Returns the logged metric rows of this run (all of them, when resumed).
+    `units_per_step` (tokens or images per step) turns step time into a throughput figure. With
+    cfg.ema_decay > 0 an EMA of the weights is kept and saved beside them (`ema.safetensors`); loaders
+    prefer it. With cfg.time_budget_s the step count is decided early and kept in the checkpoints, so a
+    resumed run ends where the first one planned to. `job` (a config dataclass) is saved as job.yaml once
+    the run is accepted: a refused run leaves the folder as it was. `meta`: what every checkpoint's
+    config.json records. Returns the logged metric rows (all of them, when resumed).
     """
     rank, world = distributed()
     cfg.validate(world)
@@ -172,43 +174,45 @@ def fit(
     device = next(model.parameters()).device
     sharded = prepare(model, cfg, world)
     opt = make_optimizer(model, cfg)
-    step, ema = _start(model, opt, cfg, run_dir, resume)
+    step, ema, total = _start(model, opt, cfg, run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         _clean_run_folder(run_dir, step, job)
     model.train()
     window = MetricsWindow(run_dir / "metrics.jsonl", units_per_step, unit)
-    with tqdm(total=cfg.steps, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True) as bar:
-        while step < cfg.steps:
-            lr = lr_at(step, cfg)
+    length = RunLength(cfg, step, total, device, desc)
+    with tqdm(total=total, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True) as bar:
+        while step < length.total:
+            lr = lr_at(step, cfg, length.total)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss, extra = _optimizer_step(model, opt, cfg, step_fn, step, num_items, rank, world, sharded, device)
             if ema is not None:
                 ema.update(step)
             step += 1
+            bar.total = length.after(step)
             window.add(loss, extra)
             bar.update(1)
-            log, checkpoint_now = step % cfg.log_every == 0 or step == cfg.steps, step % cfg.save_every == 0
+            log, checkpoint_now = step % cfg.log_every == 0 or step == length.total, step % cfg.save_every == 0
             if log or checkpoint_now:
                 window.check_finite(step)
             if log:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in window.log(step, lr).items() if k not in ("step", "lr")})
-            if checkpoint_now or step == cfg.steps:
-                _save(model, opt, ema, cfg, run_dir, step, meta)
+            if checkpoint_now or step == length.total:
+                _save(model, opt, ema, cfg, run_dir, step, replace(meta, total_steps=length.total))
     model.eval()
     return read_metrics(run_dir / "metrics.jsonl")
 
 
 def _start(
     model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, run_dir: Path, resume: bool
-) -> tuple[int, EMA | None]:
-    """The step to start from and the EMA (with cfg.ema_decay > 0): the run's last checkpoint, loaded into
-    model, optimizer and EMA (with `resume`), or step 0 for a new run."""
+) -> tuple[int, EMA | None, int]:
+    """The step to start from, the EMA (with cfg.ema_decay > 0) and the run's step count: the run's last
+    checkpoint, loaded into model, optimizer and EMA (with `resume`), or step 0 for a new run."""
     if not checkpoint.has_checkpoint(run_dir):
         if resume:
             raise ElmgenError(f"nothing to resume: {run_dir} holds no checkpoint")
-        return 0, _ema(model, cfg, None)
+        return 0, _ema(model, cfg, None), cfg.steps
     if not resume:
         raise ElmgenError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out")
     state = checkpoint.load_trainer_state(run_dir)
@@ -225,7 +229,9 @@ def _start(
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"], _ema(model, cfg, checkpoint.load_ema(run_dir))
+    # the count a time budget decided when the run started: a resumed run ends there
+    total = state["total_steps"] if cfg.time_budget_s and isinstance(state.get("total_steps"), int) else cfg.steps
+    return state["step"], _ema(model, cfg, checkpoint.load_ema(run_dir)), total
 
 
 def _ema(model: torch.nn.Module, cfg: TrainConfig, state: dict | None) -> EMA | None:
@@ -290,6 +296,7 @@ def _save(model, opt, ema: EMA | None, cfg: TrainConfig, run_dir: Path, step: in
         state = {
             "optimizer": optimizer,
             "step": step,
+            "total_steps": meta.total_steps,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
