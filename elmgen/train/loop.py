@@ -161,12 +161,11 @@ def fit(
     whole tensors, so a run can resume with another number of processes.
 
     Seed torch with cfg.seed before building the model: a fresh run continues from that RNG state.
-    `units_per_step` (tokens or images per step) turns step time into a throughput figure. With
-    cfg.ema_decay > 0 an EMA of the weights is kept and saved beside them (`ema.safetensors`); loaders
-    prefer it. With cfg.time_budget_s the step count is decided early and kept in the checkpoints, so a
-    resumed run ends where the first one planned to. `job` (a config dataclass) is saved as job.yaml once
-    the run is accepted: a refused run leaves the folder as it was. `meta`: what every checkpoint's
-    config.json records. Returns the logged metric rows (all of them, when resumed).
+    `units_per_step` (tokens or images per step) turns step time into a throughput figure. With cfg.ema_decay > 0
+    an EMA of the weights is kept and saved beside them (`ema.safetensors`); loaders prefer it. With
+    cfg.time_budget_s the step count is decided early and kept in the checkpoints, so a resumed run ends where the
+    first one planned to. `job` (a config dataclass) is saved as job.yaml once the run is accepted: a refused run
+    leaves the folder as it was. `meta`: what every checkpoint's config.json records. Returns all of metrics.jsonl.
     """
     rank, world = distributed()
     cfg.validate(world)
