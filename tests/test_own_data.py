@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import elmgen.train.budget
 from elmgen.cli import main
 from elmgen.data import inspect_folder
 from elmgen.data.shapes import SHAPES, make_shapes
@@ -106,15 +107,19 @@ def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, ca
 
 
 @pytest.mark.slow
-def test_minutes_fits_each_training_stage_to_the_budget_and_a_rerun_keeps_it(shapes, tmp_path, capsys):
+def test_minutes_fits_each_training_stage_to_the_budget_and_a_rerun_keeps_it(shapes, tmp_path, capsys, monkeypatch):
+    # A training clock on which every reading is 100 s later: each stage's pace is 20 s a step and its first 6
+    # steps overrun a 0.1-minute budget, so each does one more (a count that does not depend on this machine)
+    readings = iter(range(0, 10**6, 100))
+    monkeypatch.setattr(elmgen.train.budget, "clock", lambda device: next(readings))
     out = tmp_path / "run"
     assert main(["run", "--data", str(shapes), "--out", str(out), "--minutes", "0.1", *TINY]) == 0
     err = capsys.readouterr().err
-    assert err.count("steps fit the") == 3  # tokenizer, LM and classifier each said what they chose
+    assert err.count("20 s a step, so 7 steps fit the") == 3  # tokenizer, LM and classifier each said so
     decided = {}
     for stage in ("tokenizer", "lm", "classifier"):
         config = json.loads(next((out / stage / "checkpoints").glob("step_*/config.json")).read_text())
-        assert config["step"] == config["total_steps"] >= 7  # decided after 6 steps, not the configured 4
+        assert config["step"] == config["total_steps"] == 7  # decided after 6 steps, not the configured 4
         decided[stage] = config["total_steps"]
     assert json.loads((out / "metrics.json").read_text())["budget"]["steps"] == decided
     report = (out / "report.md").read_text()
