@@ -12,27 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
-import numpy as np
-import torch
-
-from elmgen.data import DataConfig, load_dataset, to_float, to_uint8
-from elmgen.evaluation import evaluate_samples, load_extractor
+from elmgen.data import DataConfig, load_dataset
+from elmgen.evaluation import Reconstructions, evaluate_samples, load_extractor
 from elmgen.tokenizers import load_tokenizer
-
-
-@torch.no_grad()
-def reconstruct(tokenizer, dataset, batch_size: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Reconstructions (uint8 NHWC, ADM layout) of every image of `dataset`, with its labels."""
-    images = []
-    for start in range(0, len(dataset), batch_size):
-        x = to_float(dataset.images(list(range(start, min(start + batch_size, len(dataset))))))
-        recon = tokenizer.decode_cells(tokenizer.encode_cells(x), x.shape[-1] // tokenizer.cfg.downsample)
-        images.append(to_uint8(recon.clamp(-1, 1)).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(images), np.asarray(dataset.labels)
 
 
 def main() -> None:
@@ -44,12 +28,9 @@ def main() -> None:
     tokenizer, meta = load_tokenizer(a.tokenizer)
     data = DataConfig(**{k: v for k, v in meta["data"].items() if k in DataConfig.__dataclass_fields__})
     held_out = load_dataset(replace(data, split="test", limit=None))
-    images, labels = reconstruct(tokenizer, held_out)
     extractor = load_extractor("classifier", classifier=a.classifier)
     reference = a.reference or replace(data, split="train")
-    with tempfile.TemporaryDirectory() as tmp:
-        np.savez(Path(tmp) / "reconstructions.npz", images, labels)
-        result = evaluate_samples(Path(tmp) / "reconstructions.npz", reference, extractor, splits=10)
+    result = evaluate_samples(Reconstructions(tokenizer, held_out), reference, extractor, splits=10)
     keys = ("class_accuracy", "precision", "recall", "fid", "num_samples")
     print(json.dumps({"held_out": held_out.name, **{k: result[k] for k in keys}}, indent=2))
 

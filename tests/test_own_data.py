@@ -72,7 +72,10 @@ def test_run_on_a_class_folder_takes_everything_from_the_data(shapes, tmp_path, 
     tok = json.loads((out / "tokenizer" / "eval.json").read_text())
     assert "held-out part: 10% of each class held out" in tok["dataset"] and tok["images"] == 6
     assert len(tok["psnr_per_class"]) == 3 and None not in tok["psnr_per_class"]
+    ceiling = metrics["eval"]["reconstructions"]  # the tokenizer's held-out reconstructions, scored as samples
+    assert ceiling["num_samples"] == 6 and 0 <= ceiling["class_accuracy"] <= 1 and ceiling["fid"] >= 0
     report = (out / "report.md").read_text()
+    assert "reconstructions of 6 held-out images" in report and f"| {ceiling['fid']:.2f} |" in report
     assert report.startswith("# elmgen: shapes/ (your images)") and "Fashion-MNIST" not in report
     assert "10% of each class" in report and "| triangle |" in report
     assert np.load(out / "samples.npz")["arr_0"].shape == (6, 32, 32, 3)

@@ -34,4 +34,10 @@ from elmgen.evaluation.reference import (
 )
 from elmgen.evaluation.samples import evaluate_samples
 from elmgen.evaluation.sources import DatasetImages, FolderImages, ImageSource, NpzImages, conform, open_samples
-from elmgen.evaluation.tokenizer import evaluate_tokenizer, save_reconstructions, tokenizer_report
+from elmgen.evaluation.tokenizer import (
+    Reconstructions,
+    evaluate_tokenizer,
+    reconstruct,
+    save_reconstructions,
+    tokenizer_report,
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from elmgen.data import ImageDataset, to_float, to_uint8
 from elmgen.evaluation.metrics import bit_stats, code_usage, psnr, ssim, subcode_usage
+from elmgen.evaluation.sources import ImageSource, conform
 from elmgen.io import atomic_write_text
 from elmgen.plots import image_grid, save_png
 from elmgen.tokenizers import Autoencoder
@@ -70,11 +72,33 @@ def tokenizer_report(model: Autoencoder, dataset, out_dir: Path, vocab: Vocab | 
 
 
 @torch.no_grad()
+def reconstruct(model: Autoencoder, x_BCHW: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] through deterministic codes and back."""
+    model.eval()
+    x_BCHW = x_BCHW.to(next(model.parameters()).device)
+    return model.decode_cells(model.encode_cells(x_BCHW), x_BCHW.shape[-1] // model.cfg.downsample).clamp(-1, 1)
+
+
 def save_reconstructions(model: Autoencoder, dataset, path, n: int = 16) -> None:
     """Top row: originals; bottom row: reconstructions from deterministic codes."""
-    model.eval()
-    device = next(model.parameters()).device
-    x = to_float(dataset.images(list(range(min(n, len(dataset)))))).to(device)
-    grid = x.shape[-1] // model.cfg.downsample
-    recon = model.decode_cells(model.encode_cells(x), grid).clamp(-1, 1)
-    save_png(image_grid(to_uint8(torch.cat([x, recon])), ncols=x.shape[0], scale=3), path)
+    x = to_float(dataset.images(list(range(min(n, len(dataset))))))
+    save_png(image_grid(to_uint8(torch.cat([x, reconstruct(model, x).cpu()])), ncols=x.shape[0], scale=3), path)
+
+
+class Reconstructions(ImageSource):
+    """A data set's images as the tokenizer gives them back: scored as samples are, they are the ceiling that a
+    language model on this tokenizer's codes can reach in a feature space."""
+
+    def __init__(self, model: Autoencoder, dataset: ImageDataset):
+        self.model, self.dataset = model, dataset
+        self.labels, self.name = dataset.labels, f"reconstructions of {dataset.name}"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, batch_size: int, size: int, channels: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(self.dataset), batch_size):
+            x = to_float(self.dataset.images(np.arange(start, min(len(self.dataset), start + batch_size))))
+            yield conform(
+                to_uint8(reconstruct(self.model, x)).cpu().numpy().transpose(0, 2, 3, 1), size, channels, self.name
+            )

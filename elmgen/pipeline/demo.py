@@ -147,4 +147,17 @@ Per class:
 {per_class}
 
 With only {e["num_samples"]} samples, FID is biased upwards; compare it across runs of equal size.
+{render_ceiling(e.get("reconstructions"))}"""
+
+
+def render_ceiling(r: dict | None) -> str:
+    if not r:
+        return ""
+    return f"""
+The tokenizer's reconstructions of {r["num_samples"]} held-out images, scored the same way, are the most the
+samples can reach here (the language model only chooses codes for this decoder):
+
+| FID | precision | recall | class accuracy |
+|---|---|---|---|
+| {r["fid"]:.2f} | {r["precision"]:.3f} | {r["recall"]:.3f} | {r["class_accuracy"]:.3f} |
 """

@@ -19,7 +19,7 @@ from elmgen.codes import CodeDataset, tokenize
 from elmgen.config import save_yaml, to_dict
 from elmgen.data import inspect_folder, load_dataset
 from elmgen.errors import ElmgenError
-from elmgen.evaluation import evaluate_samples, load_extractor, open_reference, save_ref_stats
+from elmgen.evaluation import Reconstructions, evaluate_samples, load_extractor, open_reference, save_ref_stats
 from elmgen.io import atomic_write_text, read_metrics, remove_temporaries
 from elmgen.models import ModelConfig, count_params, load_model, preset
 from elmgen.sampling import SampleConfig, class_balanced, image_seeds, sample_images, write_samples
@@ -152,8 +152,9 @@ def trained(run_dir: Path, train: TrainConfig) -> bool:
     return config.get("step", 0) >= steps
 
 
-def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, num_samples: int) -> dict:
-    """Train (once) the feature-space classifier and its reference statistics, then score the samples."""
+def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, num_samples: int, tokenizer) -> dict:
+    """Train (once) the feature-space classifier and its reference statistics, then score the samples, and the
+    tokenizer's reconstructions of the held-out images (the ceiling for the samples)."""
     if not (dirs.classifier / "eval.json").is_file():
         job = classifier_job(cfg)
         job = with_budget(job, CLASSIFIER_SHARE * cfg.minutes * 60) if cfg.minutes else job
@@ -168,6 +169,9 @@ def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, num_samples: int) -> dict
     # the Inception Score needs a sample per split: few classes x few samples get fewer splits
     result = evaluate_samples(dirs.samples / "samples.npz", ref, extractor, splits=min(10, num_samples))
     result["classifier_test_accuracy"] = json.loads((dirs.classifier / "eval.json").read_text())["accuracy"]
+    held_out = load_dataset(replace(cfg.tokenizer.data, split="test", limit=cfg.tokenizer.eval_images))
+    ceiling = evaluate_samples(Reconstructions(tokenizer, held_out), ref, extractor, splits=min(10, len(held_out)))
+    result["reconstructions"] = {k: ceiling[k] for k in ("num_samples", "fid", "precision", "recall", "class_accuracy")}
     return result
 
 
@@ -260,7 +264,7 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     evaluation = None
     if cfg.evaluate:
         t = time.perf_counter()
-        evaluation = evaluate_run(cfg, dirs, len(labels))
+        evaluation = evaluate_run(cfg, dirs, len(labels), tokenizer)
         timings["evaluate"] = time.perf_counter() - t
 
     metrics = {
