@@ -169,7 +169,7 @@ def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, num_samples: int, tokeniz
     # the Inception Score needs a sample per split: few classes x few samples get fewer splits
     result = evaluate_samples(dirs.samples / "samples.npz", ref, extractor, splits=min(10, num_samples))
     result["classifier_test_accuracy"] = json.loads((dirs.classifier / "eval.json").read_text())["accuracy"]
-    held_out = load_dataset(replace(cfg.tokenizer.data, split="test", limit=cfg.tokenizer.eval_images))
+    held_out = load_dataset(cfg.tokenizer.held_out)
     ceiling = evaluate_samples(Reconstructions(tokenizer, held_out), ref, extractor, splits=min(10, len(held_out)))
     result["reconstructions"] = {k: ceiling[k] for k in ("num_samples", "fid", "precision", "recall", "class_accuracy")}
     return result

@@ -43,6 +43,11 @@ class TokenizerJob:
     hflip: bool = False  # random horizontal flips of training images
     eval_images: int = 2000  # held-out images for the PSNR / SSIM / code-usage report
 
+    @property
+    def held_out(self) -> DataConfig:
+        """The held-out images every held-out figure of this tokenizer uses (its report, the samples' ceiling)."""
+        return replace(self.data, split="test", limit=self.eval_images)
+
 
 class TokenizerTraining(nn.Module):
     """What a tokenizer checkpoint holds: the tokenizer and the discriminator.
@@ -164,6 +169,6 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
     if not is_main_process():
         return {}
     loss_curve(rows, out_dir / "loss.png", title="tokenizer loss")
-    held_out = load_dataset(replace(job.data, split="test", limit=job.eval_images))
+    held_out = load_dataset(job.held_out)
     release, _ = load_tokenizer(out_dir, device)  # the weights saved for use (the EMA, if kept)
     return tokenizer_report(release, held_out, out_dir)
