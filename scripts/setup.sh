@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up on Debian: Fashion-MNIST, a virtual environment in .venv,
-# the CPU build of PyTorch, and elmgen itself with its test tools.
+# the CPU build of PyTorch, chromium, and elmgen itself with its test tools and the browser demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,4 +16,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The pinned torch goes first: an open range resolved first would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0"
-.venv/bin/pip install -q -e ".[dev]"
+# chromium: the browser the test of `elmgen serve` drives (Playwright on Debian's binary, no download)
+if [ ! -x /usr/bin/chromium ]; then
+    as_root apt-get update -qq
+    as_root apt-get install -y -qq chromium
+fi
+.venv/bin/pip install -q -e ".[dev,demo]"

@@ -15,6 +15,7 @@ LAYERS = [
     {"evaluation", "analysis"},
     {"train"},
     {"pipeline"},
+    {"serve"},
     {"commands"},
     {"cli"},
 ]

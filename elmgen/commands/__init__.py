@@ -5,7 +5,7 @@ in sweep files: `elmgen sample sample.guidance_scale=3`), and its options are sh
 Field comments are the help.
 """
 
-from elmgen.commands import measure, runs, sample, tokens, train
+from elmgen.commands import measure, runs, sample, serve, tokens, train
 from elmgen.commands.base import Command, Option
 from elmgen.commands.measure import ANALYZE_HELP
 
@@ -16,4 +16,5 @@ COMMANDS = (
     *sample.COMMANDS,
     *runs.COMMANDS,
     *measure.COMMANDS,
+    *serve.COMMANDS,
 )

@@ -1,0 +1,171 @@
+"""The Gradio app of `elmgen serve`: pure functions (settings -> SampleConfig or a message, the equivalent CLI
+command) and the page over them. Sampling is elmgen's own (`elmgen.sampling`); the runs are loaded by the
+caller (the command's `load_lm`), so the page samples exactly what `elmgen sample` would."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from elmgen.errors import ElmgenError
+from elmgen.models import Transformer
+from elmgen.models.cost import count_params
+from elmgen.sampling import SampleConfig, class_balanced, image_seeds, sample_images, write_samples
+from elmgen.schedules import GUIDANCE_SCHEDULES
+from elmgen.tokenizers import Autoencoder
+
+INSTALL = "pip install elmgen[demo]"
+
+
+@dataclass
+class Run:
+    """A loaded LM run: what the page samples from."""
+
+    path: str
+    model: Transformer
+    tokenizer: Autoencoder
+    tok_meta: dict
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.tok_meta.get("class_names") or []
+        return list(names) or [str(c) for c in range(self.model.cfg.num_classes)]
+
+
+def model_label(run: Run) -> str:
+    """What the model picker shows: name, kind, vocabulary, size."""
+    cfg = run.model.cfg
+    return f"{Path(run.path).name} · {cfg.kind.upper()} · vocab {cfg.vocab} · {count_params(cfg) / 1e6:.2f}M params"
+
+
+def sample_settings(defaults: SampleConfig, vocab_size: int, **values) -> SampleConfig:
+    """The page's values over the command's defaults, checked as `elmgen sample` checks them (ElmgenError)."""
+    missing = [name for name, v in values.items() if v is None]
+    if missing:
+        raise ElmgenError(f"set {', '.join(missing)}")
+    for name in ("top_k", "seed", "steps"):
+        if name in values:
+            if float(values[name]) != int(values[name]):
+                raise ElmgenError(f"--{name.replace('_', '-')} must be an integer, not {values[name]}")
+            values[name] = int(values[name])
+    cfg = dataclasses.replace(defaults, **values)
+    cfg.validate(vocab_size)
+    return cfg
+
+
+def sample_command_line(run: Run, class_id: int, num: int, cfg: SampleConfig, extra: tuple[str, ...] = ()) -> str:
+    """The `elmgen sample` command that writes the same images (the same per-image seeds)."""
+    args = ["elmgen", "sample", "--model", run.path, *extra, "--out", "samples", "--classes", class_id]
+    args += ["--num-per-class", num, "--seed", cfg.seed, "--guidance-scale", cfg.guidance_scale]
+    args += ["--guidance-schedule", cfg.guidance_schedule, "--temperature", cfg.temperature]
+    args += ["--top-k", cfg.top_k, "--top-p", cfg.top_p]
+    if run.model.cfg.kind == "mlm":
+        args += ["--steps", cfg.steps]
+    return shlex.join(str(a) for a in args)
+
+
+def generate_images(run: Run, class_name: str, num: int, cfg: SampleConfig, out_dir: Path):
+    """Images of one class, as `elmgen sample --classes c --num-per-class num` makes them: the PNG grid, the
+    ADM .npz and the per-image seeds."""
+    names = run.class_names
+    if class_name not in names:
+        raise ElmgenError(f"class {class_name!r} is not one of the model's classes ({', '.join(names)})")
+    labels, index_in_class = class_balanced([names.index(class_name)], int(num))
+    seeds = image_seeds(cfg.seed, labels, index_in_class)
+    images = sample_images(run.model, run.tokenizer, labels, seeds, cfg, progress=False)
+    png, npz = write_samples(images, labels, seeds, out_dir, ncols=int(num))
+    return png, npz, seeds
+
+
+def import_gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ImportError:
+        raise ElmgenError(f"the browser demo needs gradio: {INSTALL}") from None
+    return gr
+
+
+def build_app(runs: list[Run], defaults: SampleConfig, extra: tuple[str, ...] = (), max_images: int = 64):
+    """The page: a Generate tab over `runs`. Errors the user can fix go to the status box, never to the server."""
+    gr = import_gradio()
+    by_label = {model_label(r): r for r in runs}
+    first = runs[0]
+    work = Path(tempfile.mkdtemp(prefix="elmgen-serve-"))
+
+    def on_model(label):
+        run = by_label[label]
+        names = run.class_names
+        return gr.update(choices=names, value=names[0]), gr.update(visible=run.model.cfg.kind == "mlm")
+
+    def on_generate(label, class_name, num, seed, scale, schedule, temperature, top_k, top_p, steps):
+        try:
+            run = by_label[label]
+            if num is None or not 1 <= num <= max_images:
+                raise ElmgenError(f"number of images must be between 1 and {max_images}, not {num}")
+            cfg = sample_settings(
+                defaults,
+                run.model.vocab_size,
+                seed=seed,
+                guidance_scale=scale,
+                guidance_schedule=schedule,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                steps=steps,
+            )
+            out = Path(tempfile.mkdtemp(dir=work))
+            png, npz, seeds = generate_images(run, class_name, int(num), cfg, out)
+        except ElmgenError as e:
+            return gr.update(), gr.update(), gr.update(), gr.update(), f"error: {e}"
+        command = sample_command_line(run, run.class_names.index(class_name), int(num), cfg, extra)
+        seeds_text = ", ".join(str(s) for s in seeds)
+        return str(png), seeds_text, command, [str(png), str(npz)], f"ok: {len(seeds)} images of {class_name}"
+
+    with gr.Blocks(title="elmgen") as demo:
+        gr.Markdown("# elmgen: images from a language model")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    model = gr.Dropdown(list(by_label), value=model_label(first), label="model", elem_id="model")
+                    names = first.class_names
+                    class_name = gr.Dropdown(names, value=names[0], label="class", elem_id="class")
+                    num = gr.Number(4, precision=0, label="number of images", minimum=1, maximum=max_images)
+                    with gr.Row():
+                        seed = gr.Number(defaults.seed, precision=0, label="seed", elem_id="seed")
+                        new_seed = gr.Button("new seed", elem_id="new-seed")
+                    scale = gr.Number(defaults.guidance_scale, label="guidance scale")
+                    schedule = gr.Dropdown(
+                        list(GUIDANCE_SCHEDULES), value=defaults.guidance_schedule, label="guidance schedule"
+                    )
+                    temperature = gr.Number(defaults.temperature, label="temperature")
+                    top_k = gr.Number(defaults.top_k, precision=0, label="top-k (0: all)")
+                    top_p = gr.Number(defaults.top_p, label="top-p", elem_id="top-p")
+                    steps = gr.Number(
+                        defaults.steps, precision=0, label="MaskGIT steps", visible=first.model.cfg.kind == "mlm"
+                    )
+                    go = gr.Button("generate", variant="primary", elem_id="generate")
+                with gr.Column():
+                    status = gr.Textbox(label="status", interactive=False, elem_id="status")
+                    grid = gr.Image(label="samples", type="filepath", interactive=False, elem_id="grid")
+                    seeds = gr.Textbox(label="per-image seeds", interactive=False, elem_id="seeds")
+                    command = gr.Textbox(label="the same with the CLI", interactive=False, elem_id="command")
+                    files = gr.File(label="downloads: PNG grid, ADM .npz", file_count="multiple", elem_id="files")
+        model.change(on_model, model, [class_name, steps])
+        new_seed.click(lambda: int(torch.randint(0, 2**31 - 1, ()).item()), None, seed)
+        inputs = [model, class_name, num, seed, scale, schedule, temperature, top_k, top_p, steps]
+        go.click(on_generate, inputs, [grid, seeds, command, files, status])
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def serve(runs: list[Run], defaults: SampleConfig, host: str, port: int, extra: tuple[str, ...] = ()) -> None:
+    demo = build_app(runs, defaults, extra)
+    print(f"elmgen serve: http://{host}:{port}", flush=True)
+    demo.launch(server_name=host, server_port=port, share=False, inbrowser=False)

@@ -1,0 +1,158 @@
+"""`elmgen serve`: the page's pure functions, and the page itself in a real (headless) browser."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import test_cli
+from PIL import Image
+
+from elmgen.errors import ElmgenError
+from elmgen.sampling import SampleConfig
+from elmgen.serve import sample_command_line, sample_settings
+
+pipeline = test_cli.pipeline  # the tiny tokenizer -> codes -> LM run of the CLI tests
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def test_settings_are_checked_as_the_cli_checks_them():
+    cfg = sample_settings(SampleConfig(), 16, top_p=0.9, top_k=4.0, seed=7, guidance_scale=2)
+    assert (cfg.top_p, cfg.top_k, cfg.seed, cfg.guidance_scale, cfg.steps) == (0.9, 4, 7, 2, 10)
+    assert isinstance(cfg.top_k, int)
+    with pytest.raises(ElmgenError, match=r"--top-p \(sample.top_p\) must be in \(0, 1\], not 0"):
+        sample_settings(SampleConfig(), 16, top_p=0)
+    with pytest.raises(ElmgenError, match="sub-code vocabulary size 16"):
+        sample_settings(SampleConfig(), 16, top_k=17)
+    with pytest.raises(ElmgenError, match="set seed"):
+        sample_settings(SampleConfig(), 16, seed=None)
+    with pytest.raises(ElmgenError, match="integer"):
+        sample_settings(SampleConfig(), 16, seed=1.5)
+
+
+def test_the_cli_command_names_every_setting():
+    run = SimpleNamespace(path="runs/my lm", model=SimpleNamespace(cfg=SimpleNamespace(kind="mlm")))
+    cfg = SampleConfig(seed=5, top_k=3, top_p=0.5, guidance_scale=2.0, steps=8)
+    line = sample_command_line(run, 2, 4, cfg, ("--no-ema",))
+    assert line == (
+        "elmgen sample --model 'runs/my lm' --no-ema --out samples --classes 2 --num-per-class 4 --seed 5 "
+        "--guidance-scale 2.0 --guidance-schedule linear --temperature 1.0 --top-k 3 --top-p 0.5 --steps 8"
+    )
+    run.model.cfg.kind = "ar"
+    assert "--steps" not in sample_command_line(run, 2, 4, cfg)
+
+
+def test_serve_without_gradio_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
+    code = test_cli.main(["serve", "--model", "nowhere"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "elmgen: error: the browser demo needs gradio: pip install elmgen[demo]"
+
+
+def browser():
+    """Playwright's chromium on Debian's binary, or a loud skip saying what is missing."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("BROWSER TEST NOT RUN: playwright is not installed (pip install playwright)")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"BROWSER TEST NOT RUN: no chromium at {CHROMIUM} (apt-get install chromium)")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        pytest.skip("BROWSER TEST NOT RUN: gradio is not installed (pip install elmgen[demo])")
+    return sync_playwright
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
+    stop = time.monotonic() + seconds
+    while time.monotonic() < stop:
+        assert server.poll() is None, server.stdout.read()
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {seconds} s")
+
+
+def grid_of(page, base: str) -> Image.Image:
+    src = page.locator("#grid img").get_attribute("src")
+    return Image.open(io.BytesIO(urllib.request.urlopen(src if "://" in src else base + src).read()))
+
+
+@pytest.mark.slow
+def test_the_page_in_a_browser(pipeline, tmp_path):
+    sync_playwright = browser()
+    _, _, lm = pipeline
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "elmgen.cli", "serve", "--model", str(lm), "--port", str(port), "--device", "cpu"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(base, server)
+        with sync_playwright() as p:
+            chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = chromium.new_page(viewport={"width": 1200, "height": 1100})
+            page.goto(base)
+            page.locator("#class input").click()
+            page.get_by_role("option", name="Trouser").click()
+            page.locator("#generate").click()
+            page.wait_for_function("document.querySelector('#status textarea').value.startsWith('ok')")
+            assert page.locator("#status textarea").input_value() == "ok: 4 images of Trouser"
+            first = grid_of(page, base)
+            # 4 images of 32 px in a row, 2 px padding, shown twice as large: what samples.png holds
+            assert first.size == ((4 * 34 + 2) * 2, 36 * 2)
+            command = page.locator("#command textarea").input_value()
+            assert command.startswith(f"elmgen sample --model {lm}") and "--classes 1 " in command
+            seeds = page.locator("#seeds textarea").input_value()
+            assert len(seeds.split(", ")) == 4
+            page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+
+            page.locator("#seed input").fill("1")
+            page.locator("#generate").click()
+            page.wait_for_function(f"document.querySelector('#seeds textarea').value != '{seeds}'")
+            second = grid_of(page, base)
+            assert second.size == first.size and second.tobytes() != first.tobytes()
+
+            page.locator("#top-p input").fill("0")
+            page.locator("#generate").click()
+            page.wait_for_function("document.querySelector('#status textarea').value.startsWith('error')")
+            message = page.locator("#status textarea").input_value()
+            assert message == "error: --top-p (sample.top_p) must be in (0, 1], not 0"
+            chromium.close()
+        assert server.poll() is None
+        urllib.request.urlopen(base, timeout=5)  # still serving after the bad setting
+        if os.environ.get("ELMGEN_SCREENSHOT"):  # refresh the README's screenshot
+            (tmp_path / "serve.png").replace(ROOT / "docs" / "img" / "serve.png")
+    finally:
+        server.terminate()
+        server.wait(10)
