@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -98,19 +99,35 @@ def wait_for(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
     raise AssertionError(f"{url} did not answer in {seconds} s")
 
 
-def grid_of(page, base: str) -> Image.Image:
-    src = page.locator("#grid img").get_attribute("src")
+def grid_of(page, base: str, where: str = "#grid") -> Image.Image:
+    src = page.locator(f"{where} img").get_attribute("src")
     return Image.open(io.BytesIO(urllib.request.urlopen(src if "://" in src else base + src).read()))
 
 
 @pytest.mark.slow
-def test_the_page_in_a_browser(pipeline, tmp_path):
+def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
     sync_playwright = browser()
-    _, _, lm = pipeline
+    _, codes, lm = pipeline
+    mlm = tmp_path / "mlm"
+    train = ["train", "--codes", codes, "--out", mlm, "--preset", "micro", "--kind", "mlm", "train.steps=2"]
+    assert test_cli.run(capsys, *train, "train.batch_size=4")[0] == 0
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(
-        [sys.executable, "-m", "elmgen.cli", "serve", "--model", str(lm), "--port", str(port), "--device", "cpu"],
+        [
+            sys.executable,
+            "-m",
+            "elmgen.cli",
+            "serve",
+            "--model",
+            str(lm),
+            "--model",
+            str(mlm),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -148,6 +165,21 @@ def test_the_page_in_a_browser(pipeline, tmp_path):
             page.wait_for_function("document.querySelector('#status textarea').value.startsWith('error')")
             message = page.locator("#status textarea").input_value()
             assert message == "error: --top-p (sample.top_p) must be in (0, 1], not 0"
+
+            page.get_by_role("tab", name="Edit").click()
+            page.locator("#inpaint").click()  # the first model is AR: it cannot inpaint
+            page.wait_for_function("document.querySelector('#edit-status textarea').value.startsWith('error')")
+            assert "needs a masked model" in page.locator("#edit-status textarea").input_value()
+            page.locator("#edit-model input").click()
+            page.get_by_role("option", name=re.compile("^mlm · MLM")).click()
+            page.locator("#edit-top input").fill("9")  # outside the 8x8 grid
+            page.locator("#inpaint").click()
+            page.wait_for_function("document.querySelector('#edit-status textarea').value.includes('must fit')")
+            page.locator("#edit-top input").fill("2")
+            page.locator("#inpaint").click()
+            page.wait_for_function("document.querySelector('#edit-status textarea').value.startsWith('ok')")
+            edited = grid_of(page, base, "#edited")
+            assert edited.size == ((3 * 34 + 2) * 4, 36 * 4)  # original, masked input, result; 4x
             chromium.close()
         assert server.poll() is None
         urllib.request.urlopen(base, timeout=5)  # still serving after the bad setting
