@@ -3,6 +3,7 @@
 import io
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import test_cli
 from PIL import Image
@@ -153,6 +155,17 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
             seeds = page.locator("#seeds textarea").input_value()
             assert len(seeds.split(", ")) == 4
             page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+            # the downloads are what the shown command writes: the same images, labels and seeds
+            links = [page.locator("#files a").nth(i).get_attribute("href") for i in range(2)]
+            npz = next(link for link in links if link.split("?")[0].endswith(".npz"))
+            served = np.load(io.BytesIO(urllib.request.urlopen(npz if "://" in npz else base + npz).read()))
+            argv = shlex.split(command)[2:]
+            argv[argv.index("--out") + 1] = str(tmp_path / "cli")
+            assert test_cli.run(capsys, "sample", *argv, "--device", "cpu")[0] == 0
+            written = np.load(tmp_path / "cli" / "samples.npz")
+            assert served["arr_0"].shape == (4, 32, 32, 1) and served["arr_1"].tolist() == [1] * 4
+            for key in ("arr_0", "arr_1", "seeds"):
+                assert np.array_equal(served[key], written[key]), key
 
             page.locator("#seed input").fill("1")
             page.locator("#generate").click()
