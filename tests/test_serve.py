@@ -193,6 +193,13 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
             page.wait_for_function("document.querySelector('#edit-status textarea').value.startsWith('ok')")
             edited = grid_of(page, base, "#edited")
             assert edited.size == ((3 * 34 + 2) * 4, 36 * 4)  # original, masked input, result; 4x
+            photo = tmp_path / "upload.png"
+            Image.fromarray(np.tile(np.arange(0, 250, 5, dtype=np.uint8), (40, 1))).convert("RGB").save(photo)
+            page.locator("#edit-upload input[type=file]").set_input_files(str(photo))
+            page.locator("#edit-upload img").wait_for()
+            page.locator("#inpaint").click()
+            page.wait_for_function("document.querySelector('#edit-status textarea').value.includes('uploaded')")
+            assert grid_of(page, base, "#edited").size == edited.size
             chromium.close()
         assert server.poll() is None
         urllib.request.urlopen(base, timeout=5)  # still serving after the bad setting
@@ -201,3 +208,15 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_an_upload_is_shaped_as_the_tokenizer_sees_its_data(tmp_path):
+    from elmgen.serve.app import uploaded_image
+
+    run = SimpleNamespace(tok_meta={"channels": 1, "image_size": 32})
+    Image.fromarray(np.full((40, 50, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    image = uploaded_image(run, str(tmp_path / "a.png"))
+    assert image.shape == (1, 32, 32) and image.dtype.is_floating_point is False and int(image[0, 5, 5]) == 200
+    (tmp_path / "b.png").write_text("not an image")
+    with pytest.raises(ElmgenError, match="not an image"):
+        uploaded_image(run, str(tmp_path / "b.png"))
