@@ -59,6 +59,10 @@ def test_the_cli_command_names_every_setting():
     )
     run.model.cfg.kind = "ar"
     assert "--steps" not in sample_command_line(run, 2, 4, cfg)
+    started = SampleConfig(mask_noise=2.0, guidance_interval=[0.2, 1.0], kv_cache=False)  # serve sample.*=...
+    assert sample_command_line(run, 2, 4, started).endswith(
+        "--top-p 1.0 'sample.guidance_interval=[0.2,1.0]' sample.kv_cache=False sample.mask_noise=2.0"
+    )
 
 
 def test_serve_without_gradio_is_one_line(monkeypatch, capsys):

@@ -75,8 +75,14 @@ def sample_command_line(run: Run, class_id: int, num: int, cfg: SampleConfig, ex
     args += ["--num-per-class", num, "--seed", cfg.seed, "--guidance-scale", cfg.guidance_scale]
     args += ["--guidance-schedule", cfg.guidance_schedule, "--temperature", cfg.temperature]
     args += ["--top-k", cfg.top_k, "--top-p", cfg.top_p]
+    shown = {"seed", "guidance_scale", "guidance_schedule", "temperature", "top_k", "top_p", "steps"}
     if run.model.cfg.kind == "mlm":
         args += ["--steps", cfg.steps]
+    default = SampleConfig()
+    for f in dataclasses.fields(cfg):  # what the server was started with beyond the page's fields
+        value = getattr(cfg, f.name)
+        if f.name not in shown and value != getattr(default, f.name):
+            args.append(f"sample.{f.name}={'null' if value is None else value}".replace(" ", ""))
     return shlex.join(str(a) for a in args)
 
 
