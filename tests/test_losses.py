@@ -238,3 +238,48 @@ def test_cli_gan_and_perceptual_options(fake_fmnist, weights_file, tmp_path, cap
     )
     assert code == 2 and "at least 24 px" in err
     assert not np.isnan(rows[-1]["loss"])
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_gan_tokenizer(fake_fmnist, tmp_path):
+    """torchrun with 2 CPU processes: DDP runs the tokenizer's step (a method, not a forward) and finds the
+    discriminator unused before gan_start. Until then (deterministic codes) the losses are one process's; after it
+    the discriminator's BatchNorm sees half batches, so only finiteness and a one-process resume are checked."""
+    import os
+    import subprocess
+    import sys
+
+    single = job(4, 4)
+    single.tokenizer = TokenizerConfig(**{**vars(TINY), "binarization": "deterministic"})
+    single.train.precision = "fp32"
+    train_tokenizer(single, tmp_path / "one")
+    args = ["train-tokenizer", "--out", str(tmp_path / "two"), "--gan", "tokenizer.binarization=deterministic"]
+    args += [
+        "tokenizer.base_width=16",
+        "tokenizer.channel_mult=[1,2,2]",
+        "tokenizer.latent_dim=16",
+        "tokenizer.num_bits=8",
+        "data.limit=64",
+        "eval_images=16",
+        "loss.gan_start=2",
+        "train.steps=4",
+        "train.batch_size=8",
+        "train.lr=1e-3",
+        "train.weight_decay=0",
+        "train.warmup_steps=0",
+        "train.log_every=1",
+        "train.save_every=4",
+        "train.ema_decay=0.9",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "elmgen.cli"]
+    done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("one", "two"))
+    assert [r["loss"] for r in two[:2]] == pytest.approx([r["loss"] for r in one[:2]], rel=1e-5)
+    assert ["disc" in r for r in two] == [False, False, True, True] and all(np.isfinite(r["loss"]) for r in two)
+    resumed = job(5, 4)
+    resumed.tokenizer, resumed.train.precision = single.tokenizer, "fp32"
+    assert read_metrics(tmp_path / "two" / "metrics.jsonl")[-1]["step"] == 4
+    train_tokenizer(resumed, tmp_path / "two", resume=True)
+    assert read_metrics(tmp_path / "two" / "metrics.jsonl")[-1]["step"] == 5

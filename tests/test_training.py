@@ -244,10 +244,10 @@ def test_models_opt_in_to_recomputation_and_sharding():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_train_like_one(codes, tmp_path, parallel):
+@pytest.mark.parametrize("parallel,grad_accum", [("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)])
+def test_two_processes_train_like_one(codes, tmp_path, parallel, grad_accum):
     """torchrun with 2 CPU processes (gloo): each takes half of every global batch; gradients are averaged
-    (DDP) or reduce-scattered onto parameter shards (FSDP)."""
+    (DDP) or reduce-scattered onto parameter shards (FSDP), with grad_accum only after the last micro-batch."""
     import os
     import subprocess
     import sys
@@ -273,6 +273,7 @@ def test_two_processes_train_like_one(codes, tmp_path, parallel):
         "train.log_every=1",
         "train.save_every=4",
         "train.ema_decay=0.9",
+        f"train.grad_accum={grad_accum}",
     ] + (["--fsdp"] if parallel == "fsdp" else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "elmgen.cli"]
@@ -281,6 +282,13 @@ def test_two_processes_train_like_one(codes, tmp_path, parallel):
     ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
     assert [r["step"] for r in ddp] == [1, 2, 3, 4]
     assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+    # the same weights and EMA, whole tensors in the checkpoint
+    for name in (checkpoint.WEIGHTS, checkpoint.EMA):
+        one, two = (checkpoint.load_tensors(checkpoint.resolve(tmp_path / run) / name) for run in ("single", "ddp"))
+        assert one.keys() == two.keys()
+        for key in one:
+            where = f"{name} {key}"
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=lambda m, w=where: f"{w}: {m}")
     # ... and the 2-process checkpoint resumes in one process
     more = train_lm(deterministic_job(6), codes, tmp_path / "ddp", resume=True)
     assert [r["step"] for r in more] == list(range(1, 7))

@@ -1,11 +1,13 @@
-"""Every distributed helper in one place: joining the torchrun process group, rank checks, gradient and loss
-averaging, FSDP sharding, and gathering (or scattering) whole tensors for checkpoints, so that one code path
+"""Every distributed helper in one place: joining the torchrun process group, rank checks, DDP, loss
+averaging, FSDP2 sharding, and gathering (or scattering) whole tensors for checkpoints, so that one code path
 serves one process or many and a run resumes with any number of them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 
 def distributed() -> tuple[int, int]:
@@ -32,22 +35,38 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def average_gradients(model: torch.nn.Module, world: int, bucket: int = 1 << 24) -> None:
-    """Data parallelism: replace every gradient by its mean over the processes, a few large
-    all-reduces at a time (works for any module, whatever its forward looks like)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    start = 0
-    while start < len(grads):
-        group, size = [], 0
-        while start < len(grads) and (not group or size + grads[start].numel() <= bucket):
-            group.append(grads[start])
-            size += grads[start].numel()
-            start += 1
-        flat = torch.cat([g.flatten() for g in group])
-        dist.all_reduce(flat)
-        flat /= world
-        for g, part in zip(group, flat.split([g.numel() for g in group]), strict=True):
-            g.copy_(part.view_as(g))
+class StepModule(torch.nn.Module):
+    """One micro-batch's loss as a module's forward: DDP hooks only `forward`, and the trainers' step functions
+    call whatever their models offer (the tokenizer's training module has no forward of its own)."""
+
+    def __init__(self, model: torch.nn.Module, step_fn: Callable):
+        super().__init__()
+        self.model, self.step_fn = model, step_fn
+
+    def forward(self, step: int, idx):
+        return self.step_fn(self.model, step, idx)
+
+
+def replicate(model: torch.nn.Module, step_fn: Callable) -> DistributedDataParallel:
+    """Data parallelism: DDP around the step, so gradients are averaged in buckets while the backward pass
+    still runs. A model with `unused_parameters = True` (some steps leave parameters without a gradient, e.g. a
+    discriminator before its start step) has DDP look for them after each forward."""
+    device = next(model.parameters()).device
+    return DistributedDataParallel(
+        StepModule(model, step_fn),
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=getattr(model, "unused_parameters", False),
+    )
+
+
+def gradient_sync(module: torch.nn.Module, on: bool):
+    """A context for one micro-batch's forward and backward: with `on` False, DDP (`no_sync`) and FSDP2 keep
+    the gradients local, to be reduced with the last micro-batch's; a plain module needs nothing."""
+    if isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext() if on else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # an FSDP2 module
+        module.set_requires_gradient_sync(on)
+    return contextlib.nullcontext()
 
 
 def mean_over_processes(value: torch.Tensor, world: int) -> torch.Tensor:
@@ -57,15 +76,18 @@ def mean_over_processes(value: torch.Tensor, world: int) -> torch.Tensor:
     return value
 
 
-def shard(model: torch.nn.Module) -> None:
-    """FSDP: shard each of `model.fsdp_units` on its own (one all-gather per unit), then the root."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: torch.nn.Module, bf16: bool) -> None:
+    """FSDP2: shard each of `model.fsdp_units` (e.g. transformer blocks) on its own, one all-gather per unit,
+    then the root. With `bf16` the gathered parameters are bfloat16; gradients are reduced in fp32 either way,
+    and the sharded parameters and the optimizer stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # The logits are a reshaped view; no loss here modifies them in place, which is what FSDP warns about.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for unit in model.fsdp_units:
-        fully_shard(unit)
-    fully_shard(model)
+        fully_shard(unit, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)

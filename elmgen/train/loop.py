@@ -22,19 +22,20 @@ from tqdm.auto import tqdm
 from elmgen import checkpoint
 from elmgen.checkpoint import CheckpointMeta
 from elmgen.config import save_yaml
-from elmgen.device import autocast
+from elmgen.device import autocast, resolve_precision
 from elmgen.errors import ElmgenError
 from elmgen.io import atomic_write_text, read_metrics, remove_temporaries
 from elmgen.schedules import lr_at
 from elmgen.train.budget import RunLength
 from elmgen.train.config import TrainConfig
 from elmgen.train.distributed import (
-    average_gradients,
     distributed,
     gather_state,
+    gradient_sync,
     is_main_process,
     load_whole_state,
     mean_over_processes,
+    replicate,
     shard,
 )
 
@@ -135,7 +136,7 @@ def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
     if cfg.fsdp and world > 1:
         if not hasattr(model, "fsdp_units"):
             raise ElmgenError(f"train.fsdp is not supported for {name} (small enough for plain data parallelism)")
-        shard(model)
+        shard(model, bf16=resolve_precision(cfg.precision, next(model.parameters()).device) == "bf16")
     if cfg.compile:
         model.compile(dynamic=False)
     return cfg.fsdp and world > 1
@@ -172,6 +173,8 @@ def fit(
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     sharded = prepare(model, cfg, world)
+    # Under torchrun without FSDP, DDP runs the steps: it averages the gradients while backward still runs.
+    replicated = replicate(model, step_fn) if world > 1 and not sharded else None
     opt = make_optimizer(model, cfg)
     step, ema, total = _start(model, opt, cfg, run_dir, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,7 @@ def fit(
             lr = lr_at(step, cfg, length.total)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, extra = _optimizer_step(model, opt, cfg, step_fn, step, num_items, rank, world, sharded, device)
+            loss, extra = _optimizer_step(model, opt, cfg, step_fn, step, num_items, rank, world, replicated, device)
             if ema is not None:
                 ema.update(step)
             step += 1
@@ -264,21 +267,25 @@ def _optimizer_step(
     num_items: int,
     rank: int,
     world: int,
-    sharded: bool,
+    replicated,
     device,
 ) -> tuple[torch.Tensor, dict]:
     """One optimizer step over this process's micro-batches; the loss (averaged over every process) and the
-    last micro-batch's extra figures."""
+    last micro-batch's extra figures. `replicated`: the DDP step module, or None (one process, or FSDP, whose
+    hooks are on the model itself). Gradients are synchronised only after the last micro-batch."""
     losses = []
-    for micro_idx in local_micro_batches(step, cfg, num_items, rank, world):
-        with autocast(device, cfg.precision):
-            loss, extra = step_fn(model, step, micro_idx)
-        (loss / cfg.grad_accum).backward()
+    micro_batches = local_micro_batches(step, cfg, num_items, rank, world)
+    for i, micro_idx in enumerate(micro_batches):
+        with gradient_sync(replicated or model, i == len(micro_batches) - 1):
+            with autocast(device, cfg.precision):
+                if replicated is not None:
+                    loss, extra = replicated(step, micro_idx)
+                else:
+                    loss, extra = step_fn(model, step, micro_idx)
+            (loss / cfg.grad_accum).backward()
         losses.append(loss.detach())
     loss = torch.stack(losses).mean()
     if world > 1:
-        if not sharded:  # FSDP reduce-scatters the gradients itself
-            average_gradients(model, world)
         loss = mean_over_processes(loss, world)
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -62,6 +62,8 @@ class TokenizerTraining(nn.Module):
         super().__init__()
         self.tokenizer = Autoencoder(job.tokenizer)
         self.discriminator = PatchDiscriminator(job.tokenizer.in_channels) if job.loss.gan else None
+        # before loss.gan_start the discriminator gets no gradient: DDP must look for unused parameters
+        self.unused_parameters = self.discriminator is not None
 
     def compile(self, **kwargs) -> None:  # no forward of its own: compile the parts the step calls
         self.tokenizer.compile(**kwargs)
