@@ -13,7 +13,7 @@ from omegaconf import MISSING
 
 from elmgen.commands.base import NON_NEGATIVE, OUT, POSITIVE, Command, Option, defaults_of, named
 from elmgen.config import to_dict
-from elmgen.data import DataConfig, load_dataset
+from elmgen.data import DataConfig, pick_images
 from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
 from elmgen.models import load_model
@@ -131,18 +131,15 @@ class InpaintCommand(LMOptions):
 
 def inpaint_command(cmd: InpaintCommand) -> None:
     model, tokenizer, tok_meta = load_lm(cmd)
-    data = load_dataset(
+    images, labels = pick_images(
         DataConfig(
             source=cmd.data or tok_meta["data"]["source"],
             split=cmd.split,
             image_size=tok_meta["image_size"],
             channels=tok_meta["channels"],
-        )
+        ),
+        list(cmd.indices),
     )
-    bad = [i for i in cmd.indices if not 0 <= i < len(data)]
-    if bad:
-        raise ElmgenError(f"image indices {bad} are out of range: the {cmd.split} split has {len(data)} images")
-    images, labels = data.images(cmd.indices), torch.as_tensor(data.labels[cmd.indices])
     seeds = image_seeds(cmd.sample.seed, labels, torch.arange(len(labels)))
     result, blanked = inpaint_images(model, tokenizer, images, labels, tuple(cmd.region), cmd.sample, seeds)
     out = Path(cmd.out)

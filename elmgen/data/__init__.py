@@ -9,6 +9,7 @@ from elmgen.data.datasets import (
     Subset,
     absolute_source,
     load_dataset,
+    pick_images,
     read_idx,
 )
 from elmgen.data.images import (

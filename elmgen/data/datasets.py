@@ -236,3 +236,12 @@ def read_idx(path: str | Path) -> np.ndarray:
     if body.size != int(np.prod(shape)):
         raise ElmgenError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {body.size}")
     return body.reshape(shape)
+
+
+def pick_images(cfg: DataConfig, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images `indices` of a data set (uint8, N C H W) and their labels; an index outside it is one line."""
+    data = load_dataset(cfg)
+    bad = [i for i in indices if not 0 <= i < len(data)]
+    if bad:
+        raise ElmgenError(f"image indices {bad} are out of range: the {cfg.split} split has {len(data)} images")
+    return data.images(indices), torch.as_tensor(data.labels[indices])

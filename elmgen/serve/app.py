@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elmgen.data import BadImage, DataConfig, center_crop_resize, load_dataset, open_image
+from elmgen.data import BadImage, DataConfig, center_crop_resize, open_image, pick_images
 from elmgen.errors import ElmgenError
 from elmgen.models import Transformer
 from elmgen.models.cost import count_params
@@ -102,14 +102,13 @@ def generate_images(run: Run, class_name: str, num: int, cfg: SampleConfig, out_
 def test_image(run: Run, index: int) -> tuple[torch.Tensor, int]:
     """Image `index` of the tokenizer's test split (uint8, C H W) and its label."""
     meta = run.tok_meta
-    data = load_dataset(
+    images, labels = pick_images(
         DataConfig(
             source=meta["data"]["source"], split="test", image_size=meta["image_size"], channels=meta["channels"]
-        )
+        ),
+        [index],
     )
-    if not 0 <= index < len(data):
-        raise ElmgenError(f"image index {index} is out of range: the test split has {len(data)} images")
-    return data.images([index])[0], int(data.labels[index])
+    return images[0], int(labels[0])
 
 
 def uploaded_image(run: Run, path: str) -> torch.Tensor:
