@@ -11,6 +11,7 @@ LAYERS = [
     {"tokenizers"},
     {"codes"},
     {"models"},
+    {"hub"},
     {"sampling"},
     {"evaluation", "analysis"},
     {"train"},
