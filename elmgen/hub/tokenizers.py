@@ -173,8 +173,7 @@ class _Converter:
         self.cfg = TokenizerConfig(
             **_sizes(sd, enc, dec), asymmetric_downsample=True, out_silu=quantizer.pop("out_silu", False), **quantizer
         )
-        with torch.device("meta"):  # names and shapes only, no memory
-            self.model = Autoencoder(self.cfg)
+        self.model = Autoencoder(self.cfg)  # for its names and shapes (on "meta", torch's first init takes 5 s)
         self.sd, self.layout = sd, layout
         self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         self.out: Tensors = {}
@@ -197,8 +196,9 @@ class _Converter:
                 f"the {self.layout} {part} has {len(official)} modules; one elmgen can build has {len(ours)}"
             )
         for src, (dst, kind) in zip(official, ours, strict=True):
-            if _kind(self.sd, src) != kind:
-                raise ElmgenError(f"{src} is a {_kind(self.sd, src)} where this {self.layout} layout has a {kind}")
+            found = _kind(self.sd, src)
+            if found != kind:
+                raise ElmgenError(f"{src} looks like a {found!r} module where the {self.layout} layout has {kind!r}")
             getattr(self, f"_{kind}")(src, dst)
 
     def pair(self, src: str, dst: str) -> None:
@@ -234,7 +234,8 @@ class _Converter:
     def finish(self) -> Tensors:
         left = sorted(k for k in self.sd if k not in self.used and not k.startswith(IGNORED[self.layout]))
         if left:
-            raise ElmgenError(f"tensor {left[0]} (and {len(left) - 1} more) has no place in an elmgen {self.layout}")
+            more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+            raise ElmgenError(f"tensor {left[0]}{more} has no place in an elmgen {self.layout}; is the file modified?")
         missing = sorted(set(self.expected) - set(self.out))
         if missing:
             raise ElmgenError(f"the {self.layout} state dict gives no value for elmgen's {missing[0]}")
