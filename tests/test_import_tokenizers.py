@@ -1,6 +1,8 @@
 """Released tokenizers (ELM's BAE, LlamaGen's VQ) as elmgen tokenizers: state dicts built here in the official
 layouts (their names and shapes, tiny sizes, random values) convert, load strictly and keep their codes."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,7 +141,7 @@ def test_elm_bae_sizes_come_from_the_tensors(norm_first):
     cfg, sd = elm_bae(state, deterministic=not norm_first)
     assert (cfg.quantizer, cfg.num_bits, cfg.latent_dim, cfg.base_width) == ("bae", 12, 48, 32)
     assert (cfg.channel_mult, cfg.num_res_blocks, cfg.decoder_blocks) == ([1, 1, 2], 2, 2)
-    assert cfg.decoder_in_norm == norm_first and cfg.level_attention and not cfg.out_silu
+    assert cfg.decoder_in_norm == norm_first and cfg.level_attention and not cfg.out_silu and cfg.unit_pixels
     assert cfg.binarization == ("bernoulli" if norm_first else "deterministic")
     model = loaded(cfg, sd)
     with torch.no_grad():
@@ -155,6 +157,16 @@ def test_elm_bits_decode_as_the_sum_of_their_embedding_rows():
     expected = torch.einsum("bkhw,kd->bdhw", bits_BKhw, state["quantize.embed.weight"])
     with torch.no_grad():
         assert torch.allclose(model.quantizer.lookup(cells, 2, 2), expected, atol=1e-6)
+
+
+def test_unit_pixel_nets_keep_elmgens_images_in_minus_one_to_one():
+    """ELM's nets read and write [0, 1]; the converted tokenizer takes and returns elmgen's [-1, 1] images."""
+    cfg, sd = elm_bae(elm_state(), deterministic=True)
+    plain = loaded(dataclasses.replace(cfg, unit_pixels=False), sd)
+    x, cells = images(), torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        assert torch.equal(loaded(cfg, sd).encode_cells(x), plain.encode_cells((x + 1) / 2))
+        assert torch.allclose(loaded(cfg, sd).decode_cells(cells, 8), plain.decode_cells(cells, 8) * 2 - 1)
 
 
 def test_llamagen_vq_sizes_come_from_the_tensors_and_its_codebook_stays_l2_normalised():

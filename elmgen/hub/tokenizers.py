@@ -39,12 +39,14 @@ def tokenizer_layout(state: Tensors) -> str | None:
 
 def elm_bae(state: Tensors, *, deterministic: bool) -> tuple[TokenizerConfig, Tensors]:
     """An ELM binary autoencoder (its `ae.`-prefixed keys, or the bare autoencoder's) as an elmgen BAE.
-    Bernoulli vs deterministic training is not in the tensors, so the caller says which release it is."""
+    Bernoulli vs deterministic training is not in the tensors, so the caller says which release it is. ELM's
+    nets see pixels in [0, 1] (its data is ToTensor() only), elmgen's images are in [-1, 1]: `unit_pixels`."""
     sd = _elm_tensors(state)
     enc, dec = _numbered(sd, "encoder.blocks"), _numbered(sd, "generator.blocks")
     logits_KC = _tensor(sd, "quantize.proj.0.weight")
     binarization = "deterministic" if deterministic else "bernoulli"
-    conv = _Converter(sd, "elm_bae", enc, dec, quantizer="bae", num_bits=logits_KC.shape[0], binarization=binarization)
+    K = logits_KC.shape[0]
+    conv = _Converter(sd, "elm_bae", enc, dec, quantizer="bae", num_bits=K, binarization=binarization, unit_pixels=True)
     conv.pair("quantize.proj.0", "quantizer.to_logits")
     # ELM sums one embedding row per active bit with no bias: elmgen's 1x1 conv with a zero bias.
     embed_CK = conv.expected["quantizer.embed.weight"][:2]

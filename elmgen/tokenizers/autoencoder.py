@@ -100,9 +100,10 @@ class Encoder(nn.Module):
                 layers.append(Downsample(cin, cfg.asymmetric_downsample))
         layers += [_mid(cin), *_out(cfg, cin, cfg.latent_dim)]
         self.net = nn.Sequential(*layers)
+        self.unit_pixels = cfg.unit_pixels
 
     def forward(self, x):
-        return self.net(x)
+        return self.net((x + 1) / 2 if self.unit_pixels else x)
 
 
 class Decoder(nn.Module):
@@ -119,9 +120,11 @@ class Decoder(nn.Module):
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cin, 3, padding=1)]
         layers += _out(cfg, cin, cfg.in_channels)
         self.net = nn.Sequential(*layers)
+        self.unit_pixels = cfg.unit_pixels
 
     def forward(self, z):
-        return self.net(z)
+        x = self.net(z)
+        return x * 2 - 1 if self.unit_pixels else x
 
 
 QUANTIZER_CLASSES = {"bae": BinaryQuantizer, "vq": VectorQuantizer, "fsq": FiniteScalarQuantizer}

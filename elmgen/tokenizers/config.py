@@ -22,6 +22,7 @@ class TokenizerConfig:
     asymmetric_downsample: bool = False  # pad right and bottom only before each stride-2 conv (taming)
     out_silu: bool = True  # SiLU between the last norm and the output conv of encoder and decoder (ELM: none)
     decoder_in_norm: bool = True  # GroupNorm on the decoder's input (ELM: norm_first; LlamaGen: none)
+    unit_pixels: bool = False  # the nets read and write pixels in [0, 1] (ELM); images outside stay in [-1, 1]
     latent_dim: int = 64  # width of the continuous latent around the quantizer
     quantizer: str = "bae"  # "bae" (K bits a cell), "vq" (codebook) or "fsq" (finite scalar levels)
     num_bits: int = 16  # bae: K, bits per grid cell
