@@ -44,9 +44,10 @@ def elm_bae(state: Tensors, *, deterministic: bool) -> tuple[TokenizerConfig, Te
     sd = _elm_tensors(state)
     enc, dec = _numbered(sd, "encoder.blocks"), _numbered(sd, "generator.blocks")
     logits_KC = _tensor(sd, "quantize.proj.0.weight")
-    binarization = "deterministic" if deterministic else "bernoulli"
-    K = logits_KC.shape[0]
-    conv = _Converter(sd, "elm_bae", enc, dec, quantizer="bae", num_bits=K, binarization=binarization, unit_pixels=True)
+    bae = dict(
+        quantizer="bae", num_bits=logits_KC.shape[0], binarization="deterministic" if deterministic else "bernoulli"
+    )
+    conv = _Converter(sd, "elm_bae", enc, dec, out_silu=False, unit_pixels=True, **bae)
     conv.pair("quantize.proj.0", "quantizer.to_logits")
     # ELM sums one embedding row per active bit with no bias: elmgen's 1x1 conv with a zero bias.
     embed_CK = conv.expected["quantizer.embed.weight"][:2]
@@ -60,7 +61,7 @@ def llamagen_vq(state: Tensors) -> tuple[TokenizerConfig, Tensors]:
     sd = dict(state)
     enc, dec = _llamagen_sequence(sd, "encoder"), _llamagen_sequence(sd, "decoder")
     E, Q = _tensor(sd, "quantize.embedding.weight").shape
-    conv = _Converter(sd, "llamagen_vq", enc, dec, quantizer="vq", codebook_size=E, code_dim=Q, out_silu=True)
+    conv = _Converter(sd, "llamagen_vq", enc, dec, quantizer="vq", codebook_size=E, code_dim=Q)
     conv.pair("quant_conv", "quantizer.proj_in")
     conv.pair("post_quant_conv", "quantizer.proj_out")
     conv.take("quantize.embedding.weight", "quantizer.codebook.weight")
@@ -129,7 +130,7 @@ def _sizes(sd: Tensors, enc: list[str], dec: list[str]) -> dict:
     dec_start = 2 if _kind(sd, dec[0]) == "norm" else 1
     dec_levels = _levels(sd, dec[dec_start + 3 : -2])
     if not all(enc_levels) or not all(dec_levels):
-        raise ElmgenError(f"an encoder or decoder level of {enc[0].split('.')[0]} has no ResBlocks")
+        raise ElmgenError("a level of the encoder or decoder has no ResBlocks; is this a released tokenizer file?")
     mult = []
     for level in enc_levels:
         out = _tensor(sd, f"{level[-1]}.conv2.weight").shape[0]
@@ -170,11 +171,9 @@ class _Converter:
     """Builds the elmgen tokenizer an official encoder and decoder describe and fills its state dict from the
     official tensors, checking each against the shape elmgen expects."""
 
-    def __init__(self, sd: Tensors, layout: str, enc: list[str], dec: list[str], **quantizer):
-        # Both official layouts downsample the taming way and differ in the output SiLU only (ELM has none).
-        self.cfg = TokenizerConfig(
-            **_sizes(sd, enc, dec), asymmetric_downsample=True, out_silu=quantizer.pop("out_silu", False), **quantizer
-        )
+    def __init__(self, sd: Tensors, layout: str, enc: list[str], dec: list[str], **options):
+        # Both official layouts downsample the taming way; `options` are the quantizer's and the layout's own.
+        self.cfg = TokenizerConfig(**_sizes(sd, enc, dec), asymmetric_downsample=True, **options)
         self.model = Autoencoder(self.cfg)  # for its names and shapes (on "meta", torch's first init takes 5 s)
         self.sd, self.layout = sd, layout
         self.expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
