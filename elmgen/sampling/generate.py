@@ -1,8 +1,9 @@
 """Class-conditional images from a trained LM and its tokenizer: per-image seeds, generation (AR or MaskGIT),
-decoding to pixels, and the sample files."""
+decoding to pixels, and the sample files (one, or one per process)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,22 @@ def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
             f"{lm_meta['codes']['tokenizer_fingerprint']}), not {tokenizer_meta['path']} "
             f"(weights {tokenizer_meta['fingerprint']}); pass the tokenizer the LM was trained with"
         )
+
+
+# Process r of w writes `name`.rank<r>-of-<w>.npz; zero-padded, so sorted file names are in rank order
+SHARD_FILE = re.compile(r"(?P<name>.+)\.rank(?P<rank>\d{5})-of-(?P<world>\d{5})\.npz")
+
+
+def shard_name(name: str, rank: int, world: int) -> str:
+    """The file stem of process `rank`'s share of `world` (one process: `name` itself)."""
+    return name if world == 1 else f"{name}.rank{rank:05d}-of-{world:05d}"
+
+
+def share(count: int, rank: int, world: int) -> slice:
+    """Process `rank`'s contiguous share of `count` items: the shares in rank order are all items, in order."""
+    if world > count:
+        raise ElmgenError(f"{world} processes for {count} images: start at most {count} processes")
+    return slice(rank * count // world, (rank + 1) * count // world)
 
 
 def write_samples(
