@@ -98,14 +98,19 @@ def share(count: int, rank: int, world: int) -> slice:
     return slice(rank * count // world, (rank + 1) * count // world)
 
 
+PREVIEW_ROWS, PREVIEW_COLS = 32, 16  # of the grid samples.png shows: 50k ImageNet samples would make a 40 GB image
+
+
 def write_samples(
     images_NCHW: torch.Tensor, labels_N: torch.Tensor, seeds: list[int], out_dir, ncols: int, name: str = "samples"
 ) -> tuple[Path, Path]:
-    """`name`.png (a grid, `ncols` images a row) and an ADM-style `name`.npz (arr_0 NHWC uint8, arr_1 labels,
-    plus each image's seed)."""
+    """`name`.png (a grid, `ncols` images a row; its first PREVIEW_ROWS rows and PREVIEW_COLS columns) and an
+    ADM-style `name`.npz of every image (arr_0 NHWC uint8, arr_1 labels, plus each image's seed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
-    save_png(image_grid(images_NCHW, ncols=ncols, scale=2), png)
+    index_N = torch.arange(len(images_NCHW))
+    shown_N = (index_N // ncols < PREVIEW_ROWS) & (index_N % ncols < PREVIEW_COLS)
+    save_png(image_grid(images_NCHW[shown_N], ncols=min(ncols, PREVIEW_COLS), scale=2), png)
     atomic_savez(npz, images_NCHW.permute(0, 2, 3, 1).numpy(), labels_N.numpy(), seeds=np.asarray(seeds, np.uint64))
     return png, npz
