@@ -301,3 +301,10 @@ def test_two_processes_write_the_folder_of_one_and_a_killed_run_resumes(fake_fmn
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     same_as_one(tmp_path / "killed")
     assert not partial.exists()
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not elmgen's")
+    refused = torchrun("-m", "elmgen.cli", "tokenize", "--out", str(tmp_path / "other"), *settings)
+    assert refused.returncode != 0 and "not an elmgen code folder" in refused.stderr
+    assert "the main process refused" in refused.stderr  # rank 1 ends too, at once, with one line
+    assert (tmp_path / "other" / "notes.txt").read_text() == "not elmgen's"

@@ -176,9 +176,10 @@ COMMANDS = (
         SampleCommand,
         sample_command,
         "generate class-conditional images",
-        "Sample images (AR: KV-cached decoding; MLM: MaskGIT) with classifier-free guidance; writes samples.png "
-        "(one row per class) and samples.npz (ADM layout). Under torchrun each process writes its share, "
-        "samples.rank<R>-of-<W>.npz/.png, which 'elmgen eval' reads as one. Every sample.* key is a sampling option.",
+        "Sample images (AR: KV-cached decoding; MLM: MaskGIT) with classifier-free guidance; writes samples.npz "
+        "(ADM layout) and samples.png (one row per class; at most 32 rows of 16). Under torchrun each process "
+        "writes its share, samples.rank<R>-of-<W>.npz/.png, which 'elmgen eval' reads as one. Every sample.* key "
+        "is a sampling option.",
         (
             *LM_OPTIONS,
             *CLASS_OPTIONS,
