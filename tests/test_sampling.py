@@ -71,6 +71,17 @@ def test_image_seeds_never_repeat_within_a_class():
     assert image_seeds(1, labels, index) != seeds
 
 
+def test_the_png_previews_the_first_rows_and_columns_and_the_npz_keeps_every_image(tmp_path):
+    labels = torch.arange(40).repeat_interleave(20)  # 40 classes of 20: more than the preview's 32 x 16
+    value_N = (labels + torch.arange(20).repeat(40)).to(torch.uint8)  # class + index in the class
+    images = value_N[:, None, None, None].expand(-1, 1, 2, 2).contiguous()
+    png, npz = write_samples(images, labels, list(range(800)), tmp_path, ncols=20)
+    grid = np.asarray(Image.open(png))[::2, ::2]  # drawn twice as large
+    assert grid.shape == (32 * 4 + 2, 16 * 4 + 2)  # 2-pixel images, 2 pixels of padding
+    assert grid[2 + 4 * 5, 2 + 4 * 3] == 5 + 3  # row 5 is class 5, column 3 its image 3
+    assert np.load(npz)["arr_0"].shape == (800, 2, 2, 1)
+
+
 def test_greedy_and_guidance_rules():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     assert sample_logits(logits, 0.0, 0, 1.0, torch.rand(1)).tolist() == [1]
@@ -197,14 +208,3 @@ def test_bf16_kv_decoding_tracks_the_fp32_logits(model):
     assert torch.equal(generate(model, labels, bf16, seeds), generate(model, labels, bf16, seeds))
     with pytest.raises(ElmgenError, match="precision"):
         generate(model, labels, SampleConfig(precision="fp16"), seeds)
-
-
-def test_the_png_previews_the_first_rows_and_columns_and_the_npz_keeps_every_image(tmp_path):
-    labels = torch.arange(40).repeat_interleave(20)  # 40 classes of 20: more than the preview's 32 x 16
-    value_N = (labels + torch.arange(20).repeat(40)).to(torch.uint8)  # class + index in the class
-    images = value_N[:, None, None, None].expand(-1, 1, 2, 2).contiguous()
-    png, npz = write_samples(images, labels, list(range(800)), tmp_path, ncols=20)
-    grid = np.asarray(Image.open(png))[::2, ::2]  # drawn twice as large
-    assert grid.shape == (32 * 4 + 2, 16 * 4 + 2)  # 2-pixel images, 2 pixels of padding
-    assert grid[2 + 4 * 5, 2 + 4 * 3] == 5 + 3  # row 5 is class 5, column 3 its image 3
-    assert np.load(npz)["arr_0"].shape == (800, 2, 2, 1)
