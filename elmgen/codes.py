@@ -15,9 +15,11 @@ The split into sub-codes happens at load time, so one folder serves every vocabu
 Shards are written one at a time, each atomically (fsynced, then renamed), into `.<name>.partial/`, which
 is renamed into place when complete; a re-run with the same settings keeps the finished shards. Random
 crops and draws are seeded per (seed, image, view), so a resumed run writes the same files as an
-uninterrupted one. elmgen never deletes what it did not write: `tokenize` refuses an output folder that
-is not empty and not a code folder with the same settings, and one inside the tokenizer folder; from a
-work folder left by a run with other settings it deletes only the files it writes there.
+uninterrupted one. Under torchrun the processes deal out the missing shards in turn: the main process prepares
+the work folder first and writes labels and meta last, so the folder is byte for byte a one-process run's, and a
+killed run resumes with any number of processes. elmgen never deletes what it did not write: `tokenize` refuses an
+output folder that is not empty and not a code folder with the same settings, and one inside the tokenizer folder;
+from a work folder left by a run with other settings it deletes only the files it writes there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from elmgen.data import ImageDataset, to_float
@@ -75,6 +78,8 @@ def tokenize(
     seed: int = 0,
     batch_size: int = 256,
     shard_size: int = 8192,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict:
     """Encode `dataset` into a code folder; returns its meta.
 
@@ -82,22 +87,37 @@ def tokenize(
     centre) or "random" (`num_crops` per image); crops are taken from images loaded at
     `crop_source_size(image_size, crop_range)`, which `dataset` must have. draws: 0 stores the
     deterministic codes; N > 0 (binary autoencoder only) stores N Bernoulli draws of every view.
+    rank, world: this process among `world` of a joined process group (`train.distributed.distributed`);
+    every process calls `tokenize` with the same arguments and encodes its share of the shards.
     """
     K = tokenizer.code_bits
     _check_settings(tokenizer_meta, dataset, vocab, K, crops, num_crops, crop_range, draws, batch_size, shard_size)
     augmentation = dict(flip=flip, crops=crops, num_crops=num_crops, crop_range=crop_range, draws=draws, seed=seed)
     plan = _plan(tokenizer, tokenizer_meta, dataset, vocab, augmentation, shard_size)
     out_dir = Path(out_dir).resolve()
-    try:
-        work = _work_folder(out_dir, Path(tokenizer_meta["path"]).resolve(), plan)
-    except OSError as e:
-        raise ElmgenError(f"cannot use --out {out_dir}: {e.strerror or e}; pass a writable folder") from None
+    work = _shared_work_folder(out_dir, Path(tokenizer_meta["path"]).resolve(), plan, rank, world, tokenizer)
     if work is None:
         return plan
-    atomic_write_text(work / "plan.json", json.dumps(plan, indent=2))
-    for s, name in enumerate(tqdm(plan["shards"], desc="tokenize", unit="shard")):
-        if not (work / name).is_file():
-            atomic_save_npy(work / name, _encode_shard(tokenizer, dataset, plan, s, batch_size))
+    if rank == 0:
+        atomic_write_text(work / "plan.json", json.dumps(plan, indent=2))
+    _wait_for_all(world)  # plan.json first: a kill from here on leaves a folder that resumes
+    # The missing shards, dealt out in turn: processes of a resumed run get equal shares, so none waits long
+    todo = [(s, name) for s, name in enumerate(plan["shards"]) if not (work / name).is_file()]
+    for s, name in tqdm(todo[rank::world], desc="tokenize", unit="shard", disable=rank != 0):
+        atomic_save_npy(work / name, _encode_shard(tokenizer, dataset, plan, s, batch_size))
+    _wait_for_all(world)
+    if rank == 0:
+        _finish(work, out_dir, dataset, plan)
+    _wait_for_all(world)  # every process returns once the folder is in place
+    return plan
+
+
+def _finish(work: Path, out_dir: Path, dataset: ImageDataset, plan: dict) -> None:
+    """With every shard written: labels, then meta.json, then the folder renamed into place."""
+    missing = [name for name in plan["shards"] if not (work / name).is_file()]
+    if missing:  # another process's write not visible here (a network file system): nothing lost
+        raise ElmgenError(f"{work} lacks {missing[0]} after all processes finished; re-run to resume")
+    shard_size = plan["shard_size"]
     labels = np.concatenate(
         [
             np.tile(dataset.labels[s * shard_size : (s + 1) * shard_size], plan["views"])
@@ -114,7 +134,40 @@ def tokenize(
             f"cannot move the finished codes {work} to {out_dir}: {e.strerror or e}; "
             "make sure it is absent or empty and re-run"
         ) from None
-    return plan
+
+
+def _wait_for_all(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _shared_work_folder(
+    out_dir: Path, tokenizer_dir: Path, plan: dict, rank: int, world: int, tokenizer: Autoencoder
+) -> Path | None:
+    """`_work_folder`, prepared by the main process alone; the others learn its outcome (a tensor broadcast,
+    on the tokenizer's device as NCCL needs): a refusal ends every process with the main one's message."""
+    work, problem = None, None
+    if rank == 0:
+        try:
+            work = _work_folder(out_dir, tokenizer_dir, plan)
+        except OSError as e:
+            problem = ElmgenError(f"cannot use --out {out_dir}: {e.strerror or e}; pass a writable folder")
+        except ElmgenError as e:
+            problem = e
+    if world > 1:
+        outcome = torch.tensor([0 if problem else 2 if work else 1], device=next(tokenizer.parameters()).device)
+        dist.broadcast(outcome, src=0)
+        if rank != 0 and outcome.item() == 0:
+            raise ElmgenError(f"the main process refused --out {out_dir} (its message says why); fix that and re-run")
+        if rank != 0 and outcome.item() == 2:
+            work = _partial(out_dir)
+    if problem:
+        raise problem from None
+    return work
+
+
+def _partial(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial"
 
 
 def _plan(
@@ -224,7 +277,7 @@ def _work_folder(out_dir: Path, tokenizer_dir: Path, plan: dict) -> Path | None:
             raise ElmgenError(f"{out_dir} holds codes made with other settings ({what}); pass another --out")
         CodeDataset(out_dir)  # finished: only check that it reads
         return None
-    work = out_dir.parent / f".{out_dir.name}.partial"
+    work = _partial(out_dir)
     if work.is_dir():
         # The same settings resume (meta.json without plan.json: killed just before the final rename).
         resume = plan in (read_json(work / "plan.json"), read_json(work / "meta.json"))

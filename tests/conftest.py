@@ -64,3 +64,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 300):
+    """`torchrun --standalone` with `nproc` CPU processes (gloo), one thread each; `args` start with `-m module` or
+    a script. Returns the finished process (stdout, stderr as text)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import torchrun
 from PIL import Image
 
 from elmgen.cli import main
+from elmgen.evaluation import open_samples
 
 TOK = [
     "tokenizer.base_width=16",
@@ -90,6 +92,27 @@ def test_end_to_end(pipeline, tmp_path, capsys):
     assert grid.height > grid.width  # 10 rows of 2
     run(capsys, "sample", "--model", lm, "--out", tmp_path / "s2", "--num-per-class", 2, "--top-k", 8, "--seed", 3)
     assert np.array_equal(np.load(tmp_path / "s2" / "samples.npz")["arr_0"], data["arr_0"])
+
+
+@pytest.mark.slow
+def test_processes_under_torchrun_write_shares_that_are_the_samples_of_one(pipeline, tmp_path, capsys):
+    _, _, lm = pipeline
+    settings = ["--model", str(lm), "--num-per-class", "3", "--top-k", "8", "--seed", "5", "--classes", "1", "4", "7"]
+    assert run(capsys, "sample", "--out", tmp_path / "one", *settings)[0] == 0
+    done = torchrun("-m", "elmgen.cli", "sample", "--out", str(tmp_path / "two"), *settings)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert names == [f"samples.rank0000{r}-of-00002.{ext}" for r in (0, 1) for ext in ("npz", "png")]
+    one = np.load(tmp_path / "one" / "samples.npz")
+    shares = [np.load(tmp_path / "two" / f"samples.rank0000{r}-of-00002.npz") for r in (0, 1)]
+    assert [len(s["arr_1"]) for s in shares] == [4, 5]
+    for key in ("arr_0", "arr_1", "seeds"):  # the same seeds, so the same images, in the same order
+        assert np.array_equal(np.concatenate([s[key] for s in shares]), one[key]), key
+    # what eval reads: the shares as one run, in rank order
+    source = open_samples(tmp_path / "two")
+    assert np.array_equal(source.labels, one["arr_1"])
+    read = np.concatenate(list(source.batches(4, size=32, channels=1)))
+    assert np.array_equal(read, one["arr_0"].transpose(0, 3, 1, 2))
 
 
 @pytest.mark.slow

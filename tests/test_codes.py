@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import torchrun
 
 from elmgen.cli import main
 from elmgen.codes import CodeDataset, tokenize
@@ -245,3 +246,65 @@ def test_cli_tokenize_with_random_crops_and_draws(fake_fmnist, tmp_path, capsys)
     assert len(codes) == 48 and codes.num_draws == 2 and len(codes.meta["shards"]) == 3
     sub, labels = codes.batch(np.arange(48), Vocab.parse("4-2"), epoch=1)
     assert sub.shape == (48, 64, 4) and int(sub.max()) < 4 and labels.shape == (48,)
+
+
+# Rank 1 dies (as under kill -9) when it starts its second shard; torchrun then stops rank 0 too.
+DIE_IN_SECOND_SHARD = """
+import os, sys
+import elmgen.codes
+from elmgen.cli import main
+
+real, calls = elmgen.codes._encode_shard, []
+
+
+def encode_or_die(*args):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        os._exit(9)
+    return real(*args)
+
+
+elmgen.codes._encode_shard = encode_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_folder_of_one_and_a_killed_run_resumes(fake_fmnist, tmp_path, capsys):
+    tok = tmp_path / "tok"
+    assert main(["train-tokenizer", "--out", str(tok), *TINY_TOKENIZER]) == 0
+    settings = ["--limit", "14", "--crops", "random", "--num-crops", "2", "--crop-range", "1.125", "--flip"]
+    settings += ["--draws", "2", "--shard-size", "3", "--tokenizer", str(tok)]
+    assert main(["tokenize", "--out", str(tmp_path / "one"), *settings]) == 0
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert len(files) == 7  # five shards, labels, meta
+
+    def same_as_one(folder):
+        assert sorted(p.name for p in folder.iterdir()) == files
+        for name in files:
+            assert (folder / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+    done = torchrun("-m", "elmgen.cli", "tokenize", "--out", str(tmp_path / "two"), *settings)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["count"] == 56  # printed once, by the main process
+    same_as_one(tmp_path / "two")
+
+    script = tmp_path / "die.py"
+    script.write_text(DIE_IN_SECOND_SHARD)
+    killed = torchrun(str(script), "tokenize", "--out", str(tmp_path / "killed"), *settings)
+    assert killed.returncode != 0
+    partial = tmp_path / ".killed.partial"
+    assert not (tmp_path / "killed").exists() and (partial / "plan.json").is_file()
+    assert (partial / "shard_00001.npy").is_file()  # rank 1's first shard (it takes shards 1, 3)
+    assert not (partial / "shard_00003.npy").exists() and not (partial / "meta.json").exists()
+    resumed = torchrun("-m", "elmgen.cli", "tokenize", "--out", str(tmp_path / "killed"), *settings)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    same_as_one(tmp_path / "killed")
+    assert not partial.exists()
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not elmgen's")
+    refused = torchrun("-m", "elmgen.cli", "tokenize", "--out", str(tmp_path / "other"), *settings)
+    assert refused.returncode != 0 and "not an elmgen code folder" in refused.stderr
+    assert "the main process refused" in refused.stderr  # rank 1 ends too, at once, with one line
+    assert (tmp_path / "other" / "notes.txt").read_text() == "not elmgen's"

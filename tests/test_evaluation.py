@@ -155,6 +155,27 @@ def test_npz_shards_are_read_together(tmp_path):
         ev.open_samples(tmp_path / "float.npz")
 
 
+def test_the_shares_of_a_run_are_read_complete_and_in_rank_order(tmp_path):
+    images = np.random.default_rng(5).integers(0, 256, size=(7, 8, 8, 1), dtype=np.uint8)
+    for rank, part in enumerate((slice(0, 2), slice(2, 4), slice(4, 7))):  # written in another order
+        np.savez(tmp_path / f"samples.rank{rank:05d}-of-00003.npz", images[part], np.arange(7)[part])
+    files = sorted(tmp_path.glob("*.npz"), reverse=True)
+    for samples in (tmp_path, files):
+        source = ev.open_samples(samples)
+        assert source.labels.tolist() == list(range(7))
+        assert np.array_equal(np.concatenate(list(source.batches(3, 8, 1))), images.transpose(0, 3, 1, 2))
+    with pytest.raises(ElmgenError, match="lack samples.rank00001-of-00003.npz"):
+        ev.open_samples([files[0], files[2]])
+    with pytest.raises(ElmgenError, match="a share of samples twice"):
+        ev.open_samples([*files, files[1]])
+    np.savez(tmp_path / "samples.rank00000-of-00002.npz", images[:3], np.arange(3))
+    with pytest.raises(ElmgenError, match=r"several runs \(samples.rank\*-of-00002, samples.rank\*-of-00003\)"):
+        ev.open_samples(tmp_path)
+    np.savez(tmp_path / "samples.npz", images, np.arange(7))
+    with pytest.raises(ElmgenError, match="several runs .*samples.npz"):
+        ev.open_samples([*files, tmp_path / "samples.npz"])
+
+
 def test_conform_channels_and_size():
     grey_rgb = np.repeat(np.arange(64, dtype=np.uint8).reshape(1, 8, 8, 1), 3, axis=-1)
     assert np.array_equal(ev.conform(grey_rgb, 8, 1, "x")[:, 0], grey_rgb[..., 0])

@@ -1,7 +1,9 @@
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from elmgen.errors import ElmgenError
 from elmgen.models import ModelConfig, Transformer, preset
@@ -17,6 +19,7 @@ from elmgen.sampling import (
     top_k_filter,
     top_p_filter,
     window_starts,
+    write_samples,
 )
 from elmgen.schedules import guidance_scale_at, temperature_at
 
@@ -66,6 +69,17 @@ def test_image_seeds_never_repeat_within_a_class():
         assert len(set(in_class)) == len(in_class) == 2
     assert image_seeds(0, labels[4:6], index[4:6]) == seeds[4:6]  # a shard gets the same seeds
     assert image_seeds(1, labels, index) != seeds
+
+
+def test_the_png_previews_the_first_rows_and_columns_and_the_npz_keeps_every_image(tmp_path):
+    labels = torch.arange(40).repeat_interleave(20)  # 40 classes of 20: more than the preview's 32 x 16
+    value_N = (labels + torch.arange(20).repeat(40)).to(torch.uint8)  # class + index in the class
+    images = value_N[:, None, None, None].expand(-1, 1, 2, 2).contiguous()
+    png, npz = write_samples(images, labels, list(range(800)), tmp_path, ncols=20)
+    grid = np.asarray(Image.open(png))[::2, ::2]  # drawn twice as large
+    assert grid.shape == (32 * 4 + 2, 16 * 4 + 2)  # 2-pixel images, 2 pixels of padding
+    assert grid[2 + 4 * 5, 2 + 4 * 3] == 5 + 3  # row 5 is class 5, column 3 its image 3
+    assert np.load(npz)["arr_0"].shape == (800, 2, 2, 1)
 
 
 def test_greedy_and_guidance_rules():

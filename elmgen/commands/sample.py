@@ -4,14 +4,13 @@ sampling option (SampleConfig); the options below are short ways to them."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import MISSING
 
-from elmgen.commands.base import NON_NEGATIVE, OUT, POSITIVE, Command, Option, defaults_of, named
+from elmgen.commands.base import OUT, POSITIVE, Command, Option, defaults_of, named
 from elmgen.config import to_dict
 from elmgen.data import DataConfig, pick_images
 from elmgen.device import resolve_device
@@ -26,10 +25,13 @@ from elmgen.sampling import (
     inpaint_images,
     outpaint_images,
     sample_images,
+    shard_name,
+    share,
     write_samples,
 )
 from elmgen.schedules import GUIDANCE_SCHEDULES
 from elmgen.tokenizers import load_tokenizer
+from elmgen.train.distributed import launched
 
 
 @dataclass
@@ -52,8 +54,6 @@ class SampleCommand(LMOptions):
     num_per_class: int = field(default=10, metadata=POSITIVE)  # images of each class (one row each in samples.png)
     classes: list[int] | None = None  # class ids to sample (default: all)
     batch_size: int = field(default=SAMPLE_IMAGES["batch_size"], metadata=POSITIVE)  # images per generation call
-    rank: int | None = field(default=None, metadata=NON_NEGATIVE)  # this shard's index (default: $RANK or 0)
-    world_size: int | None = field(default=None, metadata=POSITIVE)  # number of shards (default: $WORLD_SIZE or 1)
 
 
 def load_lm(cmd: LMOptions):
@@ -78,16 +78,14 @@ def class_labels(cmd, num_classes: int):
 
 
 def sample_command(cmd: SampleCommand) -> None:
+    rank, world = launched()  # under torchrun each process samples its share of the images
     model, tokenizer, _ = load_lm(cmd)
-    rank = int(os.environ.get("RANK", 0)) if cmd.rank is None else cmd.rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if cmd.world_size is None else cmd.world_size
-    if not 0 <= rank < world:
-        raise ElmgenError(f"--rank {rank} must be in [0, --world-size {world})")
     labels, seeds = class_labels(cmd, model.cfg.num_classes)
-    # Shard r of w takes every w-th image; seeds are per image, so shards never repeat one.
-    labels, seeds = labels[rank::world], seeds[rank::world]
+    # Seeds are per image, so the shares in rank order are a one-process run's images
+    part = share(len(labels), rank, world)
+    labels, seeds = labels[part], seeds[part]
     images = sample_images(model, tokenizer, labels, seeds, cmd.sample, batch_size=cmd.batch_size)
-    name = "samples" if world == 1 else f"samples_rank{rank:05d}"
+    name = shard_name("samples", rank, world)
     png, npz = write_samples(images, labels, seeds, cmd.out, ncols=cmd.num_per_class, name=name)
     print(json.dumps({"png": str(png), "npz": str(npz), "images": len(labels), **to_dict(cmd.sample)}))
 
@@ -178,12 +176,14 @@ COMMANDS = (
         SampleCommand,
         sample_command,
         "generate class-conditional images",
-        "Sample images (AR: KV-cached decoding; MLM: MaskGIT) with classifier-free guidance; writes samples.png "
-        "(one row per class) and samples.npz (ADM layout). Every sample.* key is a sampling option.",
+        "Sample images (AR: KV-cached decoding; MLM: MaskGIT) with classifier-free guidance; writes samples.npz "
+        "(ADM layout) and samples.png (one row per class; at most 32 rows of 16). Under torchrun each process "
+        "writes its share, samples.rank<R>-of-<W>.npz/.png, which 'elmgen eval' reads as one. Every sample.* key "
+        "is a sampling option.",
         (
             *LM_OPTIONS,
             *CLASS_OPTIONS,
-            *named("batch_size", "rank", "world_size"),
+            *named("batch_size"),
             *SAMPLING_OPTIONS,
         ),
     ),

@@ -15,6 +15,7 @@ from elmgen.data.transforms import CROPS
 from elmgen.device import resolve_device
 from elmgen.evaluation import tokenizer_report
 from elmgen.tokenizers import load_tokenizer
+from elmgen.train.distributed import distributed
 from elmgen.vocab import Vocab
 
 
@@ -68,10 +69,12 @@ class TokenizeCommand:
     limit: int | None = field(default=None, metadata=POSITIVE)  # encode only the first N images
     batch_size: int = field(default=TOKENIZE["batch_size"], metadata=POSITIVE)  # images per encoder call
     shard_size: int = field(default=TOKENIZE["shard_size"], metadata=POSITIVE)  # images a shard (the unit of resuming)
+    device: str = "auto"  # auto (under torchrun: the process's GPU), cpu, cuda[:N] or mps
 
 
 def tokenize_command(cmd: TokenizeCommand) -> None:
-    tokenizer, meta = load_tokenizer(cmd.tokenizer)
+    rank, world = distributed()  # under torchrun every process encodes its share of the shards
+    tokenizer, meta = load_tokenizer(cmd.tokenizer, resolve_device(cmd.device))
     data = DataConfig(
         source=cmd.data or meta["data"]["source"],
         split=cmd.split,
@@ -81,8 +84,10 @@ def tokenize_command(cmd: TokenizeCommand) -> None:
     )
     vocab = Vocab.parse(cmd.vocab) if cmd.vocab else tokenizer.default_vocab
     options = ("flip", "crops", "num_crops", "crop_range", "draws", "seed", "batch_size", "shard_size")
-    out = tokenize(tokenizer, meta, load_dataset(data), cmd.out, vocab, **{k: getattr(cmd, k) for k in options})
-    print(json.dumps({k: v for k, v in out.items() if k != "shards"}, indent=2))
+    settings = {k: getattr(cmd, k) for k in options}
+    out = tokenize(tokenizer, meta, load_dataset(data), cmd.out, vocab, rank=rank, world=world, **settings)
+    if rank == 0:
+        print(json.dumps({k: v for k, v in out.items() if k != "shards"}, indent=2))
 
 
 COMMANDS = (
@@ -102,12 +107,12 @@ COMMANDS = (
         "encode a dataset into a code folder once",
         "Encode images (and augmented views) with a trained tokenizer into sharded, memory-mapped code files + "
         "labels.npy + meta.json. LM training reads these and never runs the encoder. An interrupted run resumes "
-        "when re-run.",
+        "when re-run. Under torchrun the processes share the shards and write the folder one process writes.",
         (
             *named("tokenizer", "out", "data", "split", "vocab"),
             Option(("--flip",), "flip", const=True),
             Option(("--crops",), "crops", choices=CROPS),
-            *named("num_crops", "crop_range", "draws", "seed", "limit", "batch_size", "shard_size"),
+            *named("num_crops", "crop_range", "draws", "seed", "limit", "batch_size", "shard_size", "device"),
         ),
     ),
 )

@@ -13,6 +13,7 @@ from PIL import Image
 
 from elmgen.data import IMAGE_SUFFIXES, DataConfig, center_crop_resize, load_dataset, load_pixels
 from elmgen.errors import ElmgenError
+from elmgen.sampling import SHARD_FILE
 
 
 def conform(images_NHWC: np.ndarray, size: int, channels: int, what: str) -> np.ndarray:
@@ -170,4 +171,28 @@ def open_samples(paths) -> ImageSource:
             npz.append(p)
         else:
             raise ElmgenError(f"samples not found: {p}; pass .npz files (ADM layout) or a folder of images")
-    return NpzImages(npz)
+    return NpzImages(shares_in_order(npz))
+
+
+def shares_in_order(paths: list[Path]) -> list[Path]:
+    """`paths`; when they are the shares of a run's processes (`sampling.shard_name`), checked to be all of one
+    run, complete, and put in rank order, which is a one-process run's order (a missing or a stray share would
+    change the measure without a word)."""
+    found = [SHARD_FILE.fullmatch(p.name) for p in paths]
+    if not any(found):
+        return paths
+    runs = {(m["name"], int(m["world"])) for m in found if m}
+    if len(runs) > 1 or not all(found):
+        others = [p.name for p, m in zip(paths, found, strict=True) if not m]
+        what = ", ".join(sorted(f"{name}.rank*-of-{world:05d}" for name, world in runs) + others[:1])
+        raise ElmgenError(f"the samples mix the files of several runs ({what}); pass the files of one run")
+    (name, world), ranks = runs.pop(), [int(m["rank"]) for m in found]
+    if sorted(ranks) != list(range(world)):
+        missing = sorted(set(range(world)) - set(ranks))
+        raise ElmgenError(
+            f"the samples lack {name}.rank{missing[0]:05d}-of-{world:05d}.npz, one of {world} processes' shares "
+            "(that process did not finish); re-run 'elmgen sample' with the same settings"
+            if missing
+            else f"the samples name a share of {name} twice; pass each file once"
+        )
+    return [p for _, p in sorted(zip(ranks, paths, strict=True))]

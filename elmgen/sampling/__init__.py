@@ -5,11 +5,14 @@ from elmgen.sampling.ar import decode_one, generate_ar, prefill
 from elmgen.sampling.config import SampleConfig
 from elmgen.sampling.editing import inpaint_images, outpaint_ar, outpaint_images, window_starts
 from elmgen.sampling.generate import (
+    SHARD_FILE,
     check_compatible,
     class_balanced,
     generate,
     image_seeds,
     sample_images,
+    shard_name,
+    share,
     write_samples,
 )
 from elmgen.sampling.maskgit import generate_mlm

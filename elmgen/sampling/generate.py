@@ -1,8 +1,9 @@
 """Class-conditional images from a trained LM and its tokenizer: per-image seeds, generation (AR or MaskGIT),
-decoding to pixels, and the sample files."""
+decoding to pixels, and the sample files (one, or one per process)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -81,14 +82,35 @@ def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
         )
 
 
+# Process r of w writes `name`.rank<r>-of-<w>.npz; zero-padded, so sorted file names are in rank order
+SHARD_FILE = re.compile(r"(?P<name>.+)\.rank(?P<rank>\d{5})-of-(?P<world>\d{5})\.npz")
+
+
+def shard_name(name: str, rank: int, world: int) -> str:
+    """The file stem of process `rank`'s share of `world` (one process: `name` itself)."""
+    return name if world == 1 else f"{name}.rank{rank:05d}-of-{world:05d}"
+
+
+def share(count: int, rank: int, world: int) -> slice:
+    """Process `rank`'s contiguous share of `count` items: the shares in rank order are all items, in order."""
+    if world > count:
+        raise ElmgenError(f"{world} processes for {count} images: start at most {count} processes")
+    return slice(rank * count // world, (rank + 1) * count // world)
+
+
+PREVIEW_ROWS, PREVIEW_COLS = 32, 16  # of the grid samples.png shows: 50k ImageNet samples would make a 40 GB image
+
+
 def write_samples(
     images_NCHW: torch.Tensor, labels_N: torch.Tensor, seeds: list[int], out_dir, ncols: int, name: str = "samples"
 ) -> tuple[Path, Path]:
-    """`name`.png (a grid, `ncols` images a row) and an ADM-style `name`.npz (arr_0 NHWC uint8, arr_1 labels,
-    plus each image's seed)."""
+    """`name`.png (a grid, `ncols` images a row; its first PREVIEW_ROWS rows and PREVIEW_COLS columns) and an
+    ADM-style `name`.npz of every image (arr_0 NHWC uint8, arr_1 labels, plus each image's seed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png, npz = out_dir / f"{name}.png", out_dir / f"{name}.npz"
-    save_png(image_grid(images_NCHW, ncols=ncols, scale=2), png)
+    index_N = torch.arange(len(images_NCHW))
+    shown_N = (index_N // ncols < PREVIEW_ROWS) & (index_N % ncols < PREVIEW_COLS)
+    save_png(image_grid(images_NCHW[shown_N], ncols=min(ncols, PREVIEW_COLS), scale=2), png)
     atomic_savez(npz, images_NCHW.permute(0, 2, 3, 1).numpy(), labels_N.numpy(), seeds=np.asarray(seeds, np.uint64))
     return png, npz

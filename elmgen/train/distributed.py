@@ -20,6 +20,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.nn.parallel import DistributedDataParallel
 
+from elmgen.errors import ElmgenError
+
 
 def distributed() -> tuple[int, int]:
     """(rank, world size). Under torchrun (WORLD_SIZE > 1) the first call joins the process group:
@@ -29,6 +31,21 @@ def distributed() -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def launched() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them (RANK, WORLD_SIZE), joining no process group: for work that
+    needs no collective, such as writing a share of the samples."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        rank, world = -1, 0
+    if not 0 <= rank < world:
+        raise ElmgenError(
+            f"RANK={os.environ.get('RANK')} and WORLD_SIZE={os.environ.get('WORLD_SIZE')} are not a process "
+            "of a group; start the processes with torchrun (or unset both)"
+        )
+    return rank, world
 
 
 def is_main_process() -> bool:
