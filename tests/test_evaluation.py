@@ -123,7 +123,7 @@ def test_per_sample_scores_average_to_the_figures(fake_fmnist, tmp_path):
     test = load_dataset(DataConfig(split="test"))
     write_adm(tmp_path / "s.npz", test.images(np.arange(12)), test.labels[:12])
     got = ev.evaluate_samples(tmp_path / "s.npz", DataConfig(split="test"), extractor, splits=2, per_sample=True)
-    assert set(got["per_sample"]) == {"class_accuracy", "class_confidence"}
+    assert set(got["per_sample"]) == {"precision", "class_accuracy", "class_confidence"}
     for name, values in got["per_sample"].items():
         assert len(values) == 12 and np.mean(values) == pytest.approx(got[name])
     assert "per_sample" not in ev.evaluate_samples(tmp_path / "s.npz", DataConfig(split="test"), extractor, splits=2)

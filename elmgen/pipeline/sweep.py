@@ -206,9 +206,8 @@ def summarize(runs: list[Run], rows: list[dict], samples: list[dict]) -> tuple[l
         for group in have:
             diff, significant, test = compare(best, group, metric)
             group.row[f"{metric}_vs_best"], group.row[f"{metric}_significant"] = diff, significant
-            if test:
-                tests.setdefault(metric, [])
-                tests[metric] += [test] if test not in tests[metric] else []
+            if test and test not in tests.setdefault(metric, []):
+                tests[metric].append(test)
     metric_columns = [
         f"{m}{suffix}" for m, _, _ in SUMMARY_METRICS for suffix in ("", "_ci", "_vs_best", "_significant")
     ]
