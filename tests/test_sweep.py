@@ -134,6 +134,13 @@ def test_summary_intervals_and_significance_on_known_differences(tmp_path):
     assert "| **" in md and " *" in md and " ~" in md
     assert "- fid: paired t over 4 replicates" in md and "- class_confidence: paired bootstrap over 200 samples" in md
     assert (out / "plot_sample_temperature.png").is_file() and len((out / "runs.csv").read_text().splitlines()) == 9
+    with open(out / "differences.csv") as f:
+        differences = {d["metric"]: d for d in csv.DictReader(f)}  # the two settings: one pair per metric
+    fid = differences["fid"]
+    assert (fid["a"], fid["b"], fid["significant"]) == (a["run"], b["run"], "True")
+    assert 0 < float(fid["low"]) < 2 < float(fid["high"]) and fid["test"] == "paired t over 4 replicates"
+    assert differences["recall"]["significant"] == "False" and float(differences["recall"]["low"]) < 0
+    assert differences["psnr"]["significant"] == "" and "params" not in differences
 
 
 @pytest.mark.slow

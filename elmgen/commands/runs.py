@@ -110,7 +110,7 @@ class SweepCommand(SweepConfig):
 
 def sweep_command(cmd: SweepCommand) -> None:
     rows = run_sweep(job_of(cmd, SweepConfig), cmd.out)
-    print(f"{len(rows)} runs; wrote {cmd.out}/summary.md, summary.csv, runs.csv and plots")
+    print(f"{len(rows)} runs; wrote {cmd.out}/summary.md, summary.csv, differences.csv, runs.csv and plots")
 
 
 SHAPES = defaults_of(make_shapes)

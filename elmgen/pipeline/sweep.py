@@ -132,10 +132,10 @@ def run_name(overrides: dict[str, Any]) -> str:
 
 def run_sweep(cfg: SweepConfig, out_dir: str | Path) -> list[dict]:
     """Run every missing run, then write runs.csv (every run), summary.csv and summary.md (every setting over its
-    replicates) and one plot per swept field; returns the rows of runs.csv."""
+    replicates), differences.csv (every two settings) and one plot per swept field; returns the rows of runs.csv."""
     out = Path(out_dir)
     if out.is_dir():
-        remove_temporaries(out, "summary", "runs.csv", "plot_")
+        remove_temporaries(out, "summary", "runs.csv", "differences.csv", "plot_")
     runs = replicate_runs(cfg)
     configs = [apply_overrides(cfg.base, run.overrides) for run in runs]  # validate every run before training any
     for run_cfg in configs:
@@ -154,8 +154,8 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path) -> list[dict]:
         per_sample = run_dir / PER_SAMPLE  # runs from before per-sample scores have none: compared per replicate
         samples.append(json.loads(per_sample.read_text()) if per_sample.is_file() else {})
     swept = list(dict.fromkeys(key for run in runs for key in run.setting))
-    settings, tests = summarize(runs, rows, samples)
-    write_summary(rows, settings, tests, swept, out)
+    settings, differences = summarize(runs, rows, samples)
+    write_summary(rows, settings, differences, swept, out)
     return rows
 
 
@@ -179,10 +179,10 @@ class Setting:
     samples: dict[str, dict[tuple[int, int], float]] = field(default_factory=dict)
 
 
-def summarize(runs: list[Run], rows: list[dict], samples: list[dict]) -> tuple[list[dict], dict[str, list[str]]]:
+def summarize(runs: list[Run], rows: list[dict], samples: list[dict]) -> tuple[list[dict], list[dict]]:
     """One row per setting: each metric's mean over the replicates and its 95% half-width (`<metric>_ci`), the
     difference from the column's best setting (`<metric>_vs_best`) and whether it is significant (True/False;
-    empty where no test applies); and, per metric, the tests used."""
+    None where no test applies); and the paired difference of every two settings per metric (`compare`)."""
     groups: dict[str, Setting] = {}
     for run, row, per_sample in zip(runs, rows, samples, strict=True):
         key = json.dumps(run.setting, sort_keys=True)
@@ -193,21 +193,20 @@ def summarize(runs: list[Run], rows: list[dict], samples: list[dict]) -> tuple[l
             if metric in per_sample:
                 scores = zip(per_sample["seed"], per_sample[metric], strict=True)
                 group.samples.setdefault(metric, {}).update(((run.replicate, s), v) for s, v in scores)
-    tests: dict[str, list[str]] = {}
     for group in groups.values():
         group.row["replicates"] = max(len(v) for v in group.replicates.values()) if group.replicates else 0
         for metric, values in group.replicates.items():
             group.row[metric], group.row[f"{metric}_ci"] = mean_interval(list(values.values()))
+    differences = []
     for metric, _, better in SUMMARY_METRICS:
         have = [g for g in groups.values() if metric in g.row]
         if not have or not better:
             continue
         best = max(have, key=lambda g: better * g.row[metric])
         for group in have:
-            diff, significant, test = compare(best, group, metric)
-            group.row[f"{metric}_vs_best"], group.row[f"{metric}_significant"] = diff, significant
-            if test and test not in tests.setdefault(metric, []):
-                tests[metric].append(test)
+            vs_best = compare(best, group, metric)
+            group.row[f"{metric}_vs_best"], group.row[f"{metric}_significant"] = vs_best["diff"], vs_best["significant"]
+        differences += [compare(a, b, metric) for a, b in itertools.combinations(have, 2)]
     metric_columns = [
         f"{m}{suffix}" for m, _, _ in SUMMARY_METRICS for suffix in ("", "_ci", "_vs_best", "_significant")
     ]
@@ -218,27 +217,30 @@ def summarize(runs: list[Run], rows: list[dict], samples: list[dict]) -> tuple[l
         }
         for g in groups.values()
     ]
-    return rows, tests
+    return rows, differences
 
 
-def compare(best: Setting, other: Setting, metric: str) -> tuple[float, bool | None, str]:
-    """other - best for one metric, whether it is significant (None: untestable) and the test: a paired bootstrap
-    over the samples both have, else a paired t-interval over their common replicates (a metric no replicate
-    changes, such as a shared tokenizer's PSNR, is untestable)."""
-    if other is best:
-        return 0.0, None, ""
-    a, b = best.samples.get(metric, {}), other.samples.get(metric, {})
-    common = sorted(a.keys() & b.keys())
+def compare(a: Setting, b: Setting, metric: str) -> dict:
+    """b - a for one metric with its 95% interval, whether that excludes 0 (None: untestable) and the test: a
+    paired bootstrap over the samples both have, else a paired t-interval over their common replicates (a metric
+    no replicate changes, such as a shared tokenizer's PSNR, is untestable)."""
+    out = {"metric": metric, "a": a.row["run"], "b": b.row["run"], "diff": b.row[metric] - a.row[metric]}
+    untested = {**out, "low": math.nan, "high": math.nan, "significant": None, "test": ""}
+    if a is b:
+        return untested
+    sa, sb = a.samples.get(metric, {}), b.samples.get(metric, {})
+    common = sorted(sa.keys() & sb.keys())
     if len(common) >= 2:
-        test = paired_bootstrap([a[k] for k in common], [b[k] for k in common])
-        return test["diff"], test["significant"], f"paired bootstrap over {len(common)} samples"
-    a, b = best.replicates[metric], other.replicates[metric]
-    diffs = [b[r] - a[r] for r in sorted(a.keys() & b.keys())]
+        test = paired_bootstrap([sa[k] for k in common], [sb[k] for k in common])
+        return {**out, **test, "test": f"paired bootstrap over {len(common)} samples"}
+    ra, rb = a.replicates[metric], b.replicates[metric]
+    diffs = [rb[r] - ra[r] for r in sorted(ra.keys() & rb.keys())]
     if len(diffs) >= 2:
         diff, half = mean_interval(diffs)
         if half > 0:
-            return diff, abs(diff) > half, f"paired t over {len(diffs)} replicates"
-    return other.row[metric] - best.row[metric], None, ""
+            test = {"diff": diff, "low": diff - half, "high": diff + half, "significant": abs(diff) > half}
+            return {**out, **test, "test": f"paired t over {len(diffs)} replicates"}
+    return untested
 
 
 def fmt(value) -> str:
@@ -259,11 +261,14 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, table.getvalue())
 
 
-def write_summary(
-    rows: list[dict], settings: list[dict], tests: dict[str, list[str]], swept: list[str], out: Path
-) -> None:
+def write_summary(rows: list[dict], settings: list[dict], differences: list[dict], swept: list[str], out: Path) -> None:
     write_csv(out / "runs.csv", rows)
     write_csv(out / "summary.csv", settings)
+    write_csv(out / "differences.csv", differences)
+    tests: dict[str, list[str]] = {}  # per metric, the tests its comparisons used
+    for d in differences:
+        if d["test"] and d["test"] not in tests.setdefault(d["metric"], []):
+            tests[d["metric"]].append(d["test"])
     metrics = [m for m, _, _ in SUMMARY_METRICS if any(m in row for row in settings)]
     columns = ["run", *swept, "replicates", *metrics]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -272,7 +277,7 @@ def write_summary(
         "",
         "Each value is the mean over the replicates ± the half-width of its 95% t-interval. Per column, **bold** is "
         "the best setting, `*` a setting significantly different from it, `~` one within the noise, and no mark "
-        "an untested one.",
+        "an untested one; differences.csv compares every two settings.",
     ]
     lines += [f"- {metric}: {'; '.join(used)}" for metric, used in tests.items()]
     atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
