@@ -223,7 +223,7 @@ def budget_summary(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     return {"minutes": cfg.minutes, "steps": steps}
 
 
-# Each sample's seed, label and scores (`class_scores`), next to metrics.json: what a sweep pairs two runs' samples by.
+# Each sample's seed, label and scores (evaluate_samples' per_sample), next to metrics.json: what a sweep pairs runs by.
 PER_SAMPLE = "per_sample.json"
 
 
