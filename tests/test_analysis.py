@@ -72,6 +72,25 @@ def test_attention_metrics_on_a_hand_made_map():
     assert m["global_share"] == pytest.approx(0.25)
 
 
+def test_sink_and_long_range_context_are_told_apart():
+    # 4x4 grid, global radius 1 (every cell's mirror cell (3-r, 3-c) is farther). Head 0 is a pure sink: each
+    # cell query puts half its attention on the class token and half on the first cell. Head 1 is pure context:
+    # each query looks at its mirror cell, which for one query of 16 (cell (3,3)) is the first cell.
+    attn = torch.zeros(2, 17, 17)
+    attn[0, :, 0] = attn[0, :, 1] = 0.5
+    attn[1, 0, 0] = 1.0
+    for r, c in itertools.product(range(4), range(4)):
+        attn[1, 1 + 4 * r + c, 1 + 4 * (3 - r) + (3 - c)] = 1.0
+    m = attention_metrics(attn, 4, radii=(1,), global_radius=1.0)
+    assert m["sink_share"] == pytest.approx([1.0, 1 / 16])
+    assert m["context_share"] == pytest.approx([0.0, 15 / 16])
+    assert m["global_share"] == pytest.approx([0.5 * 13 / 16, 1.0])  # 13 cells lie beyond radius 1 of cell 0
+    assert m["far_top_key"][0] == 1 and m["far_top_key_share"] == pytest.approx([1.0, 1 / 16])
+    alone = attention_metrics(attn, 4, radii=(1,), global_radius=1.0, sink_positions=(0,))
+    assert alone["sink_share"] == pytest.approx([0.5, 0.0])  # the first cell no longer counts as a sink ...
+    assert alone["context_share"] == pytest.approx([0.5 * 13 / 16, 1.0])  # ... so its far mass is "context"
+
+
 def test_uniform_causal_attention_figures():
     m = {k: v[0] for k, v in attention_metrics(uniform_attention(5, causal=True), 2).items()}
     # queries see 1..4 cells plus the class token: class shares 1/2, 1/3, 1/4, 1/5
@@ -232,6 +251,8 @@ def test_cli_attention_real_and_sampled(runs, tmp_path, capsys):
     layer = rep["layers"][0]
     assert 0 <= layer["within_r1"] <= layer["within_r2"] <= 1
     assert layer["cls_share"] + layer["within_r2"] + layer["global_share"] <= 1 + 1e-9
+    assert layer["context_share"] <= layer["global_share"] and layer["cls_share"] <= layer["sink_share"] <= 1
+    assert "context_share" in capsys.readouterr().out
     for png in ("attention-depth.png", "attention-a.png", "attention-b.png"):
         assert (out / png).stat().st_size > 0
     assert (
@@ -246,11 +267,16 @@ def test_cli_attention_real_and_sampled(runs, tmp_path, capsys):
                 "--sampled",
                 "--num-sequences",
                 "3",
+                "--sink",
+                "0",
             ]
         )
         == 0
     )
-    assert json.loads((tmp_path / "s" / "attention.json").read_text())["models"]["a"]["source"] == "sampled"
+    sampled = json.loads((tmp_path / "s" / "attention.json").read_text())["models"]["a"]
+    assert sampled["source"] == "sampled" and sampled["layers"][0]["sink_share"] == pytest.approx(
+        sampled["layers"][0]["cls_share"]
+    )
     capsys.readouterr()
     assert main(["analyze", "attention", "--model", str(a), "--out", str(out), "--query", "4", "0"]) == 2
     assert "query cells [[4, 0]] are not (row, col) cells of the 4x4 grid" in capsys.readouterr().err

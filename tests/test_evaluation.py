@@ -109,6 +109,26 @@ def test_class_accuracy_per_class():
         ev.class_accuracy(probs, np.array([0, 1, 1, 2, 2, 7]), ["a", "b", "c"])
 
 
+def test_class_scores_are_the_figures_per_image():
+    probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.1, 0.3, 0.6]])
+    scores = ev.class_scores(probs, np.array([0, 1, 2]), 3)
+    assert scores["class_accuracy"].tolist() == [1.0, 0.0, 1.0]
+    assert scores["class_confidence"] == pytest.approx([0.7, 0.4, 0.6])
+    out = ev.class_accuracy(probs, np.array([0, 1, 2]), ["a", "b", "c"])
+    assert out["class_accuracy"] == pytest.approx(2 / 3) and out["class_confidence"] == pytest.approx(1.7 / 3)
+
+
+def test_per_sample_scores_average_to_the_figures(fake_fmnist, tmp_path):
+    extractor = ev.load_extractor("classifier", classifier=train_small_classifier(tmp_path / "clf", steps=2))
+    test = load_dataset(DataConfig(split="test"))
+    write_adm(tmp_path / "s.npz", test.images(np.arange(12)), test.labels[:12])
+    got = ev.evaluate_samples(tmp_path / "s.npz", DataConfig(split="test"), extractor, splits=2, per_sample=True)
+    assert set(got["per_sample"]) == {"precision", "class_accuracy", "class_confidence"}
+    for name, values in got["per_sample"].items():
+        assert len(values) == 12 and np.mean(values) == pytest.approx(got[name])
+    assert "per_sample" not in ev.evaluate_samples(tmp_path / "s.npz", DataConfig(split="test"), extractor, splits=2)
+
+
 # --- statistics files and sample files ------------------------------------------------------------------------------
 
 

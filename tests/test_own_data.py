@@ -66,6 +66,9 @@ def test_run_on_a_class_folder_takes_everything_from_the_data(shapes, tmp_path, 
     assert "colour images at 32 px (detected), a 8x8 grid of codes" in err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval"]["num_samples"] == 6  # 3 classes from the folder, 2 samples each
+    per_sample = json.loads((out / "per_sample.json").read_text())  # what a sweep pairs runs by
+    assert len(per_sample["seed"]) == len(set(per_sample["seed"])) == 6 and per_sample["label"] == [0, 0, 1, 1, 2, 2]
+    assert np.mean(per_sample["class_accuracy"]) == pytest.approx(metrics["eval"]["class_accuracy"])
     codes = json.loads((out / "codes" / "meta.json").read_text())
     assert codes["num_classes"] == 3 and codes["class_names"] == ["circle", "square", "triangle"]
     assert codes["images"] == 54  # 20 a class, 2 of each held out

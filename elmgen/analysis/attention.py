@@ -4,8 +4,12 @@ Forward hooks on every `Attention` module recompute the attention probabilities 
 module's input with its own weights and RoPE; the model's computation is not touched. Sequence position
 p >= 1 carries grid cell p-1 (the cell whose RoPE position it has), so the distance between a query and a
 key is the Euclidean distance of their cells, in cells; position 0 is the class token. All figures are
-linear in the attention map except the mean distance (a ratio of sums), so they are computed from the
-attention map averaged over the analysed sequences.
+linear in the attention map except the mean distance and the far top key (a ratio of sums, an argmax), so
+they are computed from the attention map averaged over the analysed sequences.
+
+Far attention is either a sink (mass every query puts on the same fixed position, such as the class token
+or the first cell, whatever that position holds) or genuine long-range context: `context_share` is the far
+mass off the sink positions, so "attends more globally" is a number a sink cannot raise.
 """
 
 from __future__ import annotations
@@ -65,20 +69,34 @@ def cell_distances(grid: int) -> torch.Tensor:
     return torch.cdist(xy_L2, xy_L2)
 
 
-def attention_metrics(attn_ATS: torch.Tensor, grid: int, radii=(1, 2), global_radius: float = 3.0) -> dict:
+def attention_metrics(
+    attn_ATS: torch.Tensor, grid: int, radii=(1, 2), global_radius: float = 3.0, sink_positions=(0, 1)
+) -> dict:
     """Per-head figures of an attention map (A, T, S) over [class token, cells...], each a list over heads,
     averaged over the cell queries (positions 1..T-1):
     mean_distance: average distance of the attention mass that falls on cells (mass-weighted);
     within_r{r}: share of all attention on cells at distance <= r of the query's cell;
-    cls_share: share on the class token; global_share: share on cells farther than `global_radius`."""
+    cls_share: share on the class token; global_share: share on cells farther than `global_radius`;
+    sink_share: share on the (sequence) positions `sink_positions`, near or far;
+    context_share: share on cells farther than `global_radius` that are not sink positions;
+    far_top_key, far_top_key_share: the position receiving most of the far attention, and its part of it
+    (near 1: the far mass is a sink at that position, listed or not; 1 / the far keys for an even spread)."""
     n = attn_ATS.shape[1] - 1
     dist_TS = cell_distances(grid)[:n, :n].to(attn_ATS.device)
     cells_ATS, cls_AT = attn_ATS[:, 1:, 1:].double(), attn_ATS[:, 1:, 0].double()
+    sink_S = torch.zeros(n + 1, dtype=torch.bool, device=attn_ATS.device)
+    sink_S[[p for p in sink_positions if p <= n]] = True
+    far_ATS = cells_ATS * (dist_TS > global_radius)
+    far_AS = far_ATS.sum(1)  # the far mass each key cell receives, over all queries
     out = {"mean_distance": ((cells_ATS * dist_TS).sum((1, 2)) / cells_ATS.sum((1, 2)).clamp_min(1e-12))}
     for r in radii:
         out[f"within_r{r}"] = (cells_ATS * (dist_TS <= r)).sum(-1).mean(-1)
     out["cls_share"] = cls_AT.mean(-1)
-    out["global_share"] = (cells_ATS * (dist_TS > global_radius)).sum(-1).mean(-1)
+    out["global_share"] = far_ATS.sum(-1).mean(-1)
+    out["sink_share"] = (attn_ATS[:, 1:].double() * sink_S).sum(-1).mean(-1)
+    out["context_share"] = (far_ATS * ~sink_S[1:]).sum(-1).mean(-1)
+    out["far_top_key"] = far_AS.argmax(-1) + 1
+    out["far_top_key_share"] = far_AS.max(-1).values / far_AS.sum(-1).clamp_min(1e-12)
     return {k: v.tolist() for k, v in out.items()}
 
 
@@ -97,6 +115,7 @@ class AttentionConfig:
     queries: list[list[int]] = field(default_factory=list)  # (row, col) cells of the heat-maps; default: two
     radii: list[int] = field(default_factory=lambda: [1, 2])  # distances (cells) of the local shares
     global_radius: float = 3.0  # attention on cells farther than this counts as global
+    sink_positions: list[int] = field(default_factory=lambda: [0, 1])  # sinks: 0 the class token, 1 the first cell
     batch_size: int = 32  # sequences per forward pass
     seed: int = 0  # picks the real rows, the masks and the sample seeds
 
@@ -107,6 +126,8 @@ class AttentionConfig:
             raise ElmgenError(f"mask_ratio must be in (0, 1), not {self.mask_ratio}")
         if not self.radii or min(self.radii) < 0 or self.global_radius < 0:
             raise ElmgenError("radii must be a non-empty list of distances >= 0, and the global radius >= 0")
+        if min(self.sink_positions, default=0) < 0:
+            raise ElmgenError(f"sink_positions {self.sink_positions} must be sequence positions >= 0 (0: class token)")
 
 
 def input_sequences(model: Transformer, meta: dict, cfg: AttentionConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +190,7 @@ def model_attention(model: Transformer, meta: dict, cfg: AttentionConfig) -> tup
     T = maps[0].shape[1]
 
     def figures(attn_ATS):
-        return attention_metrics(attn_ATS, mc.grid_size, cfg.radii, cfg.global_radius)
+        return attention_metrics(attn_ATS, mc.grid_size, cfg.radii, cfg.global_radius, cfg.sink_positions)
 
     layers = []
     for i, attn_ATS in enumerate(maps):
@@ -260,7 +281,8 @@ def plot_depth(reports: dict, path, cfg: AttentionConfig) -> None:
         ("mean_distance", "mean attention distance (cells)"),
         (f"within_r{cfg.radii[0]}", f"share within radius {cfg.radii[0]}"),
         ("global_share", f"share beyond radius {cfg.global_radius:g}"),
-        ("cls_share", "share on class token"),
+        ("context_share", f"beyond radius {cfg.global_radius:g}, off the sinks"),
+        ("sink_share", f"share on sink positions {cfg.sink_positions}"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=110)
     for ci, (name, rep) in enumerate(reports.items()):

@@ -109,7 +109,7 @@ class AttentionCommand(AttentionConfig):
 def attention_command(cmd: AttentionCommand) -> None:
     cfg = job_of(cmd, AttentionConfig)
     result = analyze_attention(cmd.models, cmd.out, cfg)
-    keys = ("mean_distance", f"within_r{cfg.radii[0]}", "global_share", "cls_share")
+    keys = ("mean_distance", f"within_r{cfg.radii[0]}", "global_share", "context_share", "sink_share")
     for name, rep in result["models"].items():
         uniform = ", ".join(f"{k} {rep['uniform'][k]:.3f}" for k in keys)
         print(f"{name} ({rep['params']:,} params; uniform attention: {uniform})")
@@ -178,7 +178,9 @@ COMMANDS = (
         "where a model's attention looks, per layer and head",
         "Attention probabilities of each layer and head, averaged over real or sampled sequences: mean attention "
         "distance (grid cells), share within radius 1 and 2, share on the class token, share beyond a global "
-        "radius. Writes attention.json, attention-depth.png (all models) and attention-<model>.png (heat-maps of "
+        "radius, and that far share split into a sink (positions every query can attend to whatever they hold: "
+        "the class token and the first cell, --sink) and long-range context (context_share). Writes "
+        "attention.json, attention-depth.png (all models) and attention-<model>.png (heat-maps of "
         "query cells per layer).",
         (
             Option(("--model",), "models", nargs="+"),
@@ -186,6 +188,7 @@ COMMANDS = (
             Option(("--sampled",), "sampled", const=True),
             Option(("--query",), "queries", nargs=2, metavar=("ROW", "COL"), action="append"),
             Option(("--seed",), "seed", min=0),
+            Option(("--sink",), "sink_positions", nargs="+", metavar="POS", min=0),
         ),
     ),
     Command(

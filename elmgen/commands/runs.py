@@ -110,7 +110,7 @@ class SweepCommand(SweepConfig):
 
 def sweep_command(cmd: SweepCommand) -> None:
     rows = run_sweep(job_of(cmd, SweepConfig), cmd.out)
-    print(f"{len(rows)} runs; wrote {cmd.out}/summary.md, summary.csv and plots")
+    print(f"{len(rows)} runs; wrote {cmd.out}/summary.md, summary.csv, differences.csv, runs.csv and plots")
 
 
 SHAPES = defaults_of(make_shapes)
@@ -189,8 +189,9 @@ COMMANDS = (
         "run a grid of pipeline runs sharing common stages",
         "Run every combination of the swept fields over a base pipeline config; shares tokenizers, code folders "
         "and models between runs, skips finished runs, writes summary.csv, summary.md and a plot per swept field. "
-        "Sweep files: configs/sweeps/.",
-        named("out"),
+        "With --replicates N every setting runs N times with other seeds, and the summary gives means, 95% "
+        "intervals and which settings differ significantly. Sweep files: configs/sweeps/.",
+        (*named("out"), Option(("--replicates",), "replicates", metavar="N", min=1)),
         config_positional=True,
     ),
     Command(

@@ -12,6 +12,7 @@ from elmgen.evaluation.features import (
 from elmgen.evaluation.metrics import (
     bit_stats,
     class_accuracy,
+    class_scores,
     code_usage,
     feature_stats,
     frechet_distance,
@@ -34,6 +35,7 @@ from elmgen.evaluation.reference import (
 )
 from elmgen.evaluation.samples import evaluate_samples
 from elmgen.evaluation.sources import DatasetImages, FolderImages, ImageSource, NpzImages, conform, open_samples
+from elmgen.evaluation.stats import mean_interval, paired_bootstrap
 from elmgen.evaluation.tokenizer import (
     Reconstructions,
     evaluate_tokenizer,

@@ -179,17 +179,30 @@ def precision_recall(
     }
 
 
-def class_accuracy(probs_NY: np.ndarray, labels_N: np.ndarray, class_names: list[str]) -> dict:
-    """Share of images the classifier assigns to their own class, overall and per class (keyed by class name)."""
-    preds_N, labels_N = np.asarray(probs_NY).argmax(1), np.asarray(labels_N, dtype=np.int64)
-    if len(labels_N) and (labels_N.min() < 0 or labels_N.max() >= len(class_names)):
+def class_scores(probs_NY: np.ndarray, labels_N: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+    """Each image's scores, whose means are the class figures (a paired test compares two runs image by image):
+    class_accuracy 1.0 where the classifier picks the image's own class, else 0.0; class_confidence the
+    probability it gives that class."""
+    probs_NY, labels_N = np.asarray(probs_NY), np.asarray(labels_N, dtype=np.int64)
+    if len(labels_N) and (labels_N.min() < 0 or labels_N.max() >= num_classes):
         raise ElmgenError(
             f"sample labels range over {labels_N.min()}..{labels_N.max()} but the classifier knows "
-            f"{len(class_names)} classes"
+            f"{num_classes} classes"
         )
+    own_N = probs_NY[np.arange(len(labels_N)), labels_N]
     return {
-        "class_accuracy": float((preds_N == labels_N).mean()),
-        "per_class_accuracy": {
-            class_names[c]: float((preds_N[labels_N == c] == c).mean()) for c in np.unique(labels_N)
-        },
+        "class_accuracy": (probs_NY.argmax(1) == labels_N).astype(np.float64),
+        "class_confidence": own_N.astype(np.float64),
+    }
+
+
+def class_accuracy(probs_NY: np.ndarray, labels_N: np.ndarray, class_names: list[str]) -> dict:
+    """Share of images the classifier assigns to their own class, overall and per class (keyed by class name), and
+    the mean probability it gives their own class (class_confidence)."""
+    scores, labels_N = class_scores(probs_NY, labels_N, len(class_names)), np.asarray(labels_N, dtype=np.int64)
+    correct_N = scores["class_accuracy"]
+    return {
+        "class_accuracy": float(correct_N.mean()),
+        "class_confidence": float(scores["class_confidence"].mean()),
+        "per_class_accuracy": {class_names[c]: float(correct_N[labels_N == c].mean()) for c in np.unique(labels_N)},
     }

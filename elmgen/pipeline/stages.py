@@ -167,7 +167,9 @@ def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, num_samples: int, tokeniz
         ref = open_reference(replace(cfg.tokenizer.data, split="train", limit=cfg.reference_images), extractor)
         save_ref_stats(ref, ref_file)
     # the Inception Score needs a sample per split: few classes x few samples get fewer splits
-    result = evaluate_samples(dirs.samples / "samples.npz", ref, extractor, splits=min(10, num_samples))
+    result = evaluate_samples(
+        dirs.samples / "samples.npz", ref, extractor, splits=min(10, num_samples), per_sample=True
+    )
     result["classifier_test_accuracy"] = json.loads((dirs.classifier / "eval.json").read_text())["accuracy"]
     held_out = load_dataset(cfg.tokenizer.held_out)
     ceiling = evaluate_samples(Reconstructions(tokenizer, held_out), ref, extractor, splits=min(10, len(held_out)))
@@ -221,6 +223,10 @@ def budget_summary(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     return {"minutes": cfg.minutes, "steps": steps}
 
 
+# Each sample's seed, label and scores (evaluate_samples' per_sample), next to metrics.json: what a sweep pairs runs by.
+PER_SAMPLE = "per_sample.json"
+
+
 def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     """Run (or finish) every stage; returns the run's metrics, also written to samples/metrics.json."""
     timings: dict[str, float] = {}
@@ -228,7 +234,7 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     budget_s = budget_seconds(cfg)
     deadline = time.perf_counter() + budget_s  # a resumed run plans its unfinished stages from its own start
     if dirs.samples.is_dir():  # what a killed run left half-written
-        remove_temporaries(dirs.samples, "samples", "metrics.json", "config.yaml")
+        remove_temporaries(dirs.samples, "samples", "metrics.json", "config.yaml", PER_SAMPLE)
 
     t = time.perf_counter()
     if not (dirs.tokenizer / "eval.json").is_file():
@@ -265,6 +271,8 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     if cfg.evaluate:
         t = time.perf_counter()
         evaluation = evaluate_run(cfg, dirs, len(labels), tokenizer)
+        per_sample = {"seed": seeds, "label": labels.tolist(), **evaluation.pop("per_sample")}
+        atomic_write_text(dirs.samples / PER_SAMPLE, json.dumps(per_sample))
         timings["evaluate"] = time.perf_counter() - t
 
     metrics = {
