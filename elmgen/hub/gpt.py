@@ -34,15 +34,18 @@ BLOCK = {  # official name inside layers.i -> elmgen name inside blocks.i
 UNUSED = {"freqs_cis", "pos_embed.weight", "output.weight"}
 
 
+RELEASED_SIZES = ("B", "L", "XL", "XXL", "2B", "3B")  # the presets of the released models
+
+
 def heads_of(n_layer: int, d_model: int, n_head: int | None) -> int:
-    """The head count: given, or that of the known size with these layers and width."""
+    """The head count: given, or that of the released size with these layers and width."""
     if n_head is not None:
         return n_head
-    for size in PRESETS.values():
-        if (size["n_layer"], size["d_model"]) == (n_layer, d_model):
-            return size["n_head"]
+    for name in RELEASED_SIZES:
+        if (PRESETS[name]["n_layer"], PRESETS[name]["d_model"]) == (n_layer, d_model):
+            return PRESETS[name]["n_head"]
     raise ElmgenError(
-        f"{n_layer} layers of width {d_model} is none of the known sizes ({', '.join(PRESETS)}): "
+        f"{n_layer} layers of width {d_model} is none of the released sizes ({', '.join(RELEASED_SIZES)}): "
         "the file does not say its attention heads; pass --heads"
     )
 

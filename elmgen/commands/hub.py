@@ -1,0 +1,45 @@
+"""`elmgen import llamagen|elm FILE`: a released checkpoint as an elmgen run folder (docs/pretrained.md)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from elmgen.commands.base import OUT, POSITIVE, Command, Option, named
+from elmgen.hub import SOURCES, import_checkpoint
+
+
+@dataclass
+class ImportCommand:
+    file: str = MISSING  # the released checkpoint file (.pt, .pth)
+    out: str = field(default=MISSING, metadata=OUT)  # run folder to write (new)
+    tokenizer: str | None = None  # GPT files: the imported tokenizer run they sample with (its grid and bits)
+    heads: int | None = field(default=None, metadata=POSITIVE)  # GPT files of no known size: attention heads
+
+
+def import_command(source: str):
+    def run(cmd: ImportCommand) -> None:
+        out = import_checkpoint(source, cmd.file, cmd.out, tokenizer=cmd.tokenizer, n_head=cmd.heads)
+        print(json.dumps({"run": str(out), "source": SOURCES[source].hub, "file": cmd.file}))
+
+    return run
+
+
+IMPORT_HELP = "released checkpoints (LlamaGen, ELM) as elmgen run folders (see docs/pretrained.md)"
+OPTIONS = (Option(("file",), "file"), *named("out", "tokenizer", "heads"))
+
+COMMANDS = tuple(
+    Command(
+        f"import {source}",
+        ImportCommand,
+        import_command(source),
+        f"{SOURCES[source].name}'s released GPT files as elmgen LM runs",
+        f"Convert a GPT checkpoint released on hf.co/{SOURCES[source].hub} into an elmgen run folder that sample, "
+        "outpaint, inpaint and the analyses load: the weights read as tensors only (no pickle runs), the config "
+        "inferred from their names and shapes, the grid and bits checked against --tokenizer.",
+        OPTIONS,
+    )
+    for source in ("llamagen", "elm")
+)

@@ -1,0 +1,105 @@
+"""Released checkpoints as elmgen run folders: the weights and config.json that every elmgen command loads,
+and a model card (README.md) saying what the model is, where it came from and under which licence."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from elmgen.checkpoint import CheckpointMeta, has_checkpoint, save_checkpoint
+from elmgen.config import to_dict
+from elmgen.errors import ElmgenError
+from elmgen.hub.files import read_state_dict
+from elmgen.hub.gpt import elm_gpt, llamagen_gpt
+from elmgen.io import atomic_write_text
+from elmgen.tokenizers import load_tokenizer
+from elmgen.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    code: str  # the official code
+    hub: str  # the Hugging Face repository of the released files
+    licence: str  # as the source states it
+
+
+SOURCES = {
+    "llamagen": Source(
+        "LlamaGen",
+        "https://github.com/FoundationVision/LlamaGen",
+        "FoundationVision/LlamaGen",
+        "MIT (the LICENSE file of github.com/FoundationVision/LlamaGen)",
+    ),
+    "elm": Source(
+        "ELM",
+        "https://github.com/Pepper-lll/LMforImageGeneration",
+        "xuantonglll/ELM",
+        "not stated: github.com/Pepper-lll/LMforImageGeneration has no LICENSE file; ask the authors before "
+        "redistributing",
+    ),
+}
+CONVERT_GPT = {"llamagen": llamagen_gpt, "elm": elm_gpt}
+
+
+def is_gpt(state: dict) -> bool:
+    return any(re.fullmatch(r"layers\.\d+\.attention\.wqkv\.weight", k) for k in state)
+
+
+def import_checkpoint(
+    source: str, file: str | Path, out: str | Path, *, tokenizer: str | Path | None = None, n_head: int | None = None
+) -> Path:
+    """Convert a released GPT file of `source` ("llamagen" or "elm") into the LM run folder `out`, sampling
+    with the imported tokenizer run `tokenizer` (whose grid and bits it must match)."""
+    state = read_state_dict(file)
+    if not is_gpt(state):
+        raise ElmgenError(
+            f"{file} is no {SOURCES[source].name} GPT checkpoint (it has no layers.<i>.attention.wqkv.weight)"
+        )
+    if tokenizer is None:
+        raise ElmgenError("a GPT file needs --tokenizer RUN: the imported tokenizer run it samples with")
+    _, tok_meta = load_tokenizer(tokenizer)
+    cfg, weights = CONVERT_GPT[source](state, grid_size=tok_meta["grid"], n_head=n_head)
+    vocab = Vocab.parse(cfg.vocab)
+    codes = cfg.num_codes or 2**vocab.bits
+    if (vocab.bits, codes) != (tok_meta["bits"], tok_meta.get("num_codes") or 2 ** tok_meta["bits"]):
+        raise ElmgenError(
+            f"{file} predicts {codes} codes of {vocab.bits} bits (vocabulary {vocab}) but the tokenizer "
+            f"{tok_meta['path']} makes {tok_meta['num_codes']} codes of {tok_meta['bits']} bits; pass the tokenizer "
+            "the model was trained with"
+        )
+    codes_meta = {
+        "tokenizer": tok_meta["path"],
+        "tokenizer_fingerprint": tok_meta["fingerprint"],
+        **{k: tok_meta.get(k) for k in ("kind", "bits", "num_codes", "grid", "image_size")},
+        "vocab": cfg.vocab,
+        "num_classes": cfg.num_classes,
+        "imported_from": Path(file).name,
+    }
+    meta = CheckpointMeta(kind="lm", model=to_dict(cfg), codes=codes_meta)
+    return write_run(out, weights, meta, model_card(source, file, meta))
+
+
+def write_run(out: str | Path, weights: dict, meta: CheckpointMeta, card: str) -> Path:
+    out = Path(out)
+    if has_checkpoint(out):
+        raise ElmgenError(f"{out} already holds a checkpoint; pass a new folder")
+    save_checkpoint(out, 0, weights, meta, keep=1)
+    atomic_write_text(out / "README.md", card)
+    return out
+
+
+def model_card(source: str, file: str | Path, meta: CheckpointMeta) -> str:
+    s, name = SOURCES[source], Path(file).name
+    what = "language model" if meta.kind == "lm" else f"{meta.kind} tokenizer"
+    config = meta.model if meta.kind == "lm" else meta.tokenizer
+    return (
+        f"# {name}: {s.name}'s {what}, imported into elmgen\n\n"
+        f"- source: `{name}` as released on https://huggingface.co/{s.hub} (code: {s.code})\n"
+        f"- licence, as the source states it: {s.licence}\n"
+        f"- imported with `elmgen import {source} {name}`: the released weights, renamed and reshaped for "
+        "elmgen's own modules (docs/pretrained.md says how the import was checked against the official code)\n\n"
+        f"## Config\n\n```json\n{json.dumps(config, indent=2)}\n```\n"
+    )
