@@ -4,6 +4,7 @@ Parity with the official code itself is checked outside the repo (docs/pretraine
 
 import argparse
 import math
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,15 @@ from elmgen import cli
 from elmgen.checkpoint import CheckpointMeta, save_checkpoint
 from elmgen.config import to_dict
 from elmgen.errors import ElmgenError
-from elmgen.hub import elm_gpt, import_checkpoint, llamagen_gpt, read_state_dict
+from elmgen.hub import (
+    elm_gpt,
+    from_pretrained,
+    import_checkpoint,
+    llamagen_gpt,
+    local_folder,
+    read_state_dict,
+    save_pretrained,
+)
 from elmgen.hub.gpt import heads_of
 from elmgen.models import ModelConfig, Transformer, load_model
 from elmgen.tokenizers import Autoencoder, TokenizerConfig
@@ -279,3 +288,44 @@ def test_a_tokenizer_of_other_bits_or_a_missing_file_is_one_line(tmp_path, capsy
     (tmp_path / "cut.pt").write_bytes((tmp_path / "c2i.pt").read_bytes()[:200])
     argv[2] = str(tmp_path / "cut.pt")
     assert "not a readable torch checkpoint" in failure([*argv, "--tokenizer", str(tok)], capsys)
+
+
+def exported(tmp_path):
+    torch.save(elm_ar_state(2, 4), tmp_path / "L-2-4.pth")
+    tok = tokenizer_run(tmp_path / "bae", 8)
+    run = import_checkpoint("elm", tmp_path / "L-2-4.pth", tmp_path / "lm", tokenizer=tok, n_head=2)
+    return run, save_pretrained(run, tmp_path / "export")
+
+
+def test_save_pretrained_makes_a_folder_that_loads_alone(tmp_path):
+    run, folder = exported(tmp_path)
+    shutil.rmtree(tmp_path / "bae")  # the export carries its tokenizer
+    model, meta = from_pretrained(folder)
+    original, _ = load_model(run)
+    labels, sub = torch.tensor([1]), torch.randint(0, 16, (1, 5, 2))
+    assert torch.equal(model(labels, sub), original(labels, sub))
+    assert meta["codes"]["tokenizer"] == str(folder / "tokenizer")
+    tokenizer, tok_meta = from_pretrained(folder / "tokenizer")
+    assert tok_meta["fingerprint"] == meta["codes"]["tokenizer_fingerprint"]
+    assert "xuantonglll/ELM" in (folder / "README.md").read_text()
+    assert "not stated" in (folder / "README.md").read_text()  # ELM's licence, as its repository states it
+    with pytest.raises(ElmgenError, match="not an empty folder"):
+        save_pretrained(run, folder)
+
+
+def test_a_hub_id_loads_its_snapshot_and_fails_in_one_line_when_it_cannot(tmp_path, monkeypatch, capsys):
+    import huggingface_hub  # the optional dependency (elmgen[hub]; in the dev extras)
+
+    _, folder = exported(tmp_path)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo: asked.append(repo) or str(folder))
+    model, _ = from_pretrained("hf:someone/elm-l")
+    assert asked == ["someone/elm-l"] and model.cfg.vocab == "2-4"
+    assert local_folder(tmp_path / "lm") == tmp_path / "lm" and len(asked) == 1  # a local path: no hub call
+
+    def offline(repo):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no cached snapshot and outgoing traffic is disabled")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    line = failure(["sample", "--model", "hf:someone/elm-l", "--out", str(tmp_path / "s")], capsys)
+    assert "cannot fetch someone/elm-l" in line and "outgoing traffic" in line

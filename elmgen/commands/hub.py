@@ -1,4 +1,5 @@
-"""`elmgen import llamagen|elm FILE`: a released checkpoint as an elmgen run folder (docs/pretrained.md)."""
+"""`elmgen import llamagen|elm FILE`: a released checkpoint as an elmgen run folder; `elmgen export RUN`: a
+run as one folder to upload to the Hugging Face hub (docs/pretrained.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 
 from elmgen.commands.base import OUT, POSITIVE, Command, Option, named
-from elmgen.hub import SOURCES, import_checkpoint
+from elmgen.hub import SOURCES, import_checkpoint, save_pretrained
 
 
 @dataclass
@@ -27,6 +28,16 @@ def import_command(source: str):
     return run
 
 
+@dataclass
+class ExportCommand:
+    run: str = MISSING  # a language-model or tokenizer run folder (or checkpoint)
+    out: str = field(default=MISSING, metadata=OUT)  # folder to write (new or empty): upload it as a hub repository
+
+
+def export_command(cmd: ExportCommand) -> None:
+    print(json.dumps({"folder": str(save_pretrained(cmd.run, cmd.out))}))
+
+
 IMPORT_HELP = "released checkpoints (LlamaGen, ELM) as elmgen run folders (see docs/pretrained.md)"
 OPTIONS = (Option(("file",), "file"), *named("out", "tokenizer", "heads"))
 
@@ -42,4 +53,14 @@ COMMANDS = tuple(
         OPTIONS,
     )
     for source in ("llamagen", "elm")
+) + (
+    Command(
+        "export",
+        ExportCommand,
+        export_command,
+        "a run as one folder for the Hugging Face hub (save_pretrained)",
+        "Write a run's weights (EMA applied), config and model card into one folder; a language model takes its "
+        "tokenizer along. Upload the folder as a hub repository; 'elmgen sample --model hf:ORG/NAME' loads it.",
+        (Option(("run",), "run"), *named("out")),
+    ),
 )

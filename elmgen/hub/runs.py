@@ -93,13 +93,38 @@ def write_run(out: str | Path, weights: dict, meta: CheckpointMeta, card: str) -
 
 def model_card(source: str, file: str | Path, meta: CheckpointMeta) -> str:
     s, name = SOURCES[source], Path(file).name
-    what = "language model" if meta.kind == "lm" else f"{meta.kind} tokenizer"
-    config = meta.model if meta.kind == "lm" else meta.tokenizer
-    return (
-        f"# {name}: {s.name}'s {what}, imported into elmgen\n\n"
-        f"- source: `{name}` as released on https://huggingface.co/{s.hub} (code: {s.code})\n"
-        f"- licence, as the source states it: {s.licence}\n"
-        f"- imported with `elmgen import {source} {name}`: the released weights, renamed and reshaped for "
-        "elmgen's own modules (docs/pretrained.md says how the import was checked against the official code)\n\n"
-        f"## Config\n\n```json\n{json.dumps(config, indent=2)}\n```\n"
+    return card(
+        f"{name}: {s.name}'s {what_of(meta.kind)}, imported into elmgen",
+        [
+            f"source: `{name}` as released on https://huggingface.co/{s.hub} (code: {s.code})",
+            f"licence, as the source states it: {s.licence}",
+            f"imported with `elmgen import {source} {name}`: the released weights, renamed and reshaped for "
+            "elmgen's own modules (docs/pretrained.md says how the import was checked against the official code)",
+        ],
+        meta.model if meta.kind == "lm" else meta.tokenizer,
     )
+
+
+def model_card_of(run: str | Path, meta: dict) -> str:
+    """A run's model card: the one its import wrote, else one for a model elmgen trained."""
+    written = Path(run) / "README.md"
+    if written.is_file():
+        return written.read_text()
+    data = (meta.get("codes") or {}).get("dataset") or (meta.get("data") or {}).get("source") or "not recorded"
+    return card(
+        f"{Path(run).resolve().name}: an elmgen {what_of(meta['kind'])}",
+        [
+            f"source: trained with elmgen (https://arxiv.org/abs/2410.16257 describes the method), data: {data}",
+            "licence: none stated; the licence of its training data applies",
+        ],
+        meta.get("model") if meta["kind"] == "lm" else meta.get("tokenizer"),
+    )
+
+
+def what_of(kind: str) -> str:
+    return "language model" if kind == "lm" else f"{kind} tokenizer"
+
+
+def card(title: str, facts: list[str], config: dict | None) -> str:
+    lines = "".join(f"- {fact}\n" for fact in facts)
+    return f"# {title}\n\n{lines}\n## Config\n\n```json\n{json.dumps(config, indent=2)}\n```\n"

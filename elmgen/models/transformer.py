@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -283,10 +284,19 @@ class Transformer(nn.Module):
 
 def load_model(path, device="cpu", ema: bool = True) -> tuple[Transformer, dict]:
     """A trained language model (its EMA weights if it kept them, unless `ema` is off) and its checkpoint
-    config (which names its code files)."""
+    config (which names its code files and its tokenizer, as a path)."""
     meta = checkpoint.load_config(path)
     if meta.get("kind") != "lm":
         raise ElmgenError(f"{path} is not a language-model checkpoint (kind {meta.get('kind')!r})")
+    if isinstance(meta.get("codes"), dict) and "tokenizer" in meta["codes"]:
+        meta["codes"]["tokenizer"] = str(tokenizer_path(path, meta))
     model = Transformer(from_dict(ModelConfig, meta["model"]))
     checkpoint.load_weights(path, model, ema)
     return model.to(device).eval(), meta
+
+
+def tokenizer_path(path, meta: dict) -> Path:
+    """The tokenizer an LM checkpoint's config names: a relative name (an exported model's bundled tokenizer)
+    lies in the checkpoint's folder."""
+    name = Path(meta["codes"]["tokenizer"])
+    return name if name.is_absolute() else checkpoint.resolve(path) / name
