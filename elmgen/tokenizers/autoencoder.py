@@ -60,6 +60,32 @@ def _mid(ch: int) -> nn.Sequential:
     return nn.Sequential(ResBlock(ch, ch), AttnBlock(ch), ResBlock(ch, ch))
 
 
+def _out(cfg: TokenizerConfig, cin: int, cout: int) -> list[nn.Module]:
+    return [_norm(cin), *([nn.SiLU()] if cfg.out_silu else []), nn.Conv2d(cin, cout, 3, padding=1)]
+
+
+def _level(cfg: TokenizerConfig, cin: int, cout: int, blocks: int, lowest: bool) -> list[nn.Module]:
+    """One resolution level's ResBlocks, each followed by attention at the lowest level if the config asks."""
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        layers.append(ResBlock(cin, cout))
+        cin = cout
+        if lowest and cfg.level_attention:
+            layers.append(AttnBlock(cout))
+    return layers
+
+
+class Downsample(nn.Conv2d):
+    """Stride-2 3x3 conv; `asymmetric` pads right and bottom only (the taming layout) instead of every side."""
+
+    def __init__(self, ch: int, asymmetric: bool):
+        super().__init__(ch, ch, 3, stride=2, padding=0 if asymmetric else 1)
+        self.asymmetric = asymmetric
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -67,16 +93,17 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)]
         cin = widths[0]
         for i, cout in enumerate(widths):
-            for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(cin, cout))
-                cin = cout
-            if i < len(widths) - 1:
-                layers.append(nn.Conv2d(cin, cin, 3, stride=2, padding=1))
-        layers += [_mid(cin), _norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.latent_dim, 3, padding=1)]
+            lowest = i == len(widths) - 1
+            layers += _level(cfg, cin, cout, cfg.num_res_blocks, lowest)
+            cin = cout
+            if not lowest:
+                layers.append(Downsample(cin, cfg.asymmetric_downsample))
+        layers += [_mid(cin), *_out(cfg, cin, cfg.latent_dim)]
         self.net = nn.Sequential(*layers)
+        self.unit_pixels = cfg.unit_pixels
 
     def forward(self, x):
-        return self.net(x)
+        return self.net((x + 1) / 2 if self.unit_pixels else x)
 
 
 class Decoder(nn.Module):
@@ -84,18 +111,20 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [cfg.base_width * m for m in cfg.channel_mult][::-1]
         cin = widths[0]
-        layers: list[nn.Module] = [_norm(cfg.latent_dim), nn.Conv2d(cfg.latent_dim, cin, 3, padding=1), _mid(cin)]
+        layers: list[nn.Module] = [_norm(cfg.latent_dim)] if cfg.decoder_in_norm else []
+        layers += [nn.Conv2d(cfg.latent_dim, cin, 3, padding=1), _mid(cin)]
         for i, cout in enumerate(widths):
-            for _ in range(cfg.num_res_blocks + 1):
-                layers.append(ResBlock(cin, cout))
-                cin = cout
+            layers += _level(cfg, cin, cout, cfg.decoder_blocks, i == 0)
+            cin = cout
             if i < len(widths) - 1:
                 layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cin, 3, padding=1)]
-        layers += [_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.in_channels, 3, padding=1)]
+        layers += _out(cfg, cin, cfg.in_channels)
         self.net = nn.Sequential(*layers)
+        self.unit_pixels = cfg.unit_pixels
 
     def forward(self, z):
-        return self.net(z)
+        x = self.net(z)
+        return x * 2 - 1 if self.unit_pixels else x
 
 
 QUANTIZER_CLASSES = {"bae": BinaryQuantizer, "vq": VectorQuantizer, "fsq": FiniteScalarQuantizer}

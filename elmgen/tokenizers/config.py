@@ -16,6 +16,13 @@ class TokenizerConfig:
     base_width: int = 64  # channels of the first level
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # one per level; levels-1 downsamplings
     num_res_blocks: int = 1  # ResBlocks per level
+    # Layout options that the released ELM BAEs and LlamaGen's VQ need (elmgen.hub.tokenizers sets them)
+    decoder_res_blocks: int = 0  # ResBlocks per decoder level; 0: num_res_blocks + 1 (taming; ELM: num_res_blocks)
+    level_attention: bool = False  # attention after each ResBlock of the lowest level, not only in the middle
+    asymmetric_downsample: bool = False  # pad right and bottom only before each stride-2 conv (taming)
+    out_silu: bool = True  # SiLU between the last norm and the output conv of encoder and decoder (ELM: none)
+    decoder_in_norm: bool = True  # GroupNorm on the decoder's input (ELM: norm_first; LlamaGen: none)
+    unit_pixels: bool = False  # the nets read and write pixels in [0, 1] (ELM); images outside stay in [-1, 1]
     latent_dim: int = 64  # width of the continuous latent around the quantizer
     quantizer: str = "bae"  # "bae" (K bits a cell), "vq" (codebook) or "fsq" (finite scalar levels)
     num_bits: int = 16  # bae: K, bits per grid cell
@@ -28,6 +35,11 @@ class TokenizerConfig:
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def decoder_blocks(self) -> int:
+        """ResBlocks per decoder level."""
+        return self.decoder_res_blocks or self.num_res_blocks + 1
 
     @property
     def num_codes(self) -> int:
@@ -50,6 +62,8 @@ class TokenizerConfig:
             raise ElmgenError(f"binarization must be 'bernoulli' or 'deterministic', not {self.binarization!r}")
         if not self.channel_mult:
             raise ElmgenError("channel_mult needs at least one level")
+        if self.decoder_res_blocks < 0:
+            raise ElmgenError(f"decoder_res_blocks must be >= 0 (0: num_res_blocks + 1), not {self.decoder_res_blocks}")
         if self.codebook_size < 2 or self.code_dim < 1:
             raise ElmgenError("vq needs codebook_size >= 2 and code_dim >= 1")
         if not self.fsq_levels or min(self.fsq_levels) < 2:
@@ -60,11 +74,11 @@ class TokenizerConfig:
 
 def training_memory_gb(cfg: TokenizerConfig, image_size: int, batch_size: int) -> float:
     """Estimated peak memory (GB) of one fp32 training step, dominated by what the backward pass keeps: about
-    7 tensors (input, norms, activations, convolutions) for each of the 2 * num_res_blocks + 3 blocks per level
-    (encoder, decoder, resampling) at that level's width and side, and the (h w)^2 attention scores and
+    7 tensors (input, norms, activations, convolutions) for each of the blocks of a level (encoder and decoder
+    ResBlocks, 2 resamplings) at that level's width and side, and the (h w)^2 attention scores and
     probabilities of the two middle blocks. Within 10% of measured CPU peaks from 64 to 256 px."""
     sides = [image_size / 2**i for i in range(len(cfg.channel_mult))]
     per_level = [cfg.base_width * m * side**2 for m, side in zip(cfg.channel_mult, sides, strict=True)]
-    convs = 7 * (2 * cfg.num_res_blocks + 3) * sum(per_level)
+    convs = 7 * (cfg.num_res_blocks + cfg.decoder_blocks + 2) * sum(per_level)
     attention = 4 * (sides[-1] ** 2) ** 2
     return batch_size * (convs + attention) * 4 / 1e9
