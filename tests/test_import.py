@@ -6,9 +6,12 @@ import argparse
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_import_tokenizers import elm_state
+from test_import_tokenizers import llamagen_state as vq_state
 
 from elmgen import cli
 from elmgen.checkpoint import CheckpointMeta, save_checkpoint
@@ -230,19 +233,28 @@ def test_round_trip_through_a_run_folder(layout, tmp_path):
     assert "MIT" in (run / "README.md").read_text()
 
 
-def test_import_elm_then_sample_through_the_cli(tmp_path, capsys, one_thread):
-    torch.save(elm_ar_state(2, 4), tmp_path / "L-2-4.pth")
-    tok = tokenizer_run(tmp_path / "bae", 8)
-    args = ["import", "elm", str(tmp_path / "L-2-4.pth"), "--out", str(tmp_path / "lm"), "--tokenizer", str(tok)]
-    assert cli.main([*args, "--heads", "2"]) == 0
+@pytest.mark.parametrize("source", ["elm", "llamagen"])
+def test_import_the_tokenizer_then_the_gpt_then_sample_through_the_cli(source, tmp_path, capsys, one_thread):
+    # Official layouts at tiny sizes: a 2x downsampling tokenizer on 8 px images gives the 4x4 grid.
+    if source == "elm":
+        torch.save(elm_state(mult=(1, 2), bits=8), tmp_path / "binaryae_ema.th")
+        torch.save(elm_ar_state(2, 4), tmp_path / "gpt.pth")
+        tok_file, extra = tmp_path / "binaryae_ema.th", ["--deterministic"]
+    else:
+        torch.save({"model": vq_state(mult=(1, 2), codes=64)}, tmp_path / "vq_ds16_c2i.pt")
+        torch.save({"model": llamagen_state(codes=64)}, tmp_path / "gpt.pth")
+        tok_file, extra = tmp_path / "vq_ds16_c2i.pt", []
+    tok, lm = str(tmp_path / "tok"), str(tmp_path / "lm")
+    assert cli.main(["import", source, str(tok_file), "--out", tok, "--image-size", "8", *extra]) == 0
+    assert cli.main(["import", source, str(tmp_path / "gpt.pth"), "--out", lm, "--tokenizer", tok, "--heads", "2"]) == 0
     out = str(tmp_path / "s")
-    assert (
-        cli.main(
-            ["sample", "--model", str(tmp_path / "lm"), "--out", out, "--num-per-class", "1", *"--classes 0 1".split()]
-        )
-        == 0
-    )
-    assert (tmp_path / "s" / "samples.npz").is_file()
+    assert cli.main(["sample", "--model", lm, "--out", out, "--num-per-class", "1", *"--classes 0 1".split()]) == 0
+    images = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
+    assert images.shape == (2, 8, 8, 3)
+    capsys.readouterr()
+    other = "llamagen" if source == "elm" else "elm"
+    line = failure(["import", other, str(tok_file), "--out", str(tmp_path / "x")], capsys)
+    assert f"import it with 'elmgen import {source}'" in line
 
 
 def failure(argv, capsys) -> str:

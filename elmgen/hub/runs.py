@@ -13,6 +13,7 @@ from elmgen.config import to_dict
 from elmgen.errors import ElmgenError
 from elmgen.hub.files import read_state_dict
 from elmgen.hub.gpt import elm_gpt, llamagen_gpt
+from elmgen.hub.tokenizers import elm_bae, llamagen_vq, tokenizer_layout
 from elmgen.io import atomic_write_text
 from elmgen.tokenizers import load_tokenizer
 from elmgen.vocab import Vocab
@@ -42,6 +43,7 @@ SOURCES = {
     ),
 }
 CONVERT_GPT = {"llamagen": llamagen_gpt, "elm": elm_gpt}
+TOKENIZER_LAYOUT = {"llamagen": "llamagen_vq", "elm": "elm_bae"}
 
 
 def is_gpt(state: dict) -> bool:
@@ -49,14 +51,29 @@ def is_gpt(state: dict) -> bool:
 
 
 def import_checkpoint(
-    source: str, file: str | Path, out: str | Path, *, tokenizer: str | Path | None = None, n_head: int | None = None
+    source: str,
+    file: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    n_head: int | None = None,
+    image_size: int = 256,
+    deterministic: bool = False,
 ) -> Path:
-    """Convert a released GPT file of `source` ("llamagen" or "elm") into the LM run folder `out`, sampling
-    with the imported tokenizer run `tokenizer` (whose grid and bits it must match)."""
+    """Convert a released file of `source` ("llamagen" or "elm") into the run folder `out`: a tokenizer (for
+    images of `image_size` px; an ELM BAE `deterministic` or Bernoulli), or a GPT, which samples with the imported
+    tokenizer run `tokenizer` (whose grid and bits it must match)."""
     state = read_state_dict(file)
+    layout = tokenizer_layout(state)
+    if layout is not None:
+        if layout != TOKENIZER_LAYOUT[source]:
+            other = next(k for k, v in TOKENIZER_LAYOUT.items() if v == layout)
+            raise ElmgenError(f"{file} is {SOURCES[other].name}'s tokenizer; import it with 'elmgen import {other}'")
+        return import_tokenizer(source, file, state, out, image_size, deterministic)
     if not is_gpt(state):
         raise ElmgenError(
-            f"{file} is no {SOURCES[source].name} GPT checkpoint (it has no layers.<i>.attention.wqkv.weight)"
+            f"{file} is neither a {SOURCES[source].name} tokenizer nor a GPT checkpoint (it has no "
+            "layers.<i>.attention.wqkv.weight)"
         )
     if tokenizer is None:
         raise ElmgenError("a GPT file needs --tokenizer RUN: the imported tokenizer run it samples with")
@@ -79,6 +96,22 @@ def import_checkpoint(
         "imported_from": Path(file).name,
     }
     meta = CheckpointMeta(kind="lm", model=to_dict(cfg), codes=codes_meta)
+    return write_run(out, weights, meta, model_card(source, file, meta))
+
+
+def import_tokenizer(source: str, file, state: dict, out, image_size: int, deterministic: bool) -> Path:
+    cfg, weights = elm_bae(state, deterministic=deterministic) if source == "elm" else llamagen_vq(state)
+    if image_size % cfg.downsample:
+        raise ElmgenError(f"image size {image_size} is not a multiple of the tokenizer's downsampling {cfg.downsample}")
+    meta = CheckpointMeta(
+        kind=cfg.quantizer,
+        tokenizer=to_dict(cfg),
+        bits=cfg.code_bits,
+        num_codes=cfg.num_codes,
+        image_size=image_size,
+        channels=cfg.in_channels,
+        grid=image_size // cfg.downsample,
+    )
     return write_run(out, weights, meta, model_card(source, file, meta))
 
 
