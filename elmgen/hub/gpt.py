@@ -181,7 +181,7 @@ def elm_mlm(sd: dict, *, grid_size: int, n_head: int | None = None) -> tuple[Mod
         )
     entries, d = tensor(sd, "tok_embedder.weight", what).shape
     bits = power_of_two(entries - 1, "tok_embedder.weight (less its mask entry)")
-    cells = tensor(sd, "pos_embed.weight", what).shape[0]
+    cells = sd["pos_embed.weight"].shape[0] if "pos_embed.weight" in sd else grid_size**2  # unused, maybe absent
     if cells != grid_size**2:
         raise ElmgenError(
             f"tensor pos_embed.weight has {cells} rows: the model runs on {cells} cells, not the "
