@@ -344,3 +344,12 @@ def test_a_hub_id_loads_its_snapshot_and_fails_in_one_line_when_it_cannot(tmp_pa
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     line = failure(["sample", "--model", "hf:someone/elm-l", "--out", str(tmp_path / "s")], capsys)
     assert "cannot fetch someone/elm-l" in line and "outgoing traffic" in line
+
+
+def test_attention_of_an_import_needs_codes_or_sampled_sequences(tmp_path, capsys, one_thread):
+    run, _ = exported(tmp_path)
+    line = failure(["analyze", "attention", "--model", str(run), "--out", str(tmp_path / "a")], capsys)
+    assert "no code folder" in line and "--sampled" in line
+    argv = ["analyze", "attention", "--model", str(run), "--out", str(tmp_path / "a"), "--sampled"]
+    assert cli.main([*argv, "--num-sequences", "2"]) == 0
+    assert (tmp_path / "a" / "attention.json").is_file()
