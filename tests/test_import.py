@@ -353,3 +353,17 @@ def test_attention_of_an_import_needs_codes_or_sampled_sequences(tmp_path, capsy
     argv = ["analyze", "attention", "--model", str(run), "--out", str(tmp_path / "a"), "--sampled"]
     assert cli.main([*argv, "--num-sequences", "2"]) == 0
     assert (tmp_path / "a" / "attention.json").is_file()
+
+
+def test_the_options_are_checked_and_the_tied_head_serves_several_sub_codes():
+    with pytest.raises(ElmgenError, match="model.class_rope must be one of identity, zero"):
+        ModelConfig(class_rope="rotated").validate()
+    with pytest.raises(ElmgenError, match="model.head must be one of linear, tied"):
+        ModelConfig(head="bert").validate()
+    model = Transformer(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab="2-3", grid_size=2, kind="mlm", head="tied"))
+    sub = torch.full((2, 4, 2), model.mask_index)
+    logits = model(torch.tensor([0, 1]), sub)
+    assert logits.shape == (2, 5, 2, 8)
+    # sub-code 1 scores against its own table (rows 9..16 of the stacked tables), not sub-code 0's
+    model.tok_emb.weight.data[9:17] = 0
+    assert torch.allclose(model.eval()(torch.tensor([0, 1]), sub)[..., 1, :], model.head.bias[1].expand(2, 5, 8))

@@ -43,12 +43,10 @@ class ModelConfig:
     mlp_multiple_of: int = 256  # SwiGLU hidden = smallest multiple of this >= 8*d/3
     kind: str = "ar"  # "ar": causal, raster order; "mlm": bidirectional over masked cells (MaskGIT)
     num_codes: int | None = None  # valid cell codes when fewer than 2^K (a VQ/FSQ code space); None: all
-    # The class token's rotary embedding: "identity" (no rotation) or "zero" (its query and key become zero, so
-    # every cell gives it the score 0: LlamaGen's and ELM's released models)
-    class_rope: str = "identity"
-    # "linear": one output matrix per sub-code; "tied": fc, GELU, LayerNorm, then scores against each sub-code's
-    # embedding table plus a bias (BERT-style: ELM's released MLMs)
-    head: str = "linear"
+    class_rope: str = "identity"  # the class token's rotary embedding: "identity" (none) or "zero" (its query
+    # and key become zero, so every position gives it the score 0: LlamaGen's and ELM's released models)
+    head: str = "linear"  # "linear": one output matrix per sub-code; "tied": fc, GELU, LayerNorm, then scores
+    # against each sub-code's embedding table plus a bias (BERT-style: ELM's released MLMs)
 
     @property
     def head_dim(self) -> int:
@@ -203,7 +201,7 @@ class Transformer(nn.Module):
         self.tok_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(d, cfg.norm_eps)
-        self.table = table
+        self.table_size = table
         if cfg.head == "tied":
             self.head = TiedHead(cfg)
         else:
@@ -252,7 +250,7 @@ class Transformer(nn.Module):
                 h_BTd = block(h_BTd, cos, sin, pos_T, None if caches is None else caches[i])
         h_BTd = self.norm(h_BTd)
         if self.cfg.head == "tied":  # each sub-code's table without its mask entry
-            logits = self.head(h_BTd, self.tok_emb.weight.view(self.n_sub, self.table, -1)[:, : self.vocab_size])
+            logits = self.head(h_BTd, self.tok_emb.weight.view(self.n_sub, self.table_size, -1)[:, : self.vocab_size])
         else:
             logits = self.head(h_BTd).unflatten(-1, (self.n_sub, self.vocab_size))
         return logits if self.invalid_V is None else logits.masked_fill(self.invalid_V, float("-inf"))
