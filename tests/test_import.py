@@ -234,6 +234,8 @@ def test_round_trip_through_a_run_folder(layout, tmp_path):
     assert torch.equal(loaded(labels, sub), direct(labels, sub))
     assert meta["codes"]["tokenizer"] == str(tok.resolve()) and meta["codes"]["grid"] == GRID
     assert "MIT" in (run / "README.md").read_text()
+    with pytest.raises(ElmgenError, match="already holds a checkpoint"):
+        import_checkpoint("llamagen", tmp_path / "c2i.pt", run, tokenizer=tok, n_head=2)
 
 
 @pytest.mark.parametrize("source", ["elm", "llamagen"])

@@ -63,6 +63,8 @@ def import_checkpoint(
     """Convert a released file of `source` ("llamagen" or "elm") into the run folder `out`: a tokenizer (for
     images of `image_size` px; an ELM BAE `deterministic` or Bernoulli), or a GPT, which samples with the imported
     tokenizer run `tokenizer` (whose grid and bits it must match)."""
+    if has_checkpoint(out):  # before reading a multi-GB file
+        raise ElmgenError(f"{out} already holds a checkpoint; pass a new folder")
     state = read_state_dict(file)
     layout = tokenizer_layout(state)
     if layout is not None:
@@ -80,12 +82,12 @@ def import_checkpoint(
     _, tok_meta = load_tokenizer(tokenizer)
     cfg, weights = CONVERT_GPT[source](state, grid_size=tok_meta["grid"], n_head=n_head)
     vocab = Vocab.parse(cfg.vocab)
-    codes = cfg.num_codes or 2**vocab.bits
-    if (vocab.bits, codes) != (tok_meta["bits"], tok_meta.get("num_codes") or 2 ** tok_meta["bits"]):
+    codes, tok_codes = cfg.num_codes or 2**vocab.bits, tok_meta.get("num_codes") or 2 ** tok_meta["bits"]
+    if (vocab.bits, codes) != (tok_meta["bits"], tok_codes):
         raise ElmgenError(
             f"{file} predicts {codes} codes of {vocab.bits} bits (vocabulary {vocab}) but the tokenizer "
-            f"{tok_meta['path']} makes {tok_meta['num_codes']} codes of {tok_meta['bits']} bits; pass the tokenizer "
-            "the model was trained with"
+            f"{tok_meta['path']} makes {tok_codes} codes of {tok_meta['bits']} bits; pass the tokenizer the model "
+            "was trained with"
         )
     codes_meta = {
         "tokenizer": tok_meta["path"],
@@ -117,8 +119,6 @@ def import_tokenizer(source: str, file, state: dict, out, image_size: int, deter
 
 def write_run(out: str | Path, weights: dict, meta: CheckpointMeta, card: str) -> Path:
     out = Path(out)
-    if has_checkpoint(out):
-        raise ElmgenError(f"{out} already holds a checkpoint; pass a new folder")
     save_checkpoint(out, 0, weights, meta, keep=1)
     atomic_write_text(out / "README.md", card)
     return out
