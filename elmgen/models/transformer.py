@@ -8,6 +8,10 @@ predict n sub-codes from the same hidden state.
 One transformer serves both model kinds: "ar" attends causally and position p predicts cell p
 (the next cell); "mlm" attends both ways, sees every cell (masked ones as a mask entry appended to
 each sub-code table) and position p >= 1 predicts cell p-1 itself.
+
+Two options make the released models (LlamaGen, ELM: docs/pretrained.md) configs of this one transformer:
+`class_rope="zero"` (the class token's query and key are zeroed by its rotary row) and `head="tied"` (ELM's
+BERT-style MLM head, scoring against the input tables).
 """
 
 from __future__ import annotations
