@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 
 from elmgen import __version__
-from elmgen.commands import ANALYZE_HELP, COMMANDS, Command, Option
+from elmgen.commands import COMMANDS, GROUPS, Command, Option
 from elmgen.config import build_config
 from elmgen.errors import ElmgenError
 
@@ -165,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         if " " in command.name:  # a sub-command: "analyze attention"
             group = command.name.split()[0]
             if group not in groups:
-                parser = sub.add_parser(group, help=ANALYZE_HELP, description=ANALYZE_HELP)
-                groups[group] = parser.add_subparsers(dest="_sub", required=True, metavar="ANALYSIS")
+                metavar, text = GROUPS[group]
+                parser = sub.add_parser(group, help=text, description=text)
+                groups[group] = parser.add_subparsers(dest="_sub", required=True, metavar=metavar)
             add_command(groups[group], command)
         else:
             add_command(sub, command)

@@ -146,6 +146,10 @@ def input_sequences(model: Transformer, meta: dict, cfg: AttentionConfig) -> tup
             ]
         )
     else:
+        if not (cfg.codes or meta["codes"].get("path")):  # an imported model: trained on no elmgen code folder
+            raise ElmgenError(
+                "this model has no code folder of its own: pass --codes DIR (codes of its tokenizer) or --sampled"
+            )
         codes = CodeDataset(cfg.codes or meta["codes"]["path"])
         if codes.meta["grid"] != mc.grid_size:
             raise ElmgenError(

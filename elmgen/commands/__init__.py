@@ -5,9 +5,12 @@ in sweep files: `elmgen sample sample.guidance_scale=3`), and its options are sh
 Field comments are the help.
 """
 
-from elmgen.commands import measure, runs, sample, serve, tokens, train
+from elmgen.commands import hub, measure, runs, sample, serve, tokens, train
 from elmgen.commands.base import Command, Option
+from elmgen.commands.hub import IMPORT_HELP
 from elmgen.commands.measure import ANALYZE_HELP
+
+GROUPS = {"analyze": ("ANALYSIS", ANALYZE_HELP), "import": ("SOURCE", IMPORT_HELP)}  # metavar and help of a group
 
 COMMANDS = (
     *train.COMMANDS[:1],
@@ -17,4 +20,5 @@ COMMANDS = (
     *runs.COMMANDS,
     *measure.COMMANDS,
     *serve.COMMANDS,
+    *hub.COMMANDS,
 )

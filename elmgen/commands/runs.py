@@ -20,7 +20,7 @@ from elmgen.pipeline import PipelineConfig, SweepConfig, folder_config, quick_de
 
 @dataclass
 class ModelInfoCommand(ModelConfig):
-    preset: str = MISSING  # micro, tiny, small, B, L, XL, XXL or 2B; model keys (n_layer=30, ...) override it
+    preset: str = MISSING  # micro, tiny, small, B, L, XL, XXL, 2B or 3B; model keys (n_layer=30, ...) override it
     vocab: str = "2-12"  # vocabulary split N-C
     grid_size: int = field(default=16, metadata=POSITIVE)  # token grid side (16: 256 px at f=16)
     num_classes: int = field(default=1000, metadata=POSITIVE)

@@ -15,6 +15,7 @@ from elmgen.config import to_dict
 from elmgen.data import DataConfig, pick_images
 from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
+from elmgen.hub import local_folder
 from elmgen.models import load_model
 from elmgen.plots import image_grid, save_png
 from elmgen.sampling import (
@@ -38,8 +39,8 @@ from elmgen.train.distributed import launched
 class LMOptions:
     """What every command that samples from a trained LM reads."""
 
-    model: str = MISSING  # LM run folder or checkpoint
-    tokenizer: str | None = None  # tokenizer run folder (default: the one the LM's codes came from)
+    model: str = MISSING  # LM run folder or checkpoint, or hf:ORG/NAME (an exported model on the Hugging Face hub)
+    tokenizer: str | None = None  # tokenizer run folder or hf:ORG/NAME (default: the one the LM's codes came from)
     ema: bool = True  # use the EMA weights when the checkpoint kept them (false: the trained ones)
     device: str = "auto"  # auto, cpu, cuda[:N] or mps
     out: str = field(default=MISSING, metadata=OUT)  # folder to write
@@ -60,8 +61,8 @@ def load_lm(cmd: LMOptions):
     """The LM of `model`, its tokenizer (`tokenizer`, or the one its codes came from), checked to match, and the
     sampling options checked against the model, before any work."""
     device = resolve_device(cmd.device)
-    model, lm_meta = load_model(cmd.model, device, ema=cmd.ema)
-    tokenizer, tok_meta = load_tokenizer(cmd.tokenizer or lm_meta["codes"]["tokenizer"], device)
+    model, lm_meta = load_model(local_folder(cmd.model), device, ema=cmd.ema)
+    tokenizer, tok_meta = load_tokenizer(local_folder(cmd.tokenizer or lm_meta["codes"]["tokenizer"]), device)
     check_compatible(lm_meta, tok_meta)
     cmd.sample.validate(model.vocab_size)
     return model, tokenizer, tok_meta

@@ -5,4 +5,12 @@ from elmgen.models.classifier import Classifier, ClassifierConfig, load_classifi
 from elmgen.models.cost import count_params, flops_per_token, training_memory_gb
 from elmgen.models.kv_cache import KVCache
 from elmgen.models.presets import PRESETS, preset
-from elmgen.models.transformer import Attention, ModelConfig, Transformer, apply_rope, load_model, sequence_positions
+from elmgen.models.transformer import (
+    Attention,
+    ModelConfig,
+    Transformer,
+    apply_rope,
+    load_model,
+    sequence_positions,
+    tokenizer_path,
+)

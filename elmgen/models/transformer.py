@@ -8,12 +8,17 @@ predict n sub-codes from the same hidden state.
 One transformer serves both model kinds: "ar" attends causally and position p predicts cell p
 (the next cell); "mlm" attends both ways, sees every cell (masked ones as a mask entry appended to
 each sub-code table) and position p >= 1 predicts cell p-1 itself.
+
+Two options make the released models (LlamaGen, ELM: docs/pretrained.md) configs of this one transformer:
+`class_rope="zero"` (the class token's query and key are zeroed by its rotary row) and `head="tied"` (ELM's
+BERT-style MLM head, scoring against the input tables).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -42,6 +47,10 @@ class ModelConfig:
     mlp_multiple_of: int = 256  # SwiGLU hidden = smallest multiple of this >= 8*d/3
     kind: str = "ar"  # "ar": causal, raster order; "mlm": bidirectional over masked cells (MaskGIT)
     num_codes: int | None = None  # valid cell codes when fewer than 2^K (a VQ/FSQ code space); None: all
+    class_rope: str = "identity"  # the class token's rotary embedding: "identity" (none) or "zero" (its query
+    # and key become zero, so every position gives it the score 0: LlamaGen's and ELM's released models)
+    head: str = "linear"  # "linear": one output matrix per sub-code; "tied": fc, GELU, LayerNorm, then scores
+    # against each sub-code's embedding table plus a bias (BERT-style: ELM's released MLMs)
 
     @property
     def head_dim(self) -> int:
@@ -68,8 +77,10 @@ class ModelConfig:
         ]
         if small:
             raise ElmgenError(f"model sizes must be at least 1, not {', '.join(small)}")
-        if self.kind not in ("ar", "mlm"):
-            raise ElmgenError(f"model.kind must be 'ar' or 'mlm', not {self.kind!r}")
+        choices_of = {"kind": ("ar", "mlm"), "class_rope": ("identity", "zero"), "head": ("linear", "tied")}
+        for key, choices in choices_of.items():
+            if getattr(self, key) not in choices:
+                raise ElmgenError(f"model.{key} must be one of {', '.join(choices)}, not {getattr(self, key)!r}")
         vocab = self.vocabulary
         if self.num_codes is not None and self.num_codes < 2**vocab.bits and vocab.num_subcodes > 1:
             raise ElmgenError(
@@ -150,6 +161,20 @@ class SwiGLU(nn.Module):
         return self.w2(self.drop(F.silu(self.w1(x)) * self.w3(x)))
 
 
+class TiedHead(nn.Module):
+    """Logits from the hidden state through fc, GELU and LayerNorm, scored against the input embedding tables."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocabulary.num_subcodes, cfg.vocabulary.size))
+
+    def forward(self, h_BTd: torch.Tensor, tables_nVd: torch.Tensor) -> torch.Tensor:
+        x_BTd = self.ln(F.gelu(self.fc(h_BTd)))
+        return torch.einsum("btd,nvd->btnv", x_BTd, tables_nVd) + self.bias
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -180,7 +205,11 @@ class Transformer(nn.Module):
         self.tok_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(d, cfg.norm_eps)
-        self.head = nn.Linear(d, self.n_sub * self.vocab_size, bias=False)  # n heads fused
+        self.table_size = table
+        if cfg.head == "tied":
+            self.head = TiedHead(cfg)
+        else:
+            self.head = nn.Linear(d, self.n_sub * self.vocab_size, bias=False)  # n heads fused
         self.register_buffer("sub_offsets", torch.arange(self.n_sub) * table, persistent=False)
         # Entries that are no cell code (a VQ/FSQ code space smaller than 2^K) can never be predicted.
         smaller = cfg.num_codes is not None and cfg.num_codes < self.vocab_size
@@ -188,10 +217,13 @@ class Transformer(nn.Module):
             "invalid_V", torch.arange(self.vocab_size) >= cfg.num_codes if smaller else None, persistent=False
         )
         cos, sin = rope_2d(sequence_positions(cfg.grid_size), cfg.head_dim, cfg.rope_base)
+        if cfg.class_rope == "zero":
+            cos[0], sin[0] = 0.0, 0.0
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init)
-        nn.init.zeros_(self.head.weight)
+        if cfg.head == "linear":
+            nn.init.zeros_(self.head.weight)
         self.activation_checkpointing = False  # training: keep only block inputs, recompute the rest
 
     @property
@@ -220,7 +252,11 @@ class Transformer(nn.Module):
                 h_BTd = torch.utils.checkpoint.checkpoint(block, h_BTd, cos, sin, pos_T, None, use_reentrant=False)
             else:
                 h_BTd = block(h_BTd, cos, sin, pos_T, None if caches is None else caches[i])
-        logits = self.head(self.norm(h_BTd)).unflatten(-1, (self.n_sub, self.vocab_size))
+        h_BTd = self.norm(h_BTd)
+        if self.cfg.head == "tied":  # each sub-code's table without its mask entry
+            logits = self.head(h_BTd, self.tok_emb.weight.view(self.n_sub, self.table_size, -1)[:, : self.vocab_size])
+        else:
+            logits = self.head(h_BTd).unflatten(-1, (self.n_sub, self.vocab_size))
         return logits if self.invalid_V is None else logits.masked_fill(self.invalid_V, float("-inf"))
 
     def forward(self, labels_B: torch.Tensor, sub_BTn: torch.Tensor, caches=None) -> torch.Tensor:
@@ -241,7 +277,7 @@ class Transformer(nn.Module):
 
     def new_caches(self, batch: int, dtype: torch.dtype | None = None) -> nn.ModuleList:
         """Empty KV caches, in the weights' dtype unless given (bfloat16 under bf16 autocast)."""
-        p = self.head.weight
+        p = self.norm.weight
         return nn.ModuleList(
             KVCache(batch, self.cfg.n_head, self.cfg.num_cells, self.cfg.head_dim, dtype or p.dtype, p.device)
             for _ in self.blocks
@@ -250,10 +286,19 @@ class Transformer(nn.Module):
 
 def load_model(path, device="cpu", ema: bool = True) -> tuple[Transformer, dict]:
     """A trained language model (its EMA weights if it kept them, unless `ema` is off) and its checkpoint
-    config (which names its code files)."""
+    config (which names its code files and its tokenizer, as a path)."""
     meta = checkpoint.load_config(path)
     if meta.get("kind") != "lm":
         raise ElmgenError(f"{path} is not a language-model checkpoint (kind {meta.get('kind')!r})")
+    if isinstance(meta.get("codes"), dict) and "tokenizer" in meta["codes"]:
+        meta["codes"]["tokenizer"] = str(tokenizer_path(path, meta))
     model = Transformer(from_dict(ModelConfig, meta["model"]))
     checkpoint.load_weights(path, model, ema)
     return model.to(device).eval(), meta
+
+
+def tokenizer_path(path, meta: dict) -> Path:
+    """The tokenizer an LM checkpoint's config names: a relative name (an exported model's bundled tokenizer)
+    lies in the checkpoint's folder."""
+    name = Path(meta["codes"]["tokenizer"])
+    return name if name.is_absolute() else checkpoint.resolve(path) / name
