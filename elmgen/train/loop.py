@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from elmgen.errors import ElmgenError
 from elmgen.io import atomic_write_text, read_metrics, remove_temporaries
 from elmgen.schedules import lr_at
 from elmgen.train.budget import RunLength
-from elmgen.train.config import TrainConfig
+from elmgen.train.config import OptimizerConfig, TrainConfig
 from elmgen.train.distributed import (
     distributed,
     gather_state,
@@ -59,8 +59,9 @@ def check_training_memory(train, estimate_gb, what: str, fix: str) -> None:
         )
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, skip: tuple[str, ...] = ()) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters but those of its children `skip` (trained by their own)."""
+    params = [p for name, p in model.named_parameters() if p.requires_grad and name.split(".")[0] not in skip]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -88,6 +89,39 @@ def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> np.n
 StepFn = Callable[[torch.nn.Module, int, np.ndarray], tuple[torch.Tensor, dict]]
 
 
+@dataclass
+class Part:
+    """A network trained in the same steps as the model but on its own (a GAN's discriminator): its own loss,
+    AdamW, learning-rate schedule and gradient clip (`optim`), its own DDP wrapper, and outside the EMA.
+    `name`: the model's child it is (the prefix of its tensors in checkpoints). From step `start` its step
+    function (called with the whole model) runs after the model's on each micro-batch; its schedule counts
+    from there."""
+
+    name: str
+    optim: OptimizerConfig
+    step_fn: StepFn
+    start: int = 0
+
+
+@dataclass
+class Optimized:
+    """What one optimizer trains, and how: the model's share (part None) or a part's."""
+
+    part: Part | None
+    optim: OptimizerConfig
+    step_fn: StepFn
+    opt: torch.optim.AdamW
+    names: set[str]  # its parameters' names in the model (keys of the optimizer's saved state)
+    replicated: torch.nn.Module | None  # its DDP wrapper (under torchrun without FSDP), else None
+
+    @property
+    def start(self) -> int:
+        return self.part.start if self.part else 0
+
+    def lr(self, step: int, total: int) -> float:
+        return lr_at(step - self.start, self.optim, total - self.start)
+
+
 def local_micro_batches(step: int, cfg: TrainConfig, num_items: int, rank: int, world: int) -> np.ndarray:
     """(grad_accum, micro batch) indices of this process at `step`: its contiguous share of the global
     batch, cut into micro-batches (cfg.validate(world) checked the split). The global batch never
@@ -97,12 +131,12 @@ def local_micro_batches(step: int, cfg: TrainConfig, num_items: int, rank: int, 
 
 
 class EMA:
-    """Exponential moving average of a module's parameters. Under FSDP each process averages its own
-    shards; `full_state` gathers them."""
+    """Exponential moving average of a module's parameters but those of its children `skip`. Under FSDP each
+    process averages its own shards; `full_state` gathers them."""
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    def __init__(self, module: torch.nn.Module, decay: float, skip: tuple[str, ...] = ()):
         self.decay = decay
-        self.params = dict(module.named_parameters())
+        self.params = {name: p for name, p in module.named_parameters() if name.split(".")[0] not in skip}
         self.shadow = {name: p.detach().clone() for name, p in self.params.items()}
 
     @torch.no_grad()
@@ -154,6 +188,7 @@ def fit(
     units_per_step: int | None = None,
     unit: str = "it",
     job=None,
+    parts: tuple[Part, ...] = (),
 ) -> list[dict]:
     """Train `model` for cfg.steps optimizer steps over a dataset of `num_items`, logging to
     run_dir/metrics.jsonl. Under torchrun every process takes its share of each global batch and
@@ -163,20 +198,19 @@ def fit(
 
     Seed torch with cfg.seed before building the model: a fresh run continues from that RNG state.
     `units_per_step` (tokens or images per step) turns step time into a throughput figure. With cfg.ema_decay > 0
-    an EMA of the weights is kept and saved beside them (`ema.safetensors`); loaders prefer it. With
-    cfg.time_budget_s the step count is decided early and kept in the checkpoints, so a resumed run ends where the
-    first one planned to. `job` (a config dataclass) is saved as job.yaml once the run is accepted: a refused run
-    leaves the folder as it was. `meta`: what every checkpoint's config.json records. Returns all of metrics.jsonl.
+    an EMA of the weights (not the parts') is kept and saved beside them (`ema.safetensors`); loaders prefer it.
+    With cfg.time_budget_s the step count is decided early and kept in the checkpoints, so a resumed run ends where
+    the first one planned to. `job` (a config dataclass) is saved as job.yaml once the run is accepted: a refused
+    run leaves the folder as it was. `meta`: what every checkpoint's config.json records. `parts`: children of the
+    model trained by optimizers of their own (`Part`). Returns all of metrics.jsonl.
     """
     rank, world = distributed()
     cfg.validate(world)
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     sharded = prepare(model, cfg, world)
-    # Under torchrun without FSDP, DDP runs the steps: it averages the gradients while backward still runs.
-    replicated = replicate(model, step_fn) if world > 1 and not sharded else None
-    opt = make_optimizer(model, cfg)
-    step, ema, total = _start(model, opt, cfg, run_dir, resume)
+    trained = _optimized(model, cfg, step_fn, parts, world > 1 and not sharded)
+    step, ema, total = _start(model, trained, cfg, run_dir, resume, tuple(p.name for p in parts))
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         _clean_run_folder(run_dir, step, job)
@@ -186,9 +220,7 @@ def fit(
     with tqdm(total=total, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True) as bar:
         while step < length.total:
             lr = lr_at(step, cfg, length.total)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss, extra = _optimizer_step(model, opt, cfg, step_fn, step, num_items, rank, world, replicated, device)
+            loss, extra = _optimizer_step(model, trained, cfg, step, length.total, num_items, rank, world, device)
             if ema is not None:
                 ema.update(step)
             step += 1
@@ -201,28 +233,69 @@ def fit(
             if log:
                 bar.set_postfix({k: f"{v:.4g}" for k, v in window.log(step, lr).items() if k not in ("step", "lr")})
             if checkpoint_now or step == length.total:
-                _save(model, opt, ema, cfg, run_dir, step, replace(meta, total_steps=length.total))
+                _save(model, trained, ema, cfg, run_dir, step, replace(meta, total_steps=length.total))
     model.eval()
     return read_metrics(run_dir / "metrics.jsonl")
 
 
+def _optimized(
+    model: torch.nn.Module, cfg: TrainConfig, step_fn: StepFn, parts: tuple[Part, ...], replicated: bool
+) -> list[Optimized]:
+    """The model's optimizer (over all but the parts) and each part's, with DDP wrappers when `replicated`:
+    each wraps only its own parameters, so DDP averages each optimizer's gradients on its own."""
+    skip = tuple(p.name for p in parts)
+    names = [name for name, _ in model.named_parameters()]
+    rest = tuple(name for name, _ in model.named_children() if name not in skip) if skip else None
+    out = [
+        Optimized(
+            None,
+            cfg,
+            step_fn,
+            make_optimizer(model, cfg, skip),
+            {n for n in names if n.split(".")[0] not in skip},
+            replicate(model, step_fn, rest) if replicated else None,
+        )
+    ]
+    for p in parts:
+        out.append(
+            Optimized(
+                p,
+                p.optim,
+                p.step_fn,
+                make_optimizer(getattr(model, p.name), p.optim),
+                {n for n in names if n.split(".")[0] == p.name},
+                replicate(model, p.step_fn, (p.name,)) if replicated else None,
+            )
+        )
+    return out
+
+
 def _start(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, run_dir: Path, resume: bool
+    model: torch.nn.Module,
+    trained: list[Optimized],
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    skip: tuple[str, ...],
 ) -> tuple[int, EMA | None, int]:
     """The step to start from, the EMA (with cfg.ema_decay > 0) and the run's step count: the run's last
-    checkpoint, loaded into model, optimizer and EMA (with `resume`), or step 0 for a new run."""
+    checkpoint, loaded into model, optimizers and EMA (with `resume`), or step 0 for a new run."""
     if not checkpoint.has_checkpoint(run_dir):
         if resume:
             raise ElmgenError(f"nothing to resume: {run_dir} holds no checkpoint")
-        return 0, _ema(model, cfg, None), cfg.steps
+        return 0, _ema(model, cfg, None, skip), cfg.steps
     if not resume:
         raise ElmgenError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose a new --out")
     state = checkpoint.load_trainer_state(run_dir)
     if state is None:
         raise ElmgenError(f"checkpoint in {run_dir} has no trainer state to resume from")
-    # Whole (unsharded) tensors, keyed by parameter name: resumable with any number of processes.
+    # Whole (unsharded) tensors, keyed by parameter name: resumable with any number of processes. The optimizers
+    # with saved state get it (a part that had not started has none); checkpoints written before the parts had
+    # optimizers of their own hold one optimizer over everything, split here by parameter name.
+    saved = state["optimizer"].get("state", {})
+    opts = [t.opt for t in trained if t.names & set(saved)]
     try:
-        load_whole_state(model, opt, checkpoint.load_state(run_dir, ema=False), state["optimizer"])
+        load_whole_state(model, opts, checkpoint.load_state(run_dir, ema=False), state["optimizer"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise ElmgenError(
             f"checkpoint in {run_dir} does not match this model or optimizer "
@@ -233,14 +306,15 @@ def _start(
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     # the count a time budget decided when the run started: a resumed run ends there
     total = state["total_steps"] if cfg.time_budget_s and isinstance(state.get("total_steps"), int) else cfg.steps
-    return state["step"], _ema(model, cfg, checkpoint.load_ema(run_dir)), total
+    return state["step"], _ema(model, cfg, checkpoint.load_ema(run_dir), skip), total
 
 
-def _ema(model: torch.nn.Module, cfg: TrainConfig, state: dict | None) -> EMA | None:
-    """The EMA of the (loaded) weights when cfg.ema_decay > 0, with a checkpoint's EMA state if it kept one."""
+def _ema(model: torch.nn.Module, cfg: TrainConfig, state: dict | None, skip: tuple[str, ...]) -> EMA | None:
+    """The EMA of the (loaded) weights but the children `skip` when cfg.ema_decay > 0, with a checkpoint's EMA
+    state if it kept one (an older one's extra tensors, e.g. a discriminator's, are ignored)."""
     if cfg.ema_decay <= 0:
         return None
-    ema = EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay, skip)
     if state is not None:
         ema.load_full_state(state)
     return ema
@@ -260,43 +334,54 @@ def _clean_run_folder(run_dir: Path, step: int, job) -> None:
 
 def _optimizer_step(
     model,
-    opt,
+    trained: list[Optimized],
     cfg: TrainConfig,
-    step_fn: StepFn,
     step: int,
+    total: int,
     num_items: int,
     rank: int,
     world: int,
-    replicated,
     device,
 ) -> tuple[torch.Tensor, dict]:
-    """One optimizer step over this process's micro-batches; the loss (averaged over every process) and the
-    last micro-batch's extra figures. `replicated`: the DDP step module, or None (one process, or FSDP, whose
-    hooks are on the model itself). Gradients are synchronised only after the last micro-batch."""
-    losses = []
+    """One step of every optimizer whose share has started, over this process's micro-batches: on each, the
+    model's forward and backward, then each part's. Returns the model's loss (averaged over every process) and
+    the last micro-batch's extra figures, with each part's learning rate. Gradients are synchronised only after
+    the last micro-batch (DDP wrappers, or FSDP's hooks on the model itself)."""
+    active = [t for t in trained if step >= t.start]
+    losses, extra = [], {}
     micro_batches = local_micro_batches(step, cfg, num_items, rank, world)
     for i, micro_idx in enumerate(micro_batches):
-        with gradient_sync(replicated or model, i == len(micro_batches) - 1):
-            with autocast(device, cfg.precision):
-                if replicated is not None:
-                    loss, extra = replicated(step, micro_idx)
-                else:
-                    loss, extra = step_fn(model, step, micro_idx)
-            (loss / cfg.grad_accum).backward()
-        losses.append(loss.detach())
+        for t in active:
+            with gradient_sync(t.replicated or model, i == len(micro_batches) - 1):
+                with autocast(device, cfg.precision):
+                    loss, logs = t.replicated(step, micro_idx) if t.replicated else t.step_fn(model, step, micro_idx)
+                (loss / cfg.grad_accum).backward()
+            extra.update(logs)
+            if t.part is None:
+                losses.append(loss.detach())
     loss = torch.stack(losses).mean()
     if world > 1:
         loss = mean_over_processes(loss, world)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    for t in active:
+        lr = t.lr(step, total)
+        for group in t.opt.param_groups:
+            group["lr"] = lr
+        if t.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in t.opt.param_groups for p in g["params"]], t.optim.grad_clip)
+        t.opt.step()
+        t.opt.zero_grad(set_to_none=True)
+        if t.part is not None:
+            extra[f"lr_{t.part.name}"] = lr
     return loss, extra
 
 
-def _save(model, opt, ema: EMA | None, cfg: TrainConfig, run_dir: Path, step: int, meta: CheckpointMeta) -> None:
-    # Gathering whole tensors is a collective under FSDP: every process takes part, the main one writes.
-    weights, optimizer = gather_state(model, opt)
+def _save(
+    model, trained: list[Optimized], ema: EMA | None, cfg: TrainConfig, run_dir: Path, step: int, meta: CheckpointMeta
+) -> None:
+    # Gathering whole tensors is a collective under FSDP: every process takes part, the main one writes. One
+    # optimizer state keyed by parameter name holds every optimizer that has stepped (a part before its start
+    # has no state, and gathering would invent one).
+    weights, optimizer = gather_state(model, [t.opt for t in trained if t.opt.state])
     ema_weights = ema.full_state() if ema is not None else None
     if is_main_process():
         state = {
