@@ -25,6 +25,7 @@ TRAIN_OPTIONS = (
     Option(("--fsdp",), "train.fsdp", const=True),
     Option(("--activation-checkpointing",), "train.activation_checkpointing", const=True),
 )
+WORKERS = Option(("--workers",), "train.workers", min=0, metavar="N")  # for the trainers that decode images
 
 
 @dataclass
@@ -83,6 +84,7 @@ COMMANDS = (
             Option(("--data",), "data.source"),
             Option(("--gan",), "loss.gan", const=True),
             Option(("--perceptual-weights",), "loss.perceptual_weights", metavar="FILE"),
+            WORKERS,
             *TRAIN_OPTIONS,
         ),
     ),
@@ -110,6 +112,6 @@ COMMANDS = (
         "Train a small CNN classifier (the offline feature space of 'elmgen eval' and the judge of class "
         "accuracy); writes checkpoints, metrics.jsonl, job.yaml and eval.json (test accuracy, per-class accuracy, "
         "training time, weights fingerprint).",
-        (*named("out"), Option(("--data",), "data.source"), *TRAIN_OPTIONS),
+        (*named("out"), Option(("--data",), "data.source"), WORKERS, *TRAIN_OPTIONS),
     ),
 )

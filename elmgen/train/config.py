@@ -61,6 +61,8 @@ class TrainConfig(OptimizerConfig):
     save_every: int = 500  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    workers: int | None = None  # processes decoding and augmenting images ahead of the step; None: none for data
+    # held in memory (Fashion-MNIST), else one per core but one (per process under torchrun)
     time_budget_s: float = 0.0  # > 0: train as many steps as fit in this many seconds at the pace of the first
     # steps (`steps` is then only the provisional length the learning rate follows until the count is decided)
 
@@ -78,6 +80,7 @@ class TrainConfig(OptimizerConfig):
             ("log_every", self.log_every >= 1, ">= 1"),
             ("save_every", self.save_every >= 1, ">= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("workers", self.workers is None or self.workers >= 0, ">= 0 (0: decode in the training process)"),
             ("time_budget_s", 0 <= self.time_budget_s < math.inf, "a finite number >= 0 (0: train.steps steps)"),
         ]
         refuse_out_of_range(self, "train", ranges)

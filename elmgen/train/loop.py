@@ -7,10 +7,12 @@ writes, so the same loop serves a torchrun launch.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from elmgen.train.distributed import (
     replicate,
     shard,
 )
+from elmgen.train.inputs import Load, default_workers, micro_batches
 
 RUN_FILES = ("metrics.jsonl", "job.yaml", "loss.png", "eval.json", "reconstructions.png")  # what trainers write
 
@@ -84,8 +87,8 @@ def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> np.n
     return np.asarray(out, dtype=np.int64)
 
 
-# A step function takes the model, the step and the dataset indices of one micro-batch, and returns
-# (mean loss over that micro-batch, extra floats to log).
+# A step function takes the model, the step and one micro-batch (its dataset indices, or what fit's `load` made
+# of them), and returns (mean loss over that micro-batch, extra floats to log).
 StepFn = Callable[[torch.nn.Module, int, np.ndarray], tuple[torch.Tensor, dict]]
 
 
@@ -189,6 +192,8 @@ def fit(
     unit: str = "it",
     job=None,
     parts: tuple[Part, ...] = (),
+    load: Load | None = None,
+    in_memory: bool = False,
 ) -> list[dict]:
     """Train `model` for cfg.steps optimizer steps over a dataset of `num_items`, logging to
     run_dir/metrics.jsonl. Under torchrun every process takes its share of each global batch and
@@ -202,7 +207,10 @@ def fit(
     With cfg.time_budget_s the step count is decided early and kept in the checkpoints, so a resumed run ends where
     the first one planned to. `job` (a config dataclass) is saved as job.yaml once the run is accepted: a refused
     run leaves the folder as it was. `meta`: what every checkpoint's config.json records. `parts`: children of the
-    model trained by optimizers of their own (`Part`). Returns all of metrics.jsonl.
+    model trained by optimizers of their own (`Part`). `load(step, idx)`: a micro-batch made from its indices (a
+    pure function: decoded images, augmented), run by cfg.workers DataLoader processes (`inputs`; by default none
+    when the data set is `in_memory`); the step functions get its result instead of the indices. Returns all of
+    metrics.jsonl.
     """
     rank, world = distributed()
     cfg.validate(world)
@@ -217,10 +225,17 @@ def fit(
     model.train()
     window = MetricsWindow(run_dir / "metrics.jsonl", units_per_step, unit)
     length = RunLength(cfg, step, total, device, desc)
-    with tqdm(total=total, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True) as bar:
+    # (step, indices) of this process's micro-batches, endless (a time budget decides the length as the run goes)
+    batches = ((s, idx) for s in itertools.count(step) for idx in local_micro_batches(s, cfg, num_items, rank, world))
+    if load is not None:
+        workers = default_workers(in_memory) if cfg.workers is None else cfg.workers
+        batches = micro_batches(load, workers, cfg.seed, batches, device)
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True)
+    with bar, contextlib.closing(batches):  # closing the batches stops the workers
         while step < length.total:
             lr = lr_at(step, cfg, length.total)
-            loss, extra = _optimizer_step(model, trained, cfg, step, length.total, num_items, rank, world, device)
+            micro = _next_micro_batches(batches, cfg.grad_accum, load is None)
+            loss, extra = _optimizer_step(model, trained, cfg, step, length.total, micro, world, device)
             if ema is not None:
                 ema.update(step)
             step += 1
@@ -236,6 +251,12 @@ def fit(
                 _save(model, trained, ema, cfg, run_dir, step, replace(meta, total_steps=length.total))
     model.eval()
     return read_metrics(run_dir / "metrics.jsonl")
+
+
+def _next_micro_batches(batches: Iterator, grad_accum: int, as_indices: bool) -> list:
+    """The next step's micro-batches: their indices (from (step, indices) pairs), or what `load` made of them."""
+    micro = [next(batches) for _ in range(grad_accum)]
+    return [idx for _, idx in micro] if as_indices else micro
 
 
 def _optimized(
@@ -338,8 +359,7 @@ def _optimizer_step(
     cfg: TrainConfig,
     step: int,
     total: int,
-    num_items: int,
-    rank: int,
+    micro_batches: list,
     world: int,
     device,
 ) -> tuple[torch.Tensor, dict]:
@@ -349,12 +369,11 @@ def _optimizer_step(
     the last micro-batch (DDP wrappers, or FSDP's hooks on the model itself)."""
     active = [t for t in trained if step >= t.start]
     losses, extra = [], {}
-    micro_batches = local_micro_batches(step, cfg, num_items, rank, world)
-    for i, micro_idx in enumerate(micro_batches):
+    for i, micro in enumerate(micro_batches):
         for t in active:
             with gradient_sync(t.replicated or model, i == len(micro_batches) - 1):
                 with autocast(device, cfg.precision):
-                    loss, logs = t.replicated(step, micro_idx) if t.replicated else t.step_fn(model, step, micro_idx)
+                    loss, logs = t.replicated(step, micro) if t.replicated else t.step_fn(model, step, micro)
                 (loss / cfg.grad_accum).backward()
             extra.update(logs)
             if t.part is None:

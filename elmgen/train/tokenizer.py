@@ -4,14 +4,16 @@ the PatchGAN with the adaptive weight; the held-out report at the end."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from elmgen.checkpoint import CheckpointMeta
 from elmgen.config import to_dict
-from elmgen.data import DataConfig, absolute_source, load_dataset, random_hflip, to_float
+from elmgen.data import DataConfig, ImageDataset, absolute_source, load_dataset, random_hflip, to_float
 from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
 from elmgen.evaluation.tokenizer import tokenizer_report
@@ -27,6 +29,7 @@ from elmgen.tokenizers.losses import (
 )
 from elmgen.train.config import OptimizerConfig, TrainConfig
 from elmgen.train.distributed import is_main_process
+from elmgen.train.inputs import item_uniforms
 from elmgen.train.loop import Part, check_training_memory, fit
 
 
@@ -108,6 +111,12 @@ def discriminator_step(disc: PatchDiscriminator, x: torch.Tensor, recon: torch.T
     return d_loss, {"disc": d_loss.item()}
 
 
+def training_images(dataset: ImageDataset, hflip: bool, seed: int, step: int, idx: np.ndarray) -> torch.Tensor:
+    """The uint8 images of one micro-batch, flipped at random with `hflip` (in the input pipeline's workers)."""
+    x = dataset.images(idx)
+    return random_hflip(x, item_uniforms(seed, step, idx, 1)[:, 0]) if hflip else x
+
+
 def check_fits(job: TokenizerJob) -> None:
     """Refuse, before any work, a tokenizer job that would run out of memory or cannot divide its images."""
     check_training_memory(
@@ -160,10 +169,8 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
 
     seen = {}  # the generator's micro-batch: the discriminator's step that follows judges the same images
 
-    def step_fn(trainer, step, idx):
-        x = to_float(dataset.images(idx)).to(device)
-        if job.hflip:
-            x = random_hflip(x)
+    def step_fn(trainer, step, images):
+        x = to_float(images.to(device, non_blocking=True))
         loss, logs, recon = tokenizer_step(trainer, x, step, job.loss, perceptual)
         seen.update(x=x, recon=recon.detach())
         return loss, logs
@@ -190,6 +197,8 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
         unit="img",
         job=job,
         parts=parts,
+        load=partial(training_images, dataset, job.hflip, job.train.seed),
+        in_memory=dataset.in_memory,
     )
     if not is_main_process():
         return {}
