@@ -305,3 +305,20 @@ def test_auto_precision_follows_native_bf16(monkeypatch):
         assert device.resolve_precision("fp32", cpu) == "fp32" and device.resolve_precision("bf16", cpu) == "bf16"
         with device.autocast(cpu, "auto"):
             assert torch.is_autocast_enabled("cpu") == native
+
+
+def test_tensorboard_shows_the_lm_samples_at_each_checkpoint_without_changing_the_run(codes, tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="the tensorboard package is not installed: pip install 'elmgen[tensorboard]' to run this test",
+    )
+    plain = train_lm(lm_job(2, 1), codes, tmp_path / "plain")
+    job = lm_job(2, 1)
+    job.train.log = "tensorboard"
+    rows = train_lm(job, codes, tmp_path / "board")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in plain]  # sampling drew nothing from the run's RNG
+    events = event_accumulator.EventAccumulator(str(tmp_path / "board"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"loss", "lr", "tok_per_s"} <= set(events.Tags()["scalars"])
+    assert [g.step for g in events.Images("preview")] == [1, 2]  # 10 classes x 2 samples of 32 px, scaled 2x
+    assert (events.Images("preview")[0].width, events.Images("preview")[0].height) == (2 * 70, 2 * 342)

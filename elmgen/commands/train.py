@@ -14,6 +14,7 @@ from elmgen.commands.tokens import print_report
 from elmgen.device import PRECISIONS
 from elmgen.models import preset
 from elmgen.train import ClassifierJob, LMJob, TokenizerJob, train_classifier, train_lm, train_tokenizer
+from elmgen.train.config import LOGS
 from elmgen.train.distributed import is_main_process
 
 TRAIN_OPTIONS = (
@@ -24,6 +25,7 @@ TRAIN_OPTIONS = (
     Option(("--ema-decay",), "train.ema_decay", metavar="D"),
     Option(("--fsdp",), "train.fsdp", const=True),
     Option(("--activation-checkpointing",), "train.activation_checkpointing", const=True),
+    Option(("--log",), "train.log", choices=LOGS),
 )
 WORKERS = Option(("--workers",), "train.workers", min=0, metavar="N")  # for the trainers that decode images
 

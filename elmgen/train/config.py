@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from elmgen.device import PRECISIONS
 from elmgen.errors import ElmgenError
 
+LOGS = ("jsonl", "tensorboard")  # where training figures go: metrics.jsonl always, TensorBoard too
+
 
 @dataclass
 class OptimizerConfig:
@@ -63,12 +65,16 @@ class TrainConfig(OptimizerConfig):
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     workers: int | None = None  # processes decoding and augmenting images ahead of the step; None: none for data
     # held in memory (Fashion-MNIST), else one per core but one (per process under torchrun)
+    log: str = "jsonl"  # "jsonl": metrics.jsonl; "tensorboard": TensorBoard event files beside it too (figures,
+    # and a sample or reconstruction grid at each checkpoint; pip install 'elmgen[tensorboard]')
     time_budget_s: float = 0.0  # > 0: train as many steps as fit in this many seconds at the pace of the first
     # steps (`steps` is then only the provisional length the learning rate follows until the count is decided)
 
     def validate(self, world: int = 1) -> None:
         """Refuse out-of-range settings (NaN included) before anything is written; `world`: processes."""
         self.validate_optimizer("train")
+        if self.log not in LOGS:
+            raise ElmgenError(f"train.log must be one of {', '.join(LOGS)}, not {self.log!r}")
         if self.precision not in PRECISIONS:
             raise ElmgenError(f"train.precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         ranges = [

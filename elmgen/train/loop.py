@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 
@@ -194,6 +195,7 @@ def fit(
     parts: tuple[Part, ...] = (),
     load: Load | None = None,
     in_memory: bool = False,
+    preview: Callable[[torch.nn.Module], Image.Image] | None = None,
 ) -> list[dict]:
     """Train `model` for cfg.steps optimizer steps over a dataset of `num_items`, logging to
     run_dir/metrics.jsonl. Under torchrun every process takes its share of each global batch and
@@ -209,11 +211,13 @@ def fit(
     run leaves the folder as it was. `meta`: what every checkpoint's config.json records. `parts`: children of the
     model trained by optimizers of their own (`Part`). `load(step, idx)`: a micro-batch made from its indices (a
     pure function: decoded images, augmented), run by cfg.workers DataLoader processes (`inputs`; by default none
-    when the data set is `in_memory`); the step functions get its result instead of the indices. Returns all of
-    metrics.jsonl.
+    when the data set is `in_memory`); the step functions get its result instead of the indices. With cfg.log
+    "tensorboard" the figures also go to TensorBoard event files beside metrics.jsonl, with `preview(model)` (a
+    picture: samples, reconstructions; not under FSDP) at each checkpoint. Returns all of metrics.jsonl.
     """
     rank, world = distributed()
     cfg.validate(world)
+    writer = summary_writer() if cfg.log == "tensorboard" else None  # refused before any work when missing
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     sharded = prepare(model, cfg, world)
@@ -223,7 +227,10 @@ def fit(
     if is_main_process():
         _clean_run_folder(run_dir, step, job)
     model.train()
-    window = MetricsWindow(run_dir / "metrics.jsonl", units_per_step, unit)
+    board = writer(str(run_dir), purge_step=step or None) if writer and is_main_process() else None
+    if sharded:  # only the main process draws the picture, and a sharded model's forward is a collective
+        preview = None
+    window = MetricsWindow(run_dir / "metrics.jsonl", units_per_step, unit, board)
     length = RunLength(cfg, step, total, device, desc)
     # (step, indices) of this process's micro-batches, endless (a time budget decides the length as the run goes)
     batches = ((s, idx) for s in itertools.count(step) for idx in local_micro_batches(s, cfg, num_items, rank, world))
@@ -249,8 +256,33 @@ def fit(
                 bar.set_postfix({k: f"{v:.4g}" for k, v in window.log(step, lr).items() if k not in ("step", "lr")})
             if checkpoint_now or step == length.total:
                 _save(model, trained, ema, cfg, run_dir, step, replace(meta, total_steps=length.total))
+                window.checkpoint(step, lambda: _picture(model, preview, device) if preview else None)
+    window.close()
     model.eval()
     return read_metrics(run_dir / "metrics.jsonl")
+
+
+def summary_writer() -> type:
+    """torch's TensorBoard SummaryWriter; ElmgenError when the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ElmgenError(
+            "train.log=tensorboard needs the tensorboard package: pip install 'elmgen[tensorboard]', "
+            "or log to metrics.jsonl alone (train.log=jsonl)"
+        ) from None
+    return SummaryWriter
+
+
+def _picture(model: torch.nn.Module, preview: Callable, device: torch.device) -> Image.Image:
+    """`preview(model)` in eval mode without gradients, its random draws from a copy of the RNG state: the
+    training run goes on as if it had not been drawn."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        model.eval()
+        try:
+            return preview(model)
+        finally:
+            model.train()
 
 
 def _next_micro_batches(batches: Iterator, grad_accum: int, as_indices: bool) -> list:
@@ -417,8 +449,9 @@ class MetricsWindow:
     """The steps since the last row of metrics.jsonl. Losses stay on the device: no host sync until a log or
     a checkpoint."""
 
-    def __init__(self, path: Path, units_per_step: int | None, unit: str):
+    def __init__(self, path: Path, units_per_step: int | None, unit: str, board=None):
         self.path, self.units_per_step, self.unit = path, units_per_step, unit
+        self.board = board  # a SummaryWriter (train.log: tensorboard, main process), or None
         self.losses: list[torch.Tensor] = []
         self.extras: dict[str, list[float]] = {}
         self.t0 = time.perf_counter()
@@ -445,5 +478,23 @@ class MetricsWindow:
         if is_main_process():
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.board.add_scalar(key, value, step)
         self.losses, self.extras, self.t0 = [], {}, time.perf_counter()
         return row
+
+    def checkpoint(self, step: int, picture: Callable[[], Image.Image | None]) -> None:
+        """At a checkpoint: the picture (drawn only for TensorBoard) and everything logged so far, to disk."""
+        if self.board is None:
+            return
+        image = picture()
+        if image is not None:
+            array = np.asarray(image)
+            self.board.add_image("preview", array, step, dataformats="HW" if array.ndim == 2 else "HWC")
+        self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()

@@ -16,7 +16,7 @@ from elmgen.config import to_dict
 from elmgen.data import DataConfig, ImageDataset, absolute_source, load_dataset, random_hflip, to_float
 from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
-from elmgen.evaluation.tokenizer import tokenizer_report
+from elmgen.evaluation.tokenizer import reconstruction_grid, tokenizer_report
 from elmgen.plots import loss_curve
 from elmgen.tokenizers import Autoencoder, TokenizerConfig, load_tokenizer, training_memory_gb
 from elmgen.tokenizers.losses import (
@@ -31,6 +31,8 @@ from elmgen.train.config import OptimizerConfig, TrainConfig
 from elmgen.train.distributed import is_main_process
 from elmgen.train.inputs import item_uniforms
 from elmgen.train.loop import Part, check_training_memory, fit
+
+PREVIEW_IMAGES = 8  # training images reconstructed in TensorBoard at each checkpoint (train.log: tensorboard)
 
 
 @dataclass
@@ -199,6 +201,7 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
         parts=parts,
         load=partial(training_images, dataset, job.hflip, job.train.seed),
         in_memory=dataset.in_memory,
+        preview=lambda trainer: reconstruction_grid(trainer.tokenizer, dataset, PREVIEW_IMAGES),
     )
     if not is_main_process():
         return {}
