@@ -313,6 +313,7 @@ def test_two_processes_train_the_gan_tokenizer(fake_fmnist, tmp_path):
         "train.log_every=1",
         "train.save_every=4",
         "train.ema_decay=0.9",
+        "train.workers=1",  # the input pipeline under torchrun too: each process its own worker
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "elmgen.cli"]

@@ -1,6 +1,8 @@
 """--log tensorboard: the figures of metrics.jsonl and a reconstruction grid at each checkpoint, in TensorBoard
 event files beside it, read back; drawing the grid leaves the run's trajectory alone."""
 
+import sys
+
 import pytest
 
 from elmgen.cli import main
@@ -45,3 +47,11 @@ def test_a_missing_log_kind_is_one_line(fake_fmnist, tmp_path, capsys):
     code = main(["train-tokenizer", "--out", str(tmp_path / "x"), *ARGS, "train.log=wandb"])
     err = capsys.readouterr().err
     assert code == 2 and "train.log must be one of jsonl, tensorboard" in err and not (tmp_path / "x").exists()
+
+
+def test_tensorboard_without_its_package_is_one_line_before_any_work(fake_fmnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed: importing it fails
+    code = main(["train-tokenizer", "--out", str(tmp_path / "x"), "--log", "tensorboard", *ARGS])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("elmgen: error:")]
+    assert code == 2 and len(lines) == 1 and "pip install 'elmgen[tensorboard]'" in lines[0]
+    assert not (tmp_path / "x").exists()

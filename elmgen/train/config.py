@@ -63,8 +63,8 @@ class TrainConfig(OptimizerConfig):
     save_every: int = 500  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    workers: int | None = None  # processes decoding and augmenting images ahead of the step; None: none for data
-    # held in memory (Fashion-MNIST), else one per core but one (per process under torchrun)
+    workers: int | None = None  # tokenizer, classifier: processes decoding and augmenting images ahead of the step;
+    # None: none for data held in memory (Fashion-MNIST), else one per core but one (per process under torchrun)
     log: str = "jsonl"  # "jsonl": metrics.jsonl; "tensorboard": TensorBoard event files beside it too (figures,
     # and a sample or reconstruction grid at each checkpoint; pip install 'elmgen[tensorboard]')
     time_budget_s: float = 0.0  # > 0: train as many steps as fit in this many seconds at the pace of the first

@@ -232,11 +232,7 @@ def fit(
         preview = None
     window = MetricsWindow(run_dir / "metrics.jsonl", units_per_step, unit, board)
     length = RunLength(cfg, step, total, device, desc)
-    # (step, indices) of this process's micro-batches, endless (a time budget decides the length as the run goes)
-    batches = ((s, idx) for s in itertools.count(step) for idx in local_micro_batches(s, cfg, num_items, rank, world))
-    if load is not None:
-        workers = default_workers(in_memory) if cfg.workers is None else cfg.workers
-        batches = micro_batches(load, workers, cfg.seed, batches, device)
+    batches = _batches(cfg, step, num_items, rank, world, load, in_memory, device)
     bar = tqdm(total=total, initial=step, desc=desc, disable=not is_main_process(), dynamic_ncols=True)
     with bar, contextlib.closing(batches):  # closing the batches stops the workers
         while step < length.total:
@@ -283,6 +279,16 @@ def _picture(model: torch.nn.Module, preview: Callable, device: torch.device) ->
             return preview(model)
         finally:
             model.train()
+
+
+def _batches(cfg: TrainConfig, start: int, num_items: int, rank: int, world: int, load, in_memory: bool, device):
+    """This process's micro-batches from step `start` on, endless (a time budget decides the run's length as it
+    goes): (step, indices) pairs, or with `load` what the input pipeline's workers made of them."""
+    pairs = ((s, idx) for s in itertools.count(start) for idx in local_micro_batches(s, cfg, num_items, rank, world))
+    if load is None:
+        return pairs
+    workers = default_workers(in_memory) if cfg.workers is None else cfg.workers
+    return micro_batches(load, workers, cfg.seed, pairs, device)
 
 
 def _next_micro_batches(batches: Iterator, grad_accum: int, as_indices: bool) -> list:
