@@ -177,7 +177,7 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
         seen.update(x=x, recon=recon.detach())
         return loss, logs
 
-    def disc_step_fn(trainer, step, idx):
+    def disc_step_fn(trainer, step, images):  # `images` are those `seen` holds, ready on the device
         return discriminator_step(trainer.discriminator, seen["x"], seen["recon"])
 
     parts = (
