@@ -24,6 +24,8 @@ from elmgen.tokenizers.losses import (
     lpips_state_dict,
 )
 from elmgen.train import TokenizerJob, TokenizerTraining, TrainConfig, tokenizer_step, train_tokenizer
+from elmgen.train.config import OptimizerConfig
+from elmgen.train.tokenizer import checkpoint_meta, discriminator_step
 
 TINY = TokenizerConfig(base_width=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=16, num_bits=8)
 
@@ -121,6 +123,7 @@ def job(steps: int, save_every: int, **loss) -> TokenizerJob:
         tokenizer=TINY,
         eval_images=16,
         loss=LossConfig(gan=True, gan_start=2, **loss),
+        discriminator=OptimizerConfig(lr=2e-3, warmup_steps=2, weight_decay=0.0, grad_clip=0.5),
         train=TrainConfig(
             steps=steps,
             batch_size=8,
@@ -134,17 +137,21 @@ def job(steps: int, save_every: int, **loss) -> TokenizerJob:
     )
 
 
-def test_generator_term_leaves_the_discriminator_alone():
+def test_generator_and_discriminator_losses_reach_only_their_own_network():
     trainer = TokenizerTraining(job(1, 1))
     x = torch.rand(4, 1, 32, 32) * 2 - 1
     torch.manual_seed(0)
-    loss, logs = tokenizer_step(trainer, x, 5, job(1, 1).loss, None)
+    loss, logs, recon = tokenizer_step(trainer, x, 5, job(1, 1).loss, None)
     loss.backward()
-    assert {"gen", "disc", "gan_weight"} <= set(logs) and 0 <= logs["gan_weight"] <= 0.5
+    assert {"gen", "gan_weight"} <= set(logs) and 0 <= logs["gan_weight"] <= 0.5
+    assert all(p.grad is None for p in trainer.discriminator.parameters())
+    assert all(p.grad is not None for p in trainer.tokenizer.parameters())
+    trainer.zero_grad(set_to_none=True)
+    d_loss, logs = discriminator_step(trainer.discriminator, x, recon)
+    d_loss.backward()
+    assert logs["disc"] == d_loss.item() and all(p.grad is None for p in trainer.tokenizer.parameters())
     grads = [p.grad.clone() for p in trainer.discriminator.parameters()]
     trainer.zero_grad()
-    torch.manual_seed(0)  # the same Bernoulli draws
-    recon, _ = trainer.tokenizer(x)
     hinge_d_loss(trainer.discriminator(x), trainer.discriminator(recon.detach())).backward()
     for g, p in zip(grads, trainer.discriminator.parameters(), strict=True):
         assert torch.allclose(g, p.grad, atol=1e-6)
@@ -156,6 +163,8 @@ def test_gan_starts_late_and_resume_is_exact(fake_fmnist, tmp_path, monkeypatch)
     train_tokenizer(job(5, 100), straight)
     rows = read_metrics(straight / "metrics.jsonl")
     assert ["disc" in r for r in rows] == [False, False, True, True, True]  # gan_start=2
+    # the discriminator's own schedule, its warm-up counted from gan_start
+    assert [r.get("lr_discriminator") for r in rows] == [None, None, 1e-3, 2e-3, 2e-3]
 
     real = elmgen.train.loop.batch_indices
 
@@ -193,6 +202,40 @@ def test_ema_weights_are_the_ones_saved_for_use(fake_fmnist, tmp_path):
     ckpt = checkpoint.resolve(tmp_path / "plain")
     assert not (ckpt / checkpoint.EMA).exists()
     assert torch.equal(load_tokenizer(tmp_path / "plain")[0].last_layer, load_file(ckpt / checkpoint.WEIGHTS)[last])
+
+
+@pytest.mark.slow
+def test_checkpoints_of_one_optimizer_over_both_networks_still_load_and_resume(fake_fmnist, tmp_path):
+    """Before the discriminator had an optimizer of its own, the loop trained TokenizerTraining with one AdamW
+    (matrices in one group, the rest in another) and kept an EMA of every parameter, the discriminator's too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    old = job(4, 4)
+    torch.manual_seed(0)
+    trainer = TokenizerTraining(old)
+    params = list(trainer.parameters())
+    groups = [[p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]]
+    opt = torch.optim.AdamW([{"params": g, "weight_decay": 0.0} for g in groups], lr=1e-3, betas=(0.9, 0.95))
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    loss, _, recon = tokenizer_step(trainer, x, 3, old.loss, None)
+    (loss + discriminator_step(trainer.discriminator, x, recon)[0]).backward()  # the old step's one objective
+    opt.step()
+    ema = {name: p.detach() + 0.01 for name, p in trainer.named_parameters()}
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {"optimizer": get_optimizer_state_dict(trainer, opt, options=full), "step": 3, "total_steps": 4}
+    state.update(rng=torch.get_rng_state(), cuda_rng=None)
+    meta = checkpoint_meta(old, trainer.tokenizer, ["a"] * 10)
+    checkpoint.save_checkpoint(tmp_path / "old", 3, trainer, meta, state, ema=ema)
+
+    model, _ = load_tokenizer(tmp_path / "old")  # for use: the tokenizer's EMA weights
+    assert torch.equal(model.last_layer, ema[f"tokenizer.decoder.net.{len(model.decoder.net) - 1}.weight"])
+    train_tokenizer(old, tmp_path / "old", resume=True)  # one more step, each network with its own optimizer
+    ckpt = checkpoint.resolve(tmp_path / "old")
+    assert ckpt.name == "step_00000004"
+    assert not any(k.startswith("discriminator.") for k in checkpoint.load_ema(ckpt))  # the EMA: the generator's
+    adam = checkpoint.load_trainer_state(ckpt)["optimizer"]["state"]
+    for name in ("tokenizer.decoder.net.0.weight", "discriminator.net.0.weight"):
+        assert float(adam[name]["step"]) == 2, name  # the old optimizer's moments, split by network, continued
 
 
 def run(capsys, *argv):
@@ -270,6 +313,7 @@ def test_two_processes_train_the_gan_tokenizer(fake_fmnist, tmp_path):
         "train.log_every=1",
         "train.save_every=4",
         "train.ema_decay=0.9",
+        "train.workers=1",  # the input pipeline under torchrun too: each process its own worker
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "elmgen.cli"]

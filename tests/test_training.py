@@ -305,3 +305,66 @@ def test_auto_precision_follows_native_bf16(monkeypatch):
         assert device.resolve_precision("fp32", cpu) == "fp32" and device.resolve_precision("bf16", cpu) == "bf16"
         with device.autocast(cpu, "auto"):
             assert torch.is_autocast_enabled("cpu") == native
+
+
+def test_tensorboard_shows_the_lm_samples_at_each_checkpoint_without_changing_the_run(codes, tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="the tensorboard package is not installed: pip install 'elmgen[tensorboard]' to run this test",
+    )
+    plain = train_lm(lm_job(2, 1), codes, tmp_path / "plain")
+    job = lm_job(2, 1)
+    job.train.log = "tensorboard"
+    rows = train_lm(job, codes, tmp_path / "board")
+    assert [r["loss"] for r in rows] == [r["loss"] for r in plain]  # sampling drew nothing from the run's RNG
+    events = event_accumulator.EventAccumulator(str(tmp_path / "board"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"loss", "lr", "tok_per_s"} <= set(events.Tags()["scalars"])
+    assert [g.step for g in events.Images("preview")] == [1, 2]  # 10 classes x 2 samples of 32 px, scaled 2x
+    assert (events.Images("preview")[0].width, events.Images("preview")[0].height) == (2 * 70, 2 * 342)
+
+
+class TwoNets(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.critic = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+
+
+def test_a_part_trains_on_its_own_optimizer_schedule_and_clip_outside_the_ema(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from elmgen.train.config import OptimizerConfig
+    from elmgen.train.loop import Part
+
+    def net_step(model, step, idx):
+        return model.net(torch.ones(len(idx), 3) * (step + 1)).pow(2).mean(), {}
+
+    def critic_step(model, step, idx):
+        return 100 * model.critic(torch.ones(len(idx), 3)).pow(2).mean(), {"critic": 1.0}
+
+    clips, real_clip = [], torch.nn.utils.clip_grad_norm_
+
+    def recorded_clip(params, max_norm):
+        clips.append((len(params), max_norm))
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded_clip)
+    cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, log_every=1, save_every=4, ema_decay=0.5)
+    critic = Part("critic", OptimizerConfig(lr=0.2, warmup_steps=2, grad_clip=0.25), critic_step, start=2)
+    meta = CheckpointMeta(kind="x")
+    torch.manual_seed(0)
+    alone = TwoNets()
+    fit(alone, cfg, tmp_path / "alone", net_step, num_items=8, meta=meta)
+    torch.manual_seed(0)
+    both = TwoNets()
+    rows = fit(both, cfg, tmp_path / "both", net_step, num_items=8, meta=meta, parts=(critic,))
+    assert clips[4:] == [(2, 1.0), (2, 1.0), (2, 1.0), (2, 0.25), (2, 1.0), (2, 0.25)]  # (weight and bias, clip)
+    assert [r.get("lr_critic") for r in rows] == [None, None, 0.1, 0.2]  # warm-up from the part's start
+    for a, b in zip(alone.net.parameters(), both.net.parameters(), strict=True):
+        assert torch.equal(a, b)  # the critic's gradients neither clip nor move the model's weights
+    assert not torch.equal(alone.critic.weight, both.critic.weight)
+    ckpt = checkpoint.resolve(tmp_path / "both")
+    assert set(load_file(ckpt / checkpoint.EMA)) == {"net.weight", "net.bias"}
+    saved = checkpoint.load_trainer_state(ckpt)["optimizer"]["state"]
+    assert set(saved) == {"net.weight", "net.bias", "critic.weight", "critic.bias"}
+    assert [float(saved[k]["step"]) for k in ("net.weight", "critic.weight")] == [4, 2]

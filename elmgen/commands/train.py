@@ -14,6 +14,7 @@ from elmgen.commands.tokens import print_report
 from elmgen.device import PRECISIONS
 from elmgen.models import preset
 from elmgen.train import ClassifierJob, LMJob, TokenizerJob, train_classifier, train_lm, train_tokenizer
+from elmgen.train.config import LOGS
 from elmgen.train.distributed import is_main_process
 
 TRAIN_OPTIONS = (
@@ -24,7 +25,9 @@ TRAIN_OPTIONS = (
     Option(("--ema-decay",), "train.ema_decay", metavar="D"),
     Option(("--fsdp",), "train.fsdp", const=True),
     Option(("--activation-checkpointing",), "train.activation_checkpointing", const=True),
+    Option(("--log",), "train.log", choices=LOGS),
 )
+WORKERS = Option(("--workers",), "train.workers", min=0, metavar="N")  # for the trainers that decode images
 
 
 @dataclass
@@ -83,6 +86,7 @@ COMMANDS = (
             Option(("--data",), "data.source"),
             Option(("--gan",), "loss.gan", const=True),
             Option(("--perceptual-weights",), "loss.perceptual_weights", metavar="FILE"),
+            WORKERS,
             *TRAIN_OPTIONS,
         ),
     ),
@@ -110,6 +114,6 @@ COMMANDS = (
         "Train a small CNN classifier (the offline feature space of 'elmgen eval' and the judge of class "
         "accuracy); writes checkpoints, metrics.jsonl, job.yaml and eval.json (test accuracy, per-class accuracy, "
         "training time, weights fingerprint).",
-        (*named("out"), Option(("--data",), "data.source"), *TRAIN_OPTIONS),
+        (*named("out"), Option(("--data",), "data.source"), WORKERS, *TRAIN_OPTIONS),
     ),
 )

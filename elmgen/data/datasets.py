@@ -74,6 +74,7 @@ class ImageDataset:
     labels: np.ndarray
     class_names: list[str]
     name: str
+    in_memory: bool  # every image held decoded (a batch is an index), or decoded from its file when asked for
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,6 +88,8 @@ class ImageDataset:
 
 
 class FashionMNIST(ImageDataset):
+    in_memory = True
+
     def __init__(self, split: str, image_size: int, channels: int, root: str | None = None):
         root = Path(root or os.environ.get("ELMGEN_FASHION_MNIST", FASHION_MNIST_DIR))
         prefix = {"train": "train", "test": "t10k"}.get(split)
@@ -127,6 +130,8 @@ class FashionMNIST(ImageDataset):
 
 class ImageFolder(ImageDataset):
     """`root/<class>/<image>`; images are centre-cropped to a square and resized."""
+
+    in_memory = False
 
     def __init__(self, root: str | Path, split: str, image_size: int, channels: int, holdout: float = 0.0):
         root = Path(root)
@@ -193,6 +198,7 @@ class Subset(ImageDataset):
         self.labels = base.labels[self.indices]
         self.class_names = base.class_names
         self.name = f"{base.name}[:{len(self.indices)}]"
+        self.in_memory = base.in_memory
 
     def images(self, idx) -> torch.Tensor:
         return self.base.images(self.indices[np.asarray(idx)])

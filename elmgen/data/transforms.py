@@ -1,5 +1,6 @@
-"""Pixel maps and augmentation: uint8 <-> [-1, 1] floats, random flips and shifts (from torch's global RNG,
-which the trainers seed and checkpoint), and the crops that pre-tokenization stores as extra views."""
+"""Pixel maps and augmentation: uint8 <-> [-1, 1] floats, random flips and shifts (from uniform draws the
+caller makes: the trainers' input pipeline draws them per image from its seed and step), and the crops that
+pre-tokenization stores as extra views."""
 
 from __future__ import annotations
 
@@ -16,18 +17,21 @@ def to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
     return images_BCHW.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def random_hflip(x_BCHW: torch.Tensor) -> torch.Tensor:
-    """Each image mirrored left-right with probability 1/2."""
-    flip_B = torch.rand(x_BCHW.shape[0], device=x_BCHW.device) < 0.5
+def random_hflip(x_BCHW: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Each image mirrored left-right when its uniform draw in `u_B` is below 1/2."""
+    flip_B = u_B.to(x_BCHW.device) < 0.5
     return torch.where(flip_B[:, None, None, None], x_BCHW.flip(-1), x_BCHW)
 
 
-def random_shift(x_BCHW: torch.Tensor, shift: int) -> torch.Tensor:
-    """Each image translated by up to `shift` pixels each way, edge pixels repeated."""
+def random_shift(x_BCHW: torch.Tensor, shift: int, u_B2: torch.Tensor) -> torch.Tensor:
+    """Each image translated by up to `shift` pixels each way (rows, then columns, from its two uniform draws in
+    `u_B2`), edge pixels repeated; any dtype (uint8 in the input pipeline's workers)."""
     B, _, H, W = x_BCHW.shape
-    padded = F.pad(x_BCHW, (shift,) * 4, mode="replicate")
-    dy, dx = torch.randint(0, 2 * shift + 1, (2, B)).tolist()
-    return torch.stack([padded[i, :, dy[i] : dy[i] + H, dx[i] : dx[i] + W] for i in range(B)])
+    offsets_B2 = (u_B2 * (2 * shift + 1)).long().clamp(max=2 * shift) - shift
+    rows_BH = (torch.arange(H) + offsets_B2[:, :1]).clamp(0, H - 1)
+    cols_BW = (torch.arange(W) + offsets_B2[:, 1:]).clamp(0, W - 1)
+    batch_B11 = torch.arange(B)[:, None, None]
+    return x_BCHW.permute(0, 2, 3, 1)[batch_B11, rows_BH[:, :, None], cols_BW[:, None, :]].permute(0, 3, 1, 2)
 
 
 CROPS = ("none", "five", "random")

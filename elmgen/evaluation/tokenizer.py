@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from elmgen.data import ImageDataset, to_float, to_uint8
 from elmgen.evaluation.metrics import bit_stats, code_usage, psnr, ssim, subcode_usage
@@ -79,10 +80,14 @@ def reconstruct(model: Autoencoder, x_BCHW: torch.Tensor) -> torch.Tensor:
     return model.decode_cells(model.encode_cells(x_BCHW), x_BCHW.shape[-1] // model.cfg.downsample).clamp(-1, 1)
 
 
-def save_reconstructions(model: Autoencoder, dataset, path, n: int = 16) -> None:
-    """Top row: originals; bottom row: reconstructions from deterministic codes."""
+def reconstruction_grid(model: Autoencoder, dataset, n: int = 16) -> Image.Image:
+    """Top row: the first `n` images; bottom row: their reconstructions from deterministic codes."""
     x = to_float(dataset.images(list(range(min(n, len(dataset))))))
-    save_png(image_grid(to_uint8(torch.cat([x, reconstruct(model, x).cpu()])), ncols=x.shape[0], scale=3), path)
+    return image_grid(to_uint8(torch.cat([x, reconstruct(model, x).cpu()])), x.shape[0], scale=3)
+
+
+def save_reconstructions(model: Autoencoder, dataset, path, n: int = 16) -> None:
+    save_png(reconstruction_grid(model, dataset, n), path)
 
 
 class Reconstructions(ImageSource):

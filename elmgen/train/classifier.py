@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from elmgen.io import atomic_write_text
 from elmgen.models.classifier import Classifier, ClassifierConfig
 from elmgen.train.config import TrainConfig
 from elmgen.train.distributed import is_main_process
+from elmgen.train.inputs import item_uniforms
 from elmgen.train.loop import fit
 
 
@@ -59,6 +61,19 @@ def evaluate_classifier(model: Classifier, dataset: ImageDataset, batch_size: in
     return {"images": len(dataset), "accuracy": acc["class_accuracy"], "per_class_accuracy": acc["per_class_accuracy"]}
 
 
+def training_batch(
+    dataset: ImageDataset, shift: int, hflip: bool, seed: int, step: int, idx: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 images (shifted and flipped at random, as configured) and labels of one micro-batch, made in
+    the input pipeline's workers."""
+    x, u_B3 = dataset.images(idx), item_uniforms(seed, step, idx, 3)
+    if shift > 0:
+        x = random_shift(x, shift, u_B3[:, 1:])
+    if hflip:
+        x = random_hflip(x, u_B3[:, 0])
+    return x, torch.from_numpy(dataset.labels[idx])
+
+
 def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = False) -> dict:
     """Train the classifier on job.data, then measure it on the test split; writes checkpoints,
     metrics.jsonl, job.yaml and eval.json (accuracy, per-class accuracy, training time, fingerprint)."""
@@ -80,13 +95,9 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
         class_names=dataset.class_names,
     )
 
-    def step_fn(model, step, idx):
-        x = to_float(dataset.images(idx)).to(device)
-        if job.shift > 0:
-            x = random_shift(x, job.shift)
-        if job.hflip:
-            x = random_hflip(x)
-        y = torch.from_numpy(dataset.labels[idx]).to(device)
+    def step_fn(model, step, batch):
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        x = to_float(x)
         logits = model(x).float()
         acc = (logits.argmax(-1) == y).float().mean().item()
         return F.cross_entropy(logits, y, label_smoothing=job.label_smoothing), {"train_acc": acc}
@@ -104,6 +115,8 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
         units_per_step=job.train.batch_size,
         unit="img",
         job=job,
+        load=partial(training_batch, dataset, job.shift, job.hflip, job.train.seed),
+        in_memory=dataset.in_memory,
     )
     # CPU seconds too: on a shared machine wall time says more about the neighbours than about the model
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0

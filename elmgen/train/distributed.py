@@ -54,25 +54,27 @@ def is_main_process() -> bool:
 
 class StepModule(torch.nn.Module):
     """One micro-batch's loss as a module's forward: DDP hooks only `forward`, and the trainers' step functions
-    call whatever their models offer (the tokenizer's training module has no forward of its own)."""
+    call whatever their models offer (the tokenizer's training module has no forward of its own). It registers
+    (so DDP averages) the model's `children` only, when given: the others have wrappers of their own."""
 
-    def __init__(self, model: torch.nn.Module, step_fn: Callable):
+    def __init__(self, model: torch.nn.Module, step_fn: Callable, children: tuple[str, ...] | None = None):
         super().__init__()
-        self.model, self.step_fn = model, step_fn
+        self.held = model if children is None else torch.nn.ModuleDict({n: getattr(model, n) for n in children})
+        self.step_fn, self.model = step_fn, [model]  # in a list: not registered, the step sees the whole model
 
     def forward(self, step: int, idx):
-        return self.step_fn(self.model, step, idx)
+        return self.step_fn(self.model[0], step, idx)
 
 
-def replicate(model: torch.nn.Module, step_fn: Callable) -> DistributedDataParallel:
+def replicate(
+    model: torch.nn.Module, step_fn: Callable, children: tuple[str, ...] | None = None
+) -> DistributedDataParallel:
     """Data parallelism: DDP around the step, so gradients are averaged in buckets while the backward pass
-    still runs. A model with `unused_parameters = True` (some steps leave parameters without a gradient, e.g. a
-    discriminator before its start step) has DDP look for them after each forward."""
+    still runs; over the model's `children` only, when given (a GAN's generator and discriminator are
+    replicated each on its own, each for its optimizer)."""
     device = next(model.parameters()).device
     return DistributedDataParallel(
-        StepModule(model, step_fn),
-        device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=getattr(model, "unused_parameters", False),
+        StepModule(model, step_fn, children), device_ids=[device.index] if device.type == "cuda" else None
     )
 
 
@@ -110,14 +112,16 @@ def shard(model: torch.nn.Module, bf16: bool) -> None:
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def gather_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Whole CPU tensors of the weights and optimizer state, keyed by parameter name (a collective under FSDP:
-    every process must call it)."""
-    return get_model_state_dict(model, options=FULL_STATE), get_optimizer_state_dict(model, opt, options=FULL_STATE)
+def gather_state(model: torch.nn.Module, opts: list[torch.optim.Optimizer]) -> tuple[dict, dict]:
+    """Whole CPU tensors of the weights and of the optimizers' state (one state for them all), keyed by parameter
+    name (a collective under FSDP: every process must call it)."""
+    return get_model_state_dict(model, options=FULL_STATE), get_optimizer_state_dict(model, opts, options=FULL_STATE)
 
 
-def load_whole_state(model: torch.nn.Module, opt: torch.optim.Optimizer, weights: dict, optimizer: dict) -> None:
-    """The inverse of `gather_state`: whole tensors into the model and optimizer, sharded as they are."""
+def load_whole_state(model: torch.nn.Module, opts: list[torch.optim.Optimizer], weights: dict, optimizer: dict) -> None:
+    """The inverse of `gather_state`: whole tensors into the model and optimizers, sharded as they are; each
+    optimizer takes its parameters' share of `optimizer` (any split of the parameters over optimizers)."""
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=full)
-    set_optimizer_state_dict(model, opt, optimizer, options=full)
+    if opts:
+        set_optimizer_state_dict(model, opts, optimizer, options=full)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from elmgen.checkpoint import CheckpointMeta
 from elmgen.codes import CodeDataset
@@ -14,8 +16,11 @@ from elmgen.config import to_dict
 from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
 from elmgen.models import ModelConfig, Transformer, training_memory_gb
-from elmgen.plots import loss_curve
+from elmgen.plots import image_grid, loss_curve
+from elmgen.sampling.config import SampleConfig
+from elmgen.sampling.generate import class_balanced, image_seeds, sample_images
 from elmgen.schedules import masked_fraction
+from elmgen.tokenizers import load_tokenizer
 from elmgen.train.config import TrainConfig
 from elmgen.train.distributed import is_main_process
 from elmgen.train.loop import check_training_memory, fit
@@ -79,6 +84,7 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
         units_per_step=B * cfg.num_cells,
         unit="tok",
         job=job,
+        preview=sample_grid(meta["tokenizer"], meta["num_classes"], device) if job.train.log == "tensorboard" else None,
     )
     if is_main_process():
         loss_curve(
@@ -89,6 +95,21 @@ def train_lm(job: LMJob, codes_dir: str | Path, out_dir: str | Path, resume: boo
             hline_label=f"ln {vocab.size} (uniform)",
         )
     return rows
+
+
+PREVIEW_CLASSES, PREVIEW_PER_CLASS = 10, 2  # the samples shown in TensorBoard at each checkpoint
+
+
+def sample_grid(tokenizer_path: str, num_classes: int, device) -> Callable[[Transformer], Image.Image]:
+    """A picture of the model's samples (default sampling settings, fixed seeds; a row per class) through the
+    code folder's tokenizer."""
+    with torch.random.fork_rng(devices=[]):  # building it draws initial weights: not from the run's RNG
+        tokenizer, _ = load_tokenizer(tokenizer_path, device)
+    labels, index = class_balanced(list(range(min(num_classes, PREVIEW_CLASSES))), PREVIEW_PER_CLASS)
+    seeds = image_seeds(0, labels, index)
+    return lambda model: image_grid(
+        sample_images(model, tokenizer, labels, seeds, SampleConfig(), progress=False), PREVIEW_PER_CLASS, scale=2
+    )
 
 
 def ar_loss(model: Transformer, labels_B: torch.Tensor, sub_BLn: torch.Tensor) -> torch.Tensor:

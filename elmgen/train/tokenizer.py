@@ -4,17 +4,19 @@ the PatchGAN with the adaptive weight; the held-out report at the end."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from elmgen.checkpoint import CheckpointMeta
 from elmgen.config import to_dict
-from elmgen.data import DataConfig, absolute_source, load_dataset, random_hflip, to_float
+from elmgen.data import DataConfig, ImageDataset, absolute_source, load_dataset, random_hflip, to_float
 from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
-from elmgen.evaluation.tokenizer import tokenizer_report
+from elmgen.evaluation.tokenizer import reconstruction_grid, tokenizer_report
 from elmgen.plots import loss_curve
 from elmgen.tokenizers import Autoencoder, TokenizerConfig, load_tokenizer, training_memory_gb
 from elmgen.tokenizers.losses import (
@@ -25,9 +27,12 @@ from elmgen.tokenizers.losses import (
     hinge_d_loss,
     load_perceptual,
 )
-from elmgen.train.config import TrainConfig
+from elmgen.train.config import OptimizerConfig, TrainConfig
 from elmgen.train.distributed import is_main_process
-from elmgen.train.loop import check_training_memory, fit
+from elmgen.train.inputs import item_uniforms
+from elmgen.train.loop import Part, check_training_memory, fit
+
+PREVIEW_IMAGES = 8  # training images reconstructed in TensorBoard at each checkpoint (train.log: tensorboard)
 
 
 @dataclass
@@ -40,6 +45,9 @@ class TokenizerJob:
         )
     )
     loss: LossConfig = field(default_factory=LossConfig)
+    # the discriminator's own AdamW, schedule (counted from loss.gan_start) and clip; VQGAN and LlamaGen train it
+    # at the generator's rate
+    discriminator: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, weight_decay=0.0))
     hflip: bool = False  # random horizontal flips of training images
     eval_images: int = 2000  # held-out images for the PSNR / SSIM / code-usage report
 
@@ -52,18 +60,16 @@ class TokenizerJob:
 class TokenizerTraining(nn.Module):
     """What a tokenizer checkpoint holds: the tokenizer and the discriminator.
 
-    The shared loop's one optimizer trains both: the generator term reaches only the tokenizer and the
-    discriminator term only the discriminator (see `tokenizer_step`), so both optimizer states travel
-    in the checkpoint and a resumed run is exact. The loop's EMA (train.ema_decay) covers both; only
-    the tokenizer's part is used.
+    The two are trained as a GAN is: the tokenizer (the generator) by the loop's optimizer, the discriminator
+    as a `Part`, from loss.gan_start, by its own (job.discriminator): each has its own AdamW, schedule, gradient
+    clip and DDP wrapper, and the EMA (train.ema_decay) covers the tokenizer only. Both optimizer states travel
+    in the checkpoint, so a resumed run is exact.
     """
 
     def __init__(self, job: TokenizerJob):
         super().__init__()
         self.tokenizer = Autoencoder(job.tokenizer)
         self.discriminator = PatchDiscriminator(job.tokenizer.in_channels) if job.loss.gan else None
-        # before loss.gan_start the discriminator gets no gradient: DDP must look for unused parameters
-        self.unused_parameters = self.discriminator is not None
 
     def compile(self, **kwargs) -> None:  # no forward of its own: compile the parts the step calls
         self.tokenizer.compile(**kwargs)
@@ -73,9 +79,10 @@ class TokenizerTraining(nn.Module):
 
 def tokenizer_step(
     trainer: TokenizerTraining, x: torch.Tensor, step: int, loss_cfg: LossConfig, perceptual: PerceptualLoss | None
-) -> tuple[torch.Tensor, dict]:
-    """The full objective on one batch: L1 + L2 (+ perceptual) + the quantizer's loss, and from
-    loss_cfg.gan_start the adaptive-weighted hinge GAN terms of generator and discriminator."""
+) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """The generator's objective on one batch: L1 + L2 (+ perceptual) + the quantizer's loss, and from
+    loss_cfg.gan_start the adaptive-weighted hinge generator term (the discriminator frozen: it gets no
+    gradient). Returns the loss, figures to log and the reconstructions (for `discriminator_step`)."""
     recon, q = trainer.tokenizer(x)
     recon = recon.float()
     l1, l2 = (recon - x).abs().mean(), (recon - x).pow(2).mean()
@@ -94,10 +101,22 @@ def tokenizer_step(
         gen = -disc(recon).float().mean()
         disc.requires_grad_(True)
         weight = loss_cfg.gan_weight * adaptive_weight(rec, gen, trainer.tokenizer.last_layer)
-        d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())  # reaches only the discriminator
-        loss = loss + weight * gen + d_loss
-        logs.update(gen=gen.item(), disc=d_loss.item(), gan_weight=weight.item())
-    return loss, logs
+        loss = loss + weight * gen
+        logs.update(gen=gen.item(), gan_weight=weight.item())
+    return loss, logs, recon
+
+
+def discriminator_step(disc: PatchDiscriminator, x: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The discriminator's hinge loss on real images and (detached: it reaches only the discriminator) their
+    reconstructions."""
+    d_loss = hinge_d_loss(disc(x).float(), disc(recon.detach()).float())
+    return d_loss, {"disc": d_loss.item()}
+
+
+def training_images(dataset: ImageDataset, hflip: bool, seed: int, step: int, idx: np.ndarray) -> torch.Tensor:
+    """The uint8 images of one micro-batch, flipped at random with `hflip` (in the input pipeline's workers)."""
+    x = dataset.images(idx)
+    return random_hflip(x, item_uniforms(seed, step, idx, 1)[:, 0]) if hflip else x
 
 
 def check_fits(job: TokenizerJob) -> None:
@@ -133,6 +152,7 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
     """Train a tokenizer; writes checkpoints, metrics, loss.png, eval.json and reconstructions.png."""
     out_dir = Path(out_dir)
     job.loss.validate()
+    job.discriminator.validate_optimizer("discriminator")
     dataset = load_dataset(job.data)
     job.tokenizer.in_channels = job.data.channels
     check_fits(job)
@@ -149,11 +169,22 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
         perceptual.to(device)
     meta = checkpoint_meta(job, trainer.tokenizer, dataset.class_names)
 
-    def step_fn(trainer, step, idx):
-        x = to_float(dataset.images(idx)).to(device)
-        if job.hflip:
-            x = random_hflip(x)
-        return tokenizer_step(trainer, x, step, job.loss, perceptual)
+    seen = {}  # the generator's micro-batch: the discriminator's step that follows judges the same images
+
+    def step_fn(trainer, step, images):
+        x = to_float(images.to(device, non_blocking=True))
+        loss, logs, recon = tokenizer_step(trainer, x, step, job.loss, perceptual)
+        seen.update(x=x, recon=recon.detach())
+        return loss, logs
+
+    def disc_step_fn(trainer, step, images):  # `images` are those `seen` holds, ready on the device
+        return discriminator_step(trainer.discriminator, seen["x"], seen["recon"])
+
+    parts = (
+        ()
+        if trainer.discriminator is None
+        else (Part("discriminator", job.discriminator, disc_step_fn, job.loss.gan_start),)
+    )
 
     rows = fit(
         trainer,
@@ -167,6 +198,10 @@ def train_tokenizer(job: TokenizerJob, out_dir: str | Path, resume: bool = False
         units_per_step=job.train.batch_size,
         unit="img",
         job=job,
+        parts=parts,
+        load=partial(training_images, dataset, job.hflip, job.train.seed),
+        in_memory=dataset.in_memory,
+        preview=lambda trainer: reconstruction_grid(trainer.tokenizer, dataset, PREVIEW_IMAGES),
     )
     if not is_main_process():
         return {}
