@@ -15,11 +15,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import test_cli
+import torch
 from PIL import Image
 
 from elmgen.errors import ElmgenError
-from elmgen.sampling import SampleConfig
-from elmgen.serve import sample_command_line, sample_settings
+from elmgen.models import ModelConfig, Transformer, preset
+from elmgen.sampling import SampleConfig, grey_cells
+from elmgen.serve import Run, sample_command_line, sample_settings
+from elmgen.serve.app import generate_images, generate_progressively
+from elmgen.tokenizers import Autoencoder, TokenizerConfig
 
 pipeline = test_cli.pipeline  # the tiny tokenizer -> codes -> LM run of the CLI tests
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +67,33 @@ def test_the_cli_command_names_every_setting():
     assert sample_command_line(run, 2, 4, started).endswith(
         "--top-p 1.0 'sample.guidance_interval=[0.2,1.0]' sample.kv_cache=False sample.mask_noise=2.0"
     )
+
+
+def tiny_run(kind: str) -> Run:
+    """An untrained 4x4-cell model over an untrained 8-bit tokenizer of 8 px images: enough to sample from."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**preset("micro"), vocab="2-4", grid_size=4, num_classes=2, kind=kind))
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    tokenizer = Autoencoder(TokenizerConfig(base_width=8, channel_mult=[1, 2], latent_dim=8, num_bits=8))
+    return Run(f"runs/{kind}", model.eval(), tokenizer.eval(), {"class_names": ["a", "b"]})
+
+
+@pytest.mark.parametrize(
+    "kind, shown",
+    [("ar", [f"cell {t}/16" for t in range(1, 17)]), ("mlm", [f"MaskGIT step {t}/4" for t in range(1, 5)])],
+)
+def test_images_appear_progressively_and_end_as_generated_at_once(tmp_path, kind, shown):
+    run, cfg = tiny_run(kind), SampleConfig(steps=4, seed=3)
+    events = list(generate_progressively(run, "b", 3, cfg, tmp_path / "progressive"))
+    assert [k for k, _ in events] == ["step"] * (len(events) - 1) + ["done"] and len(events) >= 2
+    where = [shown.index(text) for _, (_, text) in events[:-1]]  # in order; steps the page missed are skipped
+    assert where == sorted(set(where))
+    png, npz, seeds = events[-1][1]
+    at_once = generate_images(run, "b", 3, cfg, tmp_path / "at-once")
+    assert seeds == at_once[2]
+    assert np.array_equal(np.load(npz)["arr_0"], np.load(at_once[1])["arr_0"])
+    first_grid, _ = events[0][1]
+    assert first_grid.size == Image.open(png).size and first_grid.tobytes() != Image.open(png).tobytes()
 
 
 def test_serve_without_gradio_is_one_line(monkeypatch, capsys):
@@ -224,3 +255,12 @@ def test_an_upload_is_shaped_as_the_tokenizer_sees_its_data(tmp_path):
     (tmp_path / "b.png").write_text("not an image")
     with pytest.raises(ElmgenError, match="not an image"):
         uploaded_image(run, str(tmp_path / "b.png"))
+
+
+def test_grey_cells_paint_exactly_the_marked_cells():
+    images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    cells = torch.zeros(2, 4, dtype=torch.bool)
+    cells[1, 3] = True  # image 1, the bottom-right cell of a 2x2 grid
+    out = grey_cells(images, cells)
+    assert out[0].eq(0).all() and out[1, 0, 4:, 4:].eq(128).all() and out[1, 0, :4].eq(0).all()
+    assert out[1, 0, 4:, :4].eq(0).all() and images.eq(0).all()  # the input is not changed

@@ -3,6 +3,8 @@ grid with a sliding window."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -47,10 +49,16 @@ def inpaint_images(
     known_BL = (~hole_hw.flatten()).expand(len(labels_B), -1)
     out_BLn = generate_mlm(model, labels_B.to(device), cfg, seeds, sub_BLn, known_BL)
     result = to_uint8(tokenizer.decode_cells(subcodes_to_cells(out_BLn, model.cfg.vocabulary), g)).cpu()
-    f = images_BCHW.shape[-1] // g
-    blanked = images_BCHW.clone()
-    blanked[..., top * f : (top + height) * f, left * f : (left + width) * f] = 128
-    return result, blanked
+    return result, grey_cells(images_BCHW, ~known_BL)
+
+
+def grey_cells(images_BCHW: torch.Tensor, cells_BL: torch.Tensor) -> torch.Tensor:
+    """uint8 images with the pixels of the marked grid cells (raster order, a square grid) painted grey."""
+    B, _, H, _ = images_BCHW.shape
+    g = math.isqrt(cells_BL.shape[-1])
+    f = H // g
+    cells_B1HW = cells_BL.cpu().view(B, 1, g, g).repeat_interleave(f, 2).repeat_interleave(f, 3)
+    return images_BCHW.masked_fill(cells_B1HW, 128)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:

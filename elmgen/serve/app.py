@@ -5,9 +5,13 @@ caller (the command's `load_lm`), so the page samples exactly what `elmgen sampl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import queue
 import shlex
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +24,11 @@ from elmgen.models import Transformer
 from elmgen.models.cost import count_params
 from elmgen.plots import image_grid, save_png
 from elmgen.sampling import (
+    OnStep,
     SampleConfig,
     class_balanced,
+    decode_images,
+    grey_cells,
     image_seeds,
     inpaint_images,
     sample_images,
@@ -31,6 +38,7 @@ from elmgen.schedules import GUIDANCE_SCHEDULES
 from elmgen.tokenizers import Autoencoder
 
 INSTALL = "pip install elmgen[demo]"
+AR_FRAMES = 16  # an AR decode is shown about this often while the raster fills in; MaskGIT shows every step
 
 
 @dataclass
@@ -86,7 +94,9 @@ def sample_command_line(run: Run, class_id: int, num: int, cfg: SampleConfig, ex
     return shlex.join(str(a) for a in args)
 
 
-def generate_images(run: Run, class_name: str, num: int, cfg: SampleConfig, out_dir: Path):
+def generate_images(
+    run: Run, class_name: str, num: int, cfg: SampleConfig, out_dir: Path, on_step: OnStep | None = None
+):
     """Images of one class, as `elmgen sample --classes c --num-per-class num` makes them: the PNG grid, the
     ADM .npz and the per-image seeds."""
     names = run.class_names
@@ -94,9 +104,57 @@ def generate_images(run: Run, class_name: str, num: int, cfg: SampleConfig, out_
         raise ElmgenError(f"class {class_name!r} is not one of the model's classes ({', '.join(names)})")
     labels, index_in_class = class_balanced([names.index(class_name)], int(num))
     seeds = image_seeds(cfg.seed, labels, index_in_class)
-    images = sample_images(run.model, run.tokenizer, labels, seeds, cfg, progress=False)
+    images = sample_images(run.model, run.tokenizer, labels, seeds, cfg, progress=False, on_step=on_step)
     png, npz = write_samples(images, labels, seeds, out_dir, ncols=int(num))
     return png, npz, seeds
+
+
+def partial_images(run: Run, sub_BLn: torch.Tensor, done_BL: torch.Tensor) -> torch.Tensor:
+    """The images of a decode in progress: its final cells decoded, the others grey (uint8, B C H W)."""
+    final_BLn = sub_BLn.where(done_BL[..., None], 0)  # a masked cell's index is no code: decode a fixed one
+    return grey_cells(decode_images(run.model, run.tokenizer, final_BLn), ~done_BL)
+
+
+def stream_steps(work: Callable[[OnStep], object], every: int) -> Iterator[tuple[str, object]]:
+    """Run `work(on_step)` in a thread; yield ("step", (t, sub_BLn, done_BL)) for every `every`-th step, the
+    latest one only when the page falls behind, then ("done", what `work` returned). Its errors raise here."""
+    events: queue.Queue = queue.Queue()
+
+    def on_step(t, sub_BLn, done_BL):
+        if t % every == every - 1:
+            events.put(("step", (t, sub_BLn.clone(), done_BL.clone())))
+
+    def target():
+        try:
+            events.put(("done", work(on_step)))
+        except BaseException as e:  # handed to the page's thread, which raises it
+            events.put(("error", e))
+
+    threading.Thread(target=target, daemon=True).start()
+    while True:
+        kind, value = events.get()
+        while kind == "step" and not events.empty():  # skip to the newest step
+            kind, value = events.get()
+        if kind == "error":
+            raise value
+        yield kind, value
+        if kind == "done":
+            return
+
+
+def generate_progressively(run: Run, class_name: str, num: int, cfg: SampleConfig, out_dir: Path):
+    """`generate_images`, yielding ("step", grid image of the decode so far, "cell t/L" or "step t/S") as the
+    images form, then ("done", (png, npz, seeds))."""
+    mlm = run.model.cfg.kind == "mlm"
+    total = cfg.steps if mlm else run.model.cfg.num_cells
+    every = 1 if mlm else max(1, total // AR_FRAMES)
+    for kind, value in stream_steps(functools.partial(generate_images, run, class_name, num, cfg, out_dir), every):
+        if kind == "step":
+            t, sub_BLn, done_BL = value
+            grid = image_grid(partial_images(run, sub_BLn, done_BL), ncols=num, scale=2)
+            yield kind, (grid, f"{'MaskGIT step' if mlm else 'cell'} {t + 1}/{total}")
+        else:
+            yield kind, value
 
 
 def test_image(run: Run, index: int) -> tuple[torch.Tensor, int]:
@@ -173,12 +231,17 @@ def build_app(runs: list[Run], defaults: SampleConfig, extra: tuple[str, ...] = 
                 steps=steps,
             )
             out = Path(tempfile.mkdtemp(dir=work))
-            png, npz, seeds = generate_images(run, class_name, int(num), cfg, out)
+            for kind, value in generate_progressively(run, class_name, int(num), cfg, out):
+                if kind == "step":
+                    grid_so_far, where = value
+                    yield grid_so_far, gr.update(), gr.update(), gr.update(), f"generating: {where}"
+            png, npz, seeds = value
         except ElmgenError as e:
-            return gr.update(), gr.update(), gr.update(), gr.update(), f"error: {e}"
+            yield gr.update(), gr.update(), gr.update(), gr.update(), f"error: {e}"
+            return
         command = sample_command_line(run, run.class_names.index(class_name), int(num), cfg, extra)
         seeds_text = ", ".join(str(s) for s in seeds)
-        return str(png), seeds_text, command, [str(png), str(npz)], f"ok: {len(seeds)} images of {class_name}"
+        yield str(png), seeds_text, command, [str(png), str(npz)], f"ok: {len(seeds)} images of {class_name}"
 
     with gr.Blocks(title="elmgen") as demo:
         gr.Markdown("# elmgen: images from a language model")
