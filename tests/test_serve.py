@@ -20,9 +20,9 @@ from PIL import Image
 
 from elmgen.errors import ElmgenError
 from elmgen.models import ModelConfig, Transformer, preset
-from elmgen.sampling import SampleConfig, grey_cells
+from elmgen.sampling import SampleConfig, grey_cells, outpaint_grid
 from elmgen.serve import Run, sample_command_line, sample_settings
-from elmgen.serve.app import generate_images, generate_progressively
+from elmgen.serve.app import generate_images, generate_progressively, outpaint_image
 from elmgen.tokenizers import Autoencoder, TokenizerConfig
 
 pipeline = test_cli.pipeline  # the tiny tokenizer -> codes -> LM run of the CLI tests
@@ -94,6 +94,17 @@ def test_images_appear_progressively_and_end_as_generated_at_once(tmp_path, kind
     assert np.array_equal(np.load(npz)["arr_0"], np.load(at_once[1])["arr_0"])
     first_grid, _ = events[0][1]
     assert first_grid.size == Image.open(png).size and first_grid.tobytes() != Image.open(png).tobytes()
+
+
+def test_outpainting_widens_the_images_of_a_class(tmp_path):
+    canvas = outpaint_grid(4)
+    assert canvas == (4, 8, 2)  # the trained grid high, twice as wide, half a grid a step
+    png = outpaint_image(tiny_run("ar"), "b", 2, SampleConfig(seed=3), canvas, tmp_path)
+    assert Image.open(png).size == ((16 + 4) * 2, (2 * 10 + 2) * 2)  # two 8x16 px images, one a row, 2x
+    with pytest.raises(ElmgenError, match="needs an autoregressive model"):
+        outpaint_image(tiny_run("mlm"), "b", 2, SampleConfig(), canvas, tmp_path)
+    with pytest.raises(ElmgenError, match="at least 4x4"):
+        outpaint_image(tiny_run("ar"), "a", 1, SampleConfig(), (4, 3, 2), tmp_path)
 
 
 def test_serve_without_gradio_is_one_line(monkeypatch, capsys):
@@ -235,6 +246,15 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
             page.locator("#inpaint").click()
             page.wait_for_function("document.querySelector('#edit-status textarea').value.includes('uploaded')")
             assert grid_of(page, base, "#edited").size == edited.size
+
+            page.locator("#outpaint-width input").fill("3")  # narrower than the trained 8x8 grid
+            page.locator("#outpaint").click()
+            page.wait_for_function("document.querySelector('#outpaint-status textarea').value.startsWith('error')")
+            assert "at least 8x8" in page.locator("#outpaint-status textarea").input_value()
+            page.locator("#outpaint-width input").fill("16")
+            page.locator("#outpaint").click()
+            page.wait_for_function("document.querySelector('#outpaint-status textarea').value.startsWith('ok')")
+            assert grid_of(page, base, "#outpainted").size == ((64 + 4) * 2, (2 * 34 + 2) * 2)  # 2 images, 8x16 cells
             chromium.close()
         assert server.poll() is None
         urllib.request.urlopen(base, timeout=5)  # still serving after the bad setting

@@ -3,7 +3,14 @@ cell), MaskGIT, in- and outpainting, sample files."""
 
 from elmgen.sampling.ar import OnStep, decode_one, generate_ar, prefill
 from elmgen.sampling.config import SampleConfig
-from elmgen.sampling.editing import grey_cells, inpaint_images, outpaint_ar, outpaint_images, window_starts
+from elmgen.sampling.editing import (
+    grey_cells,
+    inpaint_images,
+    outpaint_ar,
+    outpaint_grid,
+    outpaint_images,
+    window_starts,
+)
 from elmgen.sampling.generate import (
     check_compatible,
     class_balanced,

@@ -61,6 +61,14 @@ def grey_cells(images_BCHW: torch.Tensor, cells_BL: torch.Tensor) -> torch.Tenso
     return images_BCHW.masked_fill(cells_B1HW, 128)
 
 
+def outpaint_grid(
+    grid: int, height: int | None = None, width: int | None = None, stride: int | None = None
+) -> tuple[int, int, int]:
+    """An outpainting canvas (height, width, stride in cells) for a model of `grid` x `grid` cells, by default
+    as high as the trained grid, twice as wide, the window moving half a grid at a time."""
+    return height or grid, width or 2 * grid, stride or max(1, grid // 2)
+
+
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Offsets of windows of `window` cells that cover `size` cells, `stride` apart; the last one ends
     exactly at the edge."""

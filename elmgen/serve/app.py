@@ -31,6 +31,8 @@ from elmgen.sampling import (
     grey_cells,
     image_seeds,
     inpaint_images,
+    outpaint_grid,
+    outpaint_images,
     sample_images,
     write_samples,
 )
@@ -38,6 +40,7 @@ from elmgen.schedules import GUIDANCE_SCHEDULES
 from elmgen.tokenizers import Autoencoder
 
 INSTALL = "pip install elmgen[demo]"
+CANVAS = ("height", "width", "stride")  # an outpainting canvas, in cells
 AR_FRAMES = 16  # an AR decode is shown about this often while the raster fills in; MaskGIT shows every step
 
 
@@ -94,16 +97,21 @@ def sample_command_line(run: Run, class_id: int, num: int, cfg: SampleConfig, ex
     return shlex.join(str(a) for a in args)
 
 
+def class_seeds(run: Run, class_name: str, num: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """Labels and per-image seeds of `num` images of one class, as `--classes c --num-per-class num` gives."""
+    names = run.class_names
+    if class_name not in names:
+        raise ElmgenError(f"class {class_name!r} is not one of the model's classes ({', '.join(names)})")
+    labels, index_in_class = class_balanced([names.index(class_name)], int(num))
+    return labels, image_seeds(seed, labels, index_in_class)
+
+
 def generate_images(
     run: Run, class_name: str, num: int, cfg: SampleConfig, out_dir: Path, on_step: OnStep | None = None
 ):
     """Images of one class, as `elmgen sample --classes c --num-per-class num` makes them: the PNG grid, the
     ADM .npz and the per-image seeds."""
-    names = run.class_names
-    if class_name not in names:
-        raise ElmgenError(f"class {class_name!r} is not one of the model's classes ({', '.join(names)})")
-    labels, index_in_class = class_balanced([names.index(class_name)], int(num))
-    seeds = image_seeds(cfg.seed, labels, index_in_class)
+    labels, seeds = class_seeds(run, class_name, num, cfg.seed)
     images = sample_images(run.model, run.tokenizer, labels, seeds, cfg, progress=False, on_step=on_step)
     png, npz = write_samples(images, labels, seeds, out_dir, ncols=int(num))
     return png, npz, seeds
@@ -193,6 +201,15 @@ def inpaint_image(
     return out / "inpaint.png"
 
 
+def outpaint_image(
+    run: Run, class_name: str, num: int, cfg: SampleConfig, canvas: tuple[int, int, int], out: Path
+) -> Path:
+    """`num` images of one class on a canvas of (height, width, stride) cells, as `elmgen outpaint` draws them."""
+    labels, seeds = class_seeds(run, class_name, num, cfg.seed)
+    images = outpaint_images(run.model, run.tokenizer, labels, seeds, cfg, *canvas)
+    return write_samples(images, labels, seeds, out, ncols=1, name="outpaint")[0]
+
+
 def import_gradio():
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
@@ -209,6 +226,10 @@ def build_app(runs: list[Run], defaults: SampleConfig, extra: tuple[str, ...] = 
     first = runs[0]
     work = Path(tempfile.mkdtemp(prefix="elmgen-serve-"))
 
+    def check_count(num):
+        if num is None or not 1 <= num <= max_images:
+            raise ElmgenError(f"number of images must be between 1 and {max_images}, not {num}")
+
     def on_model(label):
         run = by_label[label]
         names = run.class_names
@@ -217,8 +238,7 @@ def build_app(runs: list[Run], defaults: SampleConfig, extra: tuple[str, ...] = 
     def on_generate(label, class_name, num, seed, scale, schedule, temperature, top_k, top_p, steps):
         try:
             run = by_label[label]
-            if num is None or not 1 <= num <= max_images:
-                raise ElmgenError(f"number of images must be between 1 and {max_images}, not {num}")
+            check_count(num)
             cfg = sample_settings(
                 defaults,
                 run.model.vocab_size,
@@ -298,6 +318,48 @@ def build_app(runs: list[Run], defaults: SampleConfig, extra: tuple[str, ...] = 
                     edited = gr.Image(
                         label="original, masked, result", type="filepath", interactive=False, elem_id="edited"
                     )
+            gr.Markdown(
+                "An autoregressive (AR) model widens its images: a window of the trained grid slides over a larger "
+                "canvas of cells (`stride` cells at a time), each new cell drawn given those already in its window."
+            )
+            with gr.Row():
+                with gr.Column():
+                    wide_model = gr.Dropdown(
+                        list(by_label), value=model_label(first), label="model", elem_id="outpaint-model"
+                    )
+                    wide_class = gr.Dropdown(names, value=names[0], label="class", elem_id="outpaint-class")
+                    wide_num = gr.Number(2, precision=0, label="number of images", minimum=1, maximum=max_images)
+                    with gr.Row():
+                        canvas = [
+                            gr.Number(v, precision=0, label=f"{name} (cells)", elem_id=f"outpaint-{name}")
+                            for name, v in zip(CANVAS, outpaint_grid(first.model.cfg.grid_size), strict=True)
+                        ]
+                    wide_seed = gr.Number(defaults.seed, precision=0, label="seed")
+                    wide_go = gr.Button("outpaint", variant="primary", elem_id="outpaint")
+                with gr.Column():
+                    wide_status = gr.Textbox(label="status", interactive=False, elem_id="outpaint-status")
+                    widened = gr.Image(label="outpainted", type="filepath", interactive=False, elem_id="outpainted")
+
+        def on_outpaint(label, class_name, num, height, width, stride, seed):
+            try:
+                run = by_label[label]
+                cfg = sample_settings(defaults, run.model.vocab_size, seed=seed)
+                check_count(num)
+                if None in (height, width, stride):
+                    raise ElmgenError("set the canvas: height, width and stride, in cells")
+                cells = (int(height), int(width), int(stride))
+                png = outpaint_image(run, class_name, int(num), cfg, cells, Path(tempfile.mkdtemp(dir=work)))
+            except ElmgenError as e:
+                return gr.update(), f"error: {e}"
+            return str(png), f"ok: {int(num)} images of {class_name} on {cells[0]}x{cells[1]} cells"
+
+        def on_wide_model(label):
+            grid_cells = outpaint_grid(by_label[label].model.cfg.grid_size)
+            return on_model(label)[0], *(gr.update(value=v) for v in grid_cells)
+
+        wide_model.change(on_wide_model, wide_model, [wide_class, *canvas])
+        wide_inputs = [wide_model, wide_class, wide_num, *canvas, wide_seed]
+        wide_go.click(on_outpaint, wide_inputs, [widened, wide_status])
 
         def on_inpaint(label, index, upload, class_name, top, left, height, width, seed):
             try:
