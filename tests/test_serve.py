@@ -22,7 +22,13 @@ from elmgen.errors import ElmgenError
 from elmgen.models import ModelConfig, Transformer, preset
 from elmgen.sampling import SampleConfig, grey_cells, outpaint_grid
 from elmgen.serve import Run, sample_command_line, sample_settings
-from elmgen.serve.app import generate_images, generate_progressively, outpaint_image
+from elmgen.serve.app import (
+    generate_images,
+    generate_progressively,
+    inspect_attention,
+    outpaint_image,
+    reconstruct_image,
+)
 from elmgen.tokenizers import Autoencoder, TokenizerConfig
 
 pipeline = test_cli.pipeline  # the tiny tokenizer -> codes -> LM run of the CLI tests
@@ -105,6 +111,43 @@ def test_outpainting_widens_the_images_of_a_class(tmp_path):
         outpaint_image(tiny_run("mlm"), "b", 2, SampleConfig(), canvas, tmp_path)
     with pytest.raises(ElmgenError, match="at least 4x4"):
         outpaint_image(tiny_run("ar"), "a", 1, SampleConfig(), (4, 3, 2), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["ar", "mlm"])
+def test_inspect_shows_the_attention_of_one_image_of_the_grid(tmp_path, kind, monkeypatch):
+    import elmgen.analysis.attention as attention
+
+    run, cfg = tiny_run(kind), SampleConfig(seed=3, steps=4)
+    seen = {}
+    plot = attention.plot_heatmaps
+    monkeypatch.setattr(attention, "plot_heatmaps", lambda maps, *a: seen.update(maps=maps) or plot(maps, *a))
+    image, heatmap = inspect_attention(run, "b", 3, 2, cfg, (1, 2), tmp_path)
+    grid = Image.open(generate_images(run, "b", 3, cfg, tmp_path / "grid")[0])
+    assert Image.open(image).size == (12 * 8, 12 * 8) and Image.open(heatmap).size[0] > 0
+    in_grid = np.asarray(grid)[4:20:2, 24:40:2]  # image 2 of the grid (2 px padding, shown 2x)
+    assert np.array_equal(np.asarray(Image.open(image))[16:80:8, 16:80:8], in_grid)  # the same image, alone
+    assert len(seen["maps"]) == run.model.cfg.n_layer
+    row_S = seen["maps"][0].mean(0)[1 * 4 + 2 + 1]  # the query cell's position: after the class token
+    assert float(row_S.sum()) == pytest.approx(1, abs=1e-5)
+    if kind == "ar":  # causal: nothing on the cells after the query's own
+        assert float(row_S[1 * 4 + 2 + 2 :].sum()) == 0
+        with pytest.raises(ElmgenError, match="never reads its last cell"):
+            inspect_attention(run, "b", 3, 2, cfg, (3, 3), tmp_path)
+    with pytest.raises(ElmgenError, match="not a \\(row, col\\) cell of the 4x4 grid"):
+        inspect_attention(run, "b", 3, 2, cfg, (4, 0), tmp_path)
+    with pytest.raises(ElmgenError, match="one of the grid's 1..3"):
+        inspect_attention(run, "b", 3, 4, cfg, (0, 0), tmp_path)
+
+
+def test_the_tokenizers_reconstruction_and_codes(tmp_path):
+    run = tiny_run("ar")
+    image = torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8)
+    png, codes, db = reconstruct_image(run, image, tmp_path)
+    assert Image.open(png).size == ((2 * 10 + 2) * 4, (10 + 2) * 4) and np.isfinite(db)
+    cells = [[int(c) for c in line.split()] for line in codes.splitlines()]
+    assert len(cells) == 4 and all(len(row) == 4 for row in cells)
+    expected = run.tokenizer.encode_cells(image[None].float() / 127.5 - 1)
+    assert torch.equal(torch.tensor(cells).flatten(), expected[0])
 
 
 def test_serve_without_gradio_is_one_line(monkeypatch, capsys):
@@ -255,6 +298,29 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
             page.locator("#outpaint").click()
             page.wait_for_function("document.querySelector('#outpaint-status textarea').value.startsWith('ok')")
             assert grid_of(page, base, "#outpainted").size == ((64 + 4) * 2, (2 * 34 + 2) * 2)  # 2 images, 8x16 cells
+
+            page.get_by_role("tab", name="Inspect").click()
+            page.locator("#attention").click()  # the Generate tab's top-p is still 0
+            page.wait_for_function("document.querySelector('#inspect-status textarea').value.startsWith('error')")
+            assert "--top-p" in page.locator("#inspect-status textarea").input_value()
+            page.get_by_role("tab", name="Generate").click()
+            page.locator("#top-p input").fill("1")
+            page.get_by_role("tab", name="Inspect").click()
+            page.locator("#attention").click()
+            page.wait_for_function("document.querySelector('#inspect-status textarea').value.startsWith('ok')")
+            assert grid_of(page, base, "#picked").size == (36 * 8, 36 * 8)
+            assert grid_of(page, base, "#heatmap").size[0] > 0
+            page.locator("#tok-index input").fill("100000")
+            page.locator("#reconstruct").click()
+            page.wait_for_function("document.querySelector('#tok-status textarea').value.startsWith('error')")
+            page.locator("#tok-index input").fill("3")
+            page.locator("#reconstruct").click()
+            page.wait_for_function("document.querySelector('#tok-status textarea').value.startsWith('ok')")
+            assert re.fullmatch(
+                r"ok: test image 3, PSNR \d+\.\d\d dB", page.locator("#tok-status textarea").input_value()
+            )
+            assert len(page.locator("#codes textarea").input_value().splitlines()) == 8
+            assert grid_of(page, base, "#recon").size == ((2 * 34 + 2) * 4, 36 * 4)
             chromium.close()
         assert server.poll() is None
         urllib.request.urlopen(base, timeout=5)  # still serving after the bad setting
