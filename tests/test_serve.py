@@ -157,6 +157,12 @@ def test_serve_without_gradio_is_one_line(monkeypatch, capsys):
     assert code == 2 and err.strip() == "elmgen: error: the browser demo needs gradio: pip install elmgen[demo]"
 
 
+# Every status text the Generate tab shows, in order (polled: Gradio sets the value, no event fires).
+RECORD_STATUS = """() => { window.statuses = []; setInterval(() => {
+    const text = document.querySelector('#status textarea').value;
+    if (text !== window.statuses.at(-1)) window.statuses.push(text); }, 2); }"""
+
+
 def browser():
     """Playwright's chromium on Debian's binary, or a loud skip saying what is missing."""
     try:
@@ -190,6 +196,22 @@ def wait_for(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
     raise AssertionError(f"{url} did not answer in {seconds} s")
 
 
+def start_server(models: list) -> tuple[subprocess.Popen, str]:
+    """`elmgen serve` of this checkout over `models` on a free local port, once it answers: the process, its URL."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "elmgen.cli", "serve", "--port", str(port), "--device", "cpu"]
+    argv += [a for m in models for a in ("--model", str(m))]
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(base, server)
+    except BaseException:
+        server.terminate()
+        raise
+    return server, base
+
+
 def grid_of(page, base: str, where: str = "#grid") -> Image.Image:
     src = page.locator(f"{where} img").get_attribute("src")
     return Image.open(io.BytesIO(urllib.request.urlopen(src if "://" in src else base + src).read()))
@@ -202,40 +224,20 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
     mlm = tmp_path / "mlm"
     train = ["train", "--codes", codes, "--out", mlm, "--preset", "micro", "--kind", "mlm", "train.steps=2"]
     assert test_cli.run(capsys, *train, "train.batch_size=4")[0] == 0
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "elmgen.cli",
-            "serve",
-            "--model",
-            str(lm),
-            "--model",
-            str(mlm),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server([lm, mlm])
     try:
-        wait_for(base, server)
         with sync_playwright() as p:
             chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = chromium.new_page(viewport={"width": 1200, "height": 1100})
             page.goto(base)
             page.locator("#class input").click()
             page.get_by_role("option", name="Trouser").click()
+            page.evaluate(RECORD_STATUS)
             page.locator("#generate").click()
             page.wait_for_function("document.querySelector('#status textarea').value.startsWith('ok')")
             assert page.locator("#status textarea").input_value() == "ok: 4 images of Trouser"
+            shown = page.evaluate("window.statuses")  # the raster filled in on the page before the grid came
+            assert any(re.fullmatch(r"generating: cell \d+/64", text) for text in shown), shown
             first = grid_of(page, base)
             # 4 images of 32 px in a row, 2 px padding, shown twice as large: what samples.png holds
             assert first.size == ((4 * 34 + 2) * 2, 36 * 2)
@@ -324,8 +326,6 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
             chromium.close()
         assert server.poll() is None
         urllib.request.urlopen(base, timeout=5)  # still serving after the bad setting
-        if os.environ.get("ELMGEN_SCREENSHOT"):  # refresh the README's screenshot
-            (tmp_path / "serve.png").replace(ROOT / "docs" / "img" / "serve.png")
     finally:
         server.terminate()
         server.wait(10)

@@ -319,7 +319,9 @@ def build_app(runs: list[Run], defaults: SampleConfig, extra: tuple[str, ...] = 
                     model = gr.Dropdown(list(by_label), value=model_label(first), label="model", elem_id="model")
                     names = first.class_names
                     class_name = gr.Dropdown(names, value=names[0], label="class", elem_id="class")
-                    num = gr.Number(4, precision=0, label="number of images", minimum=1, maximum=max_images)
+                    num = gr.Number(
+                        4, precision=0, label="number of images", minimum=1, maximum=max_images, elem_id="num"
+                    )
                     with gr.Row():
                         seed = gr.Number(defaults.seed, precision=0, label="seed", elem_id="seed")
                         new_seed = gr.Button("new seed", elem_id="new-seed")
