@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_serve import CHROMIUM, CHROMIUM_ARGS, start_server  # noqa: E402  (after the path to tests/)
+from test_serve import open_page, pick, start_server  # noqa: E402  (after the path to tests/)
 
 DONE = "document.querySelector('{} textarea').value.startsWith('ok')"
 
@@ -33,11 +33,8 @@ def main() -> None:
     server, base = start_server([a.model])
     try:
         with sync_playwright() as p:
-            chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = chromium.new_page(viewport={"width": 1200, "height": 1000})
-            page.goto(base)
-            page.locator("#class input").click()
-            page.get_by_role("option", name=a.class_name).click()
+            chromium, page = open_page(p, base, 1000)
+            pick(page, "#class", a.class_name)
             page.locator("#num input").fill(str(a.num))
             page.locator("#generate").click()
             page.wait_for_function(DONE.format("#status"), timeout=600_000)

@@ -212,6 +212,19 @@ def start_server(models: list) -> tuple[subprocess.Popen, str]:
     return server, base
 
 
+def open_page(playwright, base: str, height: int):
+    """Headless chromium (Debian's) on the page at `base`: the browser and the page."""
+    chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = chromium.new_page(viewport={"width": 1200, "height": height})
+    page.goto(base)
+    return chromium, page
+
+
+def pick(page, dropdown: str, option: str) -> None:
+    page.locator(f"{dropdown} input").click()
+    page.get_by_role("option", name=option).click()
+
+
 def grid_of(page, base: str, where: str = "#grid") -> Image.Image:
     src = page.locator(f"{where} img").get_attribute("src")
     return Image.open(io.BytesIO(urllib.request.urlopen(src if "://" in src else base + src).read()))
@@ -227,11 +240,8 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
     server, base = start_server([lm, mlm])
     try:
         with sync_playwright() as p:
-            chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = chromium.new_page(viewport={"width": 1200, "height": 1100})
-            page.goto(base)
-            page.locator("#class input").click()
-            page.get_by_role("option", name="Trouser").click()
+            chromium, page = open_page(p, base, 1100)
+            pick(page, "#class", "Trouser")
             page.evaluate(RECORD_STATUS)
             page.locator("#generate").click()
             page.wait_for_function("document.querySelector('#status textarea').value.startsWith('ok')")
