@@ -154,7 +154,7 @@ def stream_steps(work: Callable[[OnStep], object], every: int) -> Iterator[tuple
 
 
 def generate_progressively(run: Run, class_name: str, num: int, cfg: SampleConfig, out_dir: Path):
-    """`generate_images`, yielding ("step", grid image of the decode so far, "cell t/L" or "step t/S") as the
+    """`generate_images`, yielding ("step", (grid image of the decode so far, "cell t/L" or "MaskGIT step t/S")) as the
     images form, then ("done", (png, npz, seeds))."""
     mlm = run.model.cfg.kind == "mlm"
     total = cfg.steps if mlm else run.model.cfg.num_cells
