@@ -44,6 +44,7 @@ from elmgen.tokenizers import Autoencoder
 
 INSTALL = "pip install elmgen[demo]"
 CANVAS = ("height", "width", "stride")  # an outpainting canvas, in cells
+CSS = "#codes textarea { font-family: monospace; }"  # the cell codes in columns
 AR_FRAMES = 16  # an AR decode is shown about this often while the raster fills in; MaskGIT shows every step
 
 
@@ -235,7 +236,7 @@ def inspect_attention(
     sub_1Ln = generate(run.model, label.to(next(run.model.parameters()).device), cfg, [seed])
     out.mkdir(parents=True, exist_ok=True)
     save_png(image_grid(decode_images(run.model, run.tokenizer, sub_1Ln), ncols=1, scale=8), out / "image.png")
-    title = f"{Path(run.path).name}: image {index} of {class_name} (seed {seed})"
+    title = f"{Path(run.path).name}: image {index} of {class_name}"
     sequence_heatmaps(run.model, int(label), sub_1Ln, cell, out / "attention.png", title)
     return out / "image.png", out / "attention.png"
 
@@ -486,4 +487,4 @@ def build_app(runs: list[Run], defaults: SampleConfig, extra: tuple[str, ...] = 
 def serve(runs: list[Run], defaults: SampleConfig, host: str, port: int, extra: tuple[str, ...] = ()) -> None:
     demo = build_app(runs, defaults, extra)
     print(f"elmgen serve: http://{host}:{port}", flush=True)
-    demo.launch(server_name=host, server_port=port, share=False, inbrowser=False)
+    demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, css=CSS)
