@@ -14,6 +14,7 @@ from elmgen.errors import ElmgenError
 from elmgen.models import Transformer
 from elmgen.sampling.ar import generate_ar
 from elmgen.sampling.config import SampleConfig
+from elmgen.sampling.generate import decode_images
 from elmgen.sampling.maskgit import generate_mlm
 from elmgen.tokenizers import Autoencoder
 from elmgen.vocab import cells_to_subcodes, subcodes_to_cells
@@ -48,8 +49,7 @@ def inpaint_images(
     hole_hw[top : top + height, left : left + width] = True
     known_BL = (~hole_hw.flatten()).expand(len(labels_B), -1)
     out_BLn = generate_mlm(model, labels_B.to(device), cfg, seeds, sub_BLn, known_BL)
-    result = to_uint8(tokenizer.decode_cells(subcodes_to_cells(out_BLn, model.cfg.vocabulary), g)).cpu()
-    return result, grey_cells(images_BCHW, ~known_BL)
+    return decode_images(model, tokenizer, out_BLn), grey_cells(images_BCHW, ~known_BL)
 
 
 def grey_cells(images_BCHW: torch.Tensor, cells_BL: torch.Tensor) -> torch.Tensor:
