@@ -110,3 +110,15 @@ def test_inpainting_keeps_known_cells_exactly(mlm, monkeypatch):
     masked_per_step = [(sub == mlm.mask_index).all(-1).sum(-1).tolist() for _, sub in seen]
     assert masked_per_step[0] == [6, 4]
     assert masked_per_step[1:] == [[cells_left_masked(t, 4, 6), cells_left_masked(t, 4, 4)] for t in range(3)]
+
+
+def test_the_step_hook_sees_every_maskgit_step_and_changes_nothing(mlm):
+    labels, seeds, cfg = torch.tensor([0, 1]), [3, 4], SampleConfig(steps=5, guidance_scale=2.0)
+    steps = []
+    out = generate(mlm, labels, cfg, seeds, on_step=lambda t, sub, done: steps.append((t, sub.clone(), done.clone())))
+    assert torch.equal(out, generate(mlm, labels, cfg, seeds))
+    assert [t for t, _, _ in steps] == list(range(5))
+    revealed = [done.sum(-1) for _, _, done in steps]
+    assert all((a <= b).all() for a, b in zip(revealed, revealed[1:], strict=False)) and steps[-1][2].all()
+    for _, sub, done in steps:  # revealed cells are final; the rest still carry the mask
+        assert torch.equal(sub[done], out[done]) and (sub[~done] == mlm.mask_index).all()

@@ -208,3 +208,14 @@ def test_bf16_kv_decoding_tracks_the_fp32_logits(model):
     assert torch.equal(generate(model, labels, bf16, seeds), generate(model, labels, bf16, seeds))
     with pytest.raises(ElmgenError, match="precision"):
         generate(model, labels, SampleConfig(precision="fp16"), seeds)
+
+
+def test_the_step_hook_sees_every_cell_and_changes_nothing(model):
+    labels, seeds, cfg = torch.tensor([0, 2]), [5, 6], SampleConfig(guidance_scale=2.0)
+    steps = []
+    out = generate(model, labels, cfg, seeds, on_step=lambda t, sub, done: steps.append((t, sub.clone(), done)))
+    assert torch.equal(out, generate(model, labels, cfg, seeds))
+    assert [t for t, _, _ in steps] == list(range(16))
+    for t, sub, done in steps:  # the raster fills in: cells 0..t final, equal to the finished image's
+        assert done.shape == (2, 16) and done[:, : t + 1].all() and not done[:, t + 1 :].any()
+        assert torch.equal(sub[:, : t + 1], out[:, : t + 1])

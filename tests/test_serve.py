@@ -15,11 +15,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import test_cli
+import torch
 from PIL import Image
 
 from elmgen.errors import ElmgenError
-from elmgen.sampling import SampleConfig
-from elmgen.serve import sample_command_line, sample_settings
+from elmgen.models import ModelConfig, Transformer, preset
+from elmgen.sampling import SampleConfig, grey_cells, outpaint_grid
+from elmgen.serve import Run, sample_command_line, sample_settings
+from elmgen.serve.app import (
+    generate_images,
+    generate_progressively,
+    inspect_attention,
+    outpaint_image,
+    reconstruct_image,
+)
+from elmgen.tokenizers import Autoencoder, TokenizerConfig
 
 pipeline = test_cli.pipeline  # the tiny tokenizer -> codes -> LM run of the CLI tests
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,11 +75,92 @@ def test_the_cli_command_names_every_setting():
     )
 
 
+def tiny_run(kind: str) -> Run:
+    """An untrained 4x4-cell model over an untrained 8-bit tokenizer of 8 px images: enough to sample from."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**preset("micro"), vocab="2-4", grid_size=4, num_classes=2, kind=kind))
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    tokenizer = Autoencoder(TokenizerConfig(base_width=8, channel_mult=[1, 2], latent_dim=8, num_bits=8))
+    return Run(f"runs/{kind}", model.eval(), tokenizer.eval(), {"class_names": ["a", "b"]})
+
+
+@pytest.mark.parametrize(
+    "kind, shown",
+    [("ar", [f"cell {t}/16" for t in range(1, 17)]), ("mlm", [f"MaskGIT step {t}/4" for t in range(1, 5)])],
+)
+def test_images_appear_progressively_and_end_as_generated_at_once(tmp_path, kind, shown):
+    run, cfg = tiny_run(kind), SampleConfig(steps=4, seed=3)
+    events = list(generate_progressively(run, "b", 3, cfg, tmp_path / "progressive"))
+    assert [k for k, _ in events] == ["step"] * (len(events) - 1) + ["done"] and len(events) >= 2
+    where = [shown.index(text) for _, (_, text) in events[:-1]]  # in order; steps the page missed are skipped
+    assert where == sorted(set(where))
+    png, npz, seeds = events[-1][1]
+    at_once = generate_images(run, "b", 3, cfg, tmp_path / "at-once")
+    assert seeds == at_once[2]
+    assert np.array_equal(np.load(npz)["arr_0"], np.load(at_once[1])["arr_0"])
+    first_grid, _ = events[0][1]
+    assert first_grid.size == Image.open(png).size and first_grid.tobytes() != Image.open(png).tobytes()
+
+
+def test_outpainting_widens_the_images_of_a_class(tmp_path):
+    canvas = outpaint_grid(4)
+    assert canvas == (4, 8, 2)  # the trained grid high, twice as wide, half a grid a step
+    png = outpaint_image(tiny_run("ar"), "b", 2, SampleConfig(seed=3), canvas, tmp_path)
+    assert Image.open(png).size == ((16 + 4) * 2, (2 * 10 + 2) * 2)  # two 8x16 px images, one a row, 2x
+    with pytest.raises(ElmgenError, match="needs an autoregressive model"):
+        outpaint_image(tiny_run("mlm"), "b", 2, SampleConfig(), canvas, tmp_path)
+    with pytest.raises(ElmgenError, match="at least 4x4"):
+        outpaint_image(tiny_run("ar"), "a", 1, SampleConfig(), (4, 3, 2), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["ar", "mlm"])
+def test_inspect_shows_the_attention_of_one_image_of_the_grid(tmp_path, kind, monkeypatch):
+    import elmgen.analysis.attention as attention
+
+    run, cfg = tiny_run(kind), SampleConfig(seed=3, steps=4)
+    seen = {}
+    plot = attention.plot_heatmaps
+    monkeypatch.setattr(attention, "plot_heatmaps", lambda maps, *a: seen.update(maps=maps) or plot(maps, *a))
+    image, heatmap = inspect_attention(run, "b", 3, 2, cfg, (1, 2), tmp_path)
+    grid = Image.open(generate_images(run, "b", 3, cfg, tmp_path / "grid")[0])
+    assert Image.open(image).size == (12 * 8, 12 * 8) and Image.open(heatmap).size[0] > 0
+    in_grid = np.asarray(grid)[4:20:2, 24:40:2]  # image 2 of the grid (2 px padding, shown 2x)
+    assert np.array_equal(np.asarray(Image.open(image))[16:80:8, 16:80:8], in_grid)  # the same image, alone
+    assert len(seen["maps"]) == run.model.cfg.n_layer
+    row_S = seen["maps"][0].mean(0)[1 * 4 + 2 + 1]  # the query cell's position: after the class token
+    assert float(row_S.sum()) == pytest.approx(1, abs=1e-5)
+    if kind == "ar":  # causal: nothing on the cells after the query's own
+        assert float(row_S[1 * 4 + 2 + 2 :].sum()) == 0
+        with pytest.raises(ElmgenError, match="never reads its last cell"):
+            inspect_attention(run, "b", 3, 2, cfg, (3, 3), tmp_path)
+    with pytest.raises(ElmgenError, match="not a \\(row, col\\) cell of the 4x4 grid"):
+        inspect_attention(run, "b", 3, 2, cfg, (4, 0), tmp_path)
+    with pytest.raises(ElmgenError, match="one of the grid's 1..3"):
+        inspect_attention(run, "b", 3, 4, cfg, (0, 0), tmp_path)
+
+
+def test_the_tokenizers_reconstruction_and_codes(tmp_path):
+    run = tiny_run("ar")
+    image = torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8)
+    png, codes, db = reconstruct_image(run, image, tmp_path)
+    assert Image.open(png).size == ((2 * 10 + 2) * 4, (10 + 2) * 4) and np.isfinite(db)
+    cells = [[int(c) for c in line.split()] for line in codes.splitlines()]
+    assert len(cells) == 4 and all(len(row) == 4 for row in cells)
+    expected = run.tokenizer.encode_cells(image[None].float() / 127.5 - 1)
+    assert torch.equal(torch.tensor(cells).flatten(), expected[0])
+
+
 def test_serve_without_gradio_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
     code = test_cli.main(["serve", "--model", "nowhere"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == "elmgen: error: the browser demo needs gradio: pip install elmgen[demo]"
+
+
+# Every status text the Generate tab shows, in order (polled: Gradio sets the value, no event fires).
+RECORD_STATUS = """() => { window.statuses = []; setInterval(() => {
+    const text = document.querySelector('#status textarea').value;
+    if (text !== window.statuses.at(-1)) window.statuses.push(text); }, 2); }"""
 
 
 def browser():
@@ -105,6 +196,35 @@ def wait_for(url: str, server: subprocess.Popen, seconds: float = 60) -> None:
     raise AssertionError(f"{url} did not answer in {seconds} s")
 
 
+def start_server(models: list) -> tuple[subprocess.Popen, str]:
+    """`elmgen serve` of this checkout over `models` on a free local port, once it answers: the process, its URL."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "elmgen.cli", "serve", "--port", str(port), "--device", "cpu"]
+    argv += [a for m in models for a in ("--model", str(m))]
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(base, server)
+    except BaseException:
+        server.terminate()
+        raise
+    return server, base
+
+
+def open_page(playwright, base: str, height: int):
+    """Headless chromium (Debian's) on the page at `base`: the browser and the page."""
+    chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = chromium.new_page(viewport={"width": 1200, "height": height})
+    page.goto(base)
+    return chromium, page
+
+
+def pick(page, dropdown: str, option: str) -> None:
+    page.locator(f"{dropdown} input").click()
+    page.get_by_role("option", name=option).click()
+
+
 def grid_of(page, base: str, where: str = "#grid") -> Image.Image:
     src = page.locator(f"{where} img").get_attribute("src")
     return Image.open(io.BytesIO(urllib.request.urlopen(src if "://" in src else base + src).read()))
@@ -117,40 +237,17 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
     mlm = tmp_path / "mlm"
     train = ["train", "--codes", codes, "--out", mlm, "--preset", "micro", "--kind", "mlm", "train.steps=2"]
     assert test_cli.run(capsys, *train, "train.batch_size=4")[0] == 0
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "elmgen.cli",
-            "serve",
-            "--model",
-            str(lm),
-            "--model",
-            str(mlm),
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server([lm, mlm])
     try:
-        wait_for(base, server)
         with sync_playwright() as p:
-            chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = chromium.new_page(viewport={"width": 1200, "height": 1100})
-            page.goto(base)
-            page.locator("#class input").click()
-            page.get_by_role("option", name="Trouser").click()
+            chromium, page = open_page(p, base, 1100)
+            pick(page, "#class", "Trouser")
+            page.evaluate(RECORD_STATUS)
             page.locator("#generate").click()
             page.wait_for_function("document.querySelector('#status textarea').value.startsWith('ok')")
             assert page.locator("#status textarea").input_value() == "ok: 4 images of Trouser"
+            shown = page.evaluate("window.statuses")  # the raster filled in on the page before the grid came
+            assert any(re.fullmatch(r"generating: cell \d+/64", text) for text in shown), shown
             first = grid_of(page, base)
             # 4 images of 32 px in a row, 2 px padding, shown twice as large: what samples.png holds
             assert first.size == ((4 * 34 + 2) * 2, 36 * 2)
@@ -204,11 +301,41 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
             page.locator("#inpaint").click()
             page.wait_for_function("document.querySelector('#edit-status textarea').value.includes('uploaded')")
             assert grid_of(page, base, "#edited").size == edited.size
+
+            page.locator("#outpaint-width input").fill("3")  # narrower than the trained 8x8 grid
+            page.locator("#outpaint").click()
+            page.wait_for_function("document.querySelector('#outpaint-status textarea').value.startsWith('error')")
+            assert "at least 8x8" in page.locator("#outpaint-status textarea").input_value()
+            page.locator("#outpaint-width input").fill("16")
+            page.locator("#outpaint").click()
+            page.wait_for_function("document.querySelector('#outpaint-status textarea').value.startsWith('ok')")
+            assert grid_of(page, base, "#outpainted").size == ((64 + 4) * 2, (2 * 34 + 2) * 2)  # 2 images, 8x16 cells
+
+            page.get_by_role("tab", name="Inspect").click()
+            page.locator("#attention").click()  # the Generate tab's top-p is still 0
+            page.wait_for_function("document.querySelector('#inspect-status textarea').value.startsWith('error')")
+            assert "--top-p" in page.locator("#inspect-status textarea").input_value()
+            page.get_by_role("tab", name="Generate").click()
+            page.locator("#top-p input").fill("1")
+            page.get_by_role("tab", name="Inspect").click()
+            page.locator("#attention").click()
+            page.wait_for_function("document.querySelector('#inspect-status textarea').value.startsWith('ok')")
+            assert grid_of(page, base, "#picked").size == (36 * 8, 36 * 8)
+            assert grid_of(page, base, "#heatmap").size[0] > 0
+            page.locator("#tok-index input").fill("100000")
+            page.locator("#reconstruct").click()
+            page.wait_for_function("document.querySelector('#tok-status textarea').value.startsWith('error')")
+            page.locator("#tok-index input").fill("3")
+            page.locator("#reconstruct").click()
+            page.wait_for_function("document.querySelector('#tok-status textarea').value.startsWith('ok')")
+            assert re.fullmatch(
+                r"ok: test image 3, PSNR \d+\.\d\d dB", page.locator("#tok-status textarea").input_value()
+            )
+            assert len(page.locator("#codes textarea").input_value().splitlines()) == 8
+            assert grid_of(page, base, "#recon").size == ((2 * 34 + 2) * 4, 36 * 4)
             chromium.close()
         assert server.poll() is None
         urllib.request.urlopen(base, timeout=5)  # still serving after the bad setting
-        if os.environ.get("ELMGEN_SCREENSHOT"):  # refresh the README's screenshot
-            (tmp_path / "serve.png").replace(ROOT / "docs" / "img" / "serve.png")
     finally:
         server.terminate()
         server.wait(10)
@@ -224,3 +351,12 @@ def test_an_upload_is_shaped_as_the_tokenizer_sees_its_data(tmp_path):
     (tmp_path / "b.png").write_text("not an image")
     with pytest.raises(ElmgenError, match="not an image"):
         uploaded_image(run, str(tmp_path / "b.png"))
+
+
+def test_grey_cells_paint_exactly_the_marked_cells():
+    images = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    cells = torch.zeros(2, 4, dtype=torch.bool)
+    cells[1, 3] = True  # image 1, the bottom-right cell of a 2x2 grid
+    out = grey_cells(images, cells)
+    assert out[0].eq(0).all() and out[1, 0, 4:, 4:].eq(128).all() and out[1, 0, :4].eq(0).all()
+    assert out[1, 0, 4:, :4].eq(0).all() and images.eq(0).all()  # the input is not changed

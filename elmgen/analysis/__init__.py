@@ -6,6 +6,8 @@ from elmgen.analysis.attention import (
     analyze_attention,
     attention_metrics,
     capture_attention,
+    model_input,
+    sequence_heatmaps,
     uniform_attention,
 )
 from elmgen.analysis.loss import analyze_loss, run_losses

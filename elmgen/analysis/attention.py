@@ -131,8 +131,8 @@ class AttentionConfig:
 
 
 def input_sequences(model: Transformer, meta: dict, cfg: AttentionConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels (B,) and the sub-codes (B, T, n) the model reads: real rows of a code folder or its own
-    samples; AR reads all cells but the last (as in training), MLM all cells with a share masked."""
+    """Labels (B,) and the sub-codes (B, T, n) the model reads (`model_input`): real rows of a code folder or its
+    own samples."""
     mc = model.cfg
     if cfg.sampled:
         labels_B = torch.arange(cfg.num_sequences) % mc.num_classes
@@ -159,11 +159,17 @@ def input_sequences(model: Transformer, meta: dict, cfg: AttentionConfig) -> tup
         vocab = Vocab.for_bits(mc.vocab, codes.meta["bits"])
         rows = np.random.default_rng(cfg.seed).choice(len(codes), min(cfg.num_sequences, len(codes)), replace=False)
         sub_BLn, labels_B = codes.batch(np.sort(rows), vocab)
-    if mc.kind == "ar":
-        return labels_B, sub_BLn[:, :-1]
+    return labels_B, model_input(model, sub_BLn, cfg)
+
+
+def model_input(model: Transformer, sub_BLn: torch.Tensor, cfg: AttentionConfig) -> torch.Tensor:
+    """What the model reads of whole sequences (B, L, n): AR all cells but the last (as in training), MLM all
+    cells with a share `cfg.mask_ratio` masked (drawn from `cfg.seed`)."""
+    if model.cfg.kind == "ar":
+        return sub_BLn[:, :-1]
     gen = torch.Generator().manual_seed(cfg.seed)
     masked_BL = torch.rand(sub_BLn.shape[:2], generator=gen) < cfg.mask_ratio
-    return labels_B, sub_BLn.masked_fill(masked_BL[..., None], model.mask_index)
+    return sub_BLn.masked_fill(masked_BL[..., None], model.mask_index)
 
 
 @torch.no_grad()
@@ -239,6 +245,21 @@ def analyze_attention(models: list, out_dir, cfg: AttentionConfig) -> dict:
     atomic_write_text(out / "attention.json", json.dumps(result, indent=2))
     plot_depth(reports, out / "attention-depth.png", cfg)
     return result
+
+
+def sequence_heatmaps(
+    model: Transformer, label: int, sub_1Ln: torch.Tensor, cell: tuple[int, int], path, title: str
+) -> None:
+    """The heat-maps of `elmgen analyze attention` for one sequence (its default input rules) and one query
+    cell (row, col): one per layer."""
+    grid, (row, col) = model.cfg.grid_size, cell
+    if not (0 <= row < grid and 0 <= col < grid):
+        raise ElmgenError(f"cell ({row}, {col}) is not a (row, col) cell of the {grid}x{grid} grid")
+    if model.cfg.kind == "ar" and (row, col) == (grid - 1, grid - 1):
+        raise ElmgenError(f"an AR model never reads its last cell ({row}, {col}), it only predicts it: pick another")
+    labels_1 = torch.tensor([label], device=sub_1Ln.device)
+    maps = mean_attention(model, labels_1, model_input(model, sub_1Ln, AttentionConfig()), 1)
+    plot_heatmaps([m.cpu() for m in maps], grid, [[row, col]], model.cfg.kind == "ar", path, title)
 
 
 def plot_heatmaps(

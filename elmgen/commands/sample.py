@@ -24,6 +24,7 @@ from elmgen.sampling import (
     class_balanced,
     image_seeds,
     inpaint_images,
+    outpaint_grid,
     outpaint_images,
     sample_images,
     shard_name,
@@ -102,8 +103,7 @@ class OutpaintCommand(LMOptions):
 
 def outpaint_command(cmd: OutpaintCommand) -> None:
     model, tokenizer, _ = load_lm(cmd)
-    g = model.cfg.grid_size
-    height, width, stride = cmd.height or g, cmd.width or 2 * g, cmd.stride or max(1, g // 2)
+    height, width, stride = outpaint_grid(model.cfg.grid_size, cmd.height, cmd.width, cmd.stride)
     labels, seeds = class_labels(cmd, model.cfg.num_classes)
     images = outpaint_images(model, tokenizer, labels, seeds, cmd.sample, height, width, stride)
     png, npz = write_samples(images, labels, seeds, cmd.out, ncols=cmd.num_per_class, name="outpaint")

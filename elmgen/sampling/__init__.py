@@ -1,13 +1,21 @@
 """From a trained LM to images: sampling options and rules, AR decoding (prefill, then one cached step per
 cell), MaskGIT, in- and outpainting, sample files."""
 
-from elmgen.sampling.ar import decode_one, generate_ar, prefill
+from elmgen.sampling.ar import OnStep, decode_one, generate_ar, prefill
 from elmgen.sampling.config import SampleConfig
-from elmgen.sampling.editing import inpaint_images, outpaint_ar, outpaint_images, window_starts
+from elmgen.sampling.editing import (
+    grey_cells,
+    inpaint_images,
+    outpaint_ar,
+    outpaint_grid,
+    outpaint_images,
+    window_starts,
+)
 from elmgen.sampling.generate import (
     SHARD_FILE,
     check_compatible,
     class_balanced,
+    decode_images,
     generate,
     image_seeds,
     sample_images,

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from elmgen.device import autocast
@@ -10,6 +12,10 @@ from elmgen.models import Transformer
 from elmgen.rng import uniforms_for
 from elmgen.sampling.config import SampleConfig, step_rules
 from elmgen.sampling.rules import guide, guided_labels, sample_logits
+
+# Called after every decoding step with (step, the sub-codes so far (B, L, n), which cells are final (B, L)); the
+# tensors are the decoder's own and change after the call: copy what is kept (progressive display).
+OnStep = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def prefill(model: Transformer, labels_in: torch.Tensor, caches) -> torch.Tensor:
@@ -31,10 +37,11 @@ def generate_ar(
     seeds: list[int],
     known_sub_BLn: torch.Tensor | None = None,
     known_BL: torch.Tensor | None = None,
+    on_step: OnStep | None = None,
 ) -> torch.Tensor:
     """Raster-order decoding, one cell per step, with a KV cache unless cfg.kv_cache is off (then every step
     recomputes the whole prefix). Cells marked in `known_BL` are fed their `known_sub_BLn` codes instead of a
-    draw (outpainting)."""
+    draw (outpainting). `on_step` sees each cell t as drawn (cells 0..t final)."""
     cfg.validate(model.vocab_size)
     B, L, n = labels_B.shape[0], model.cfg.num_cells, model.n_sub
     uniforms_BLn = uniforms_for(seeds, (L, n)).to(labels_B.device)
@@ -61,4 +68,6 @@ def generate_ar(
             if known_BL is not None:
                 draw_Bn = torch.where(known_BL[:, t, None], known_sub_BLn[:, t], draw_Bn)
             out_BLn[:, t] = draw_Bn
+            if on_step is not None:
+                on_step(t, out_BLn, (torch.arange(L, device=out_BLn.device) <= t).expand(B, L))
     return out_BLn

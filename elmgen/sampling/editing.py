@@ -3,6 +3,8 @@ grid with a sliding window."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -12,6 +14,7 @@ from elmgen.errors import ElmgenError
 from elmgen.models import Transformer
 from elmgen.sampling.ar import generate_ar
 from elmgen.sampling.config import SampleConfig
+from elmgen.sampling.generate import decode_images
 from elmgen.sampling.maskgit import generate_mlm
 from elmgen.tokenizers import Autoencoder
 from elmgen.vocab import cells_to_subcodes, subcodes_to_cells
@@ -46,11 +49,24 @@ def inpaint_images(
     hole_hw[top : top + height, left : left + width] = True
     known_BL = (~hole_hw.flatten()).expand(len(labels_B), -1)
     out_BLn = generate_mlm(model, labels_B.to(device), cfg, seeds, sub_BLn, known_BL)
-    result = to_uint8(tokenizer.decode_cells(subcodes_to_cells(out_BLn, model.cfg.vocabulary), g)).cpu()
-    f = images_BCHW.shape[-1] // g
-    blanked = images_BCHW.clone()
-    blanked[..., top * f : (top + height) * f, left * f : (left + width) * f] = 128
-    return result, blanked
+    return decode_images(model, tokenizer, out_BLn), grey_cells(images_BCHW, ~known_BL)
+
+
+def grey_cells(images_BCHW: torch.Tensor, cells_BL: torch.Tensor) -> torch.Tensor:
+    """uint8 images with the pixels of the marked grid cells (raster order, a square grid) painted grey."""
+    B, _, H, _ = images_BCHW.shape
+    g = math.isqrt(cells_BL.shape[-1])
+    f = H // g
+    cells_B1HW = cells_BL.cpu().view(B, 1, g, g).repeat_interleave(f, 2).repeat_interleave(f, 3)
+    return images_BCHW.masked_fill(cells_B1HW, 128)
+
+
+def outpaint_grid(
+    grid: int, height: int | None = None, width: int | None = None, stride: int | None = None
+) -> tuple[int, int, int]:
+    """An outpainting canvas (height, width, stride in cells) for a model of `grid` x `grid` cells, by default
+    as high as the trained grid, twice as wide, the window moving half a grid at a time."""
+    return height or grid, width or 2 * grid, stride or max(1, grid // 2)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:

@@ -16,17 +16,19 @@ from elmgen.io import atomic_savez
 from elmgen.models import Transformer
 from elmgen.plots import image_grid, save_png
 from elmgen.rng import item_seed
-from elmgen.sampling.ar import generate_ar
+from elmgen.sampling.ar import OnStep, generate_ar
 from elmgen.sampling.config import SampleConfig
 from elmgen.sampling.maskgit import generate_mlm
 from elmgen.tokenizers import Autoencoder
 from elmgen.vocab import Vocab, subcodes_to_cells
 
 
-def generate(model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int]) -> torch.Tensor:
+def generate(
+    model: Transformer, labels_B: torch.Tensor, cfg: SampleConfig, seeds: list[int], on_step: OnStep | None = None
+) -> torch.Tensor:
     """Class-conditional generation: labels (B,) -> sub-codes (B, L, n), one seed per image."""
     model.eval()
-    return (generate_mlm if model.cfg.kind == "mlm" else generate_ar)(model, labels_B, cfg, seeds)
+    return (generate_mlm if model.cfg.kind == "mlm" else generate_ar)(model, labels_B, cfg, seeds, on_step=on_step)
 
 
 def class_balanced(classes: list[int], num_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,17 +51,23 @@ def sample_images(
     cfg: SampleConfig,
     batch_size: int = 100,
     progress: bool = True,
+    on_step: OnStep | None = None,
 ) -> torch.Tensor:
-    """Class labels (N,) and per-image seeds -> uint8 images (N, C, H, W)."""
+    """Class labels (N,) and per-image seeds -> uint8 images (N, C, H, W); `on_step` sees each batch's steps."""
     device = next(model.parameters()).device
-    vocab, g = model.cfg.vocabulary, model.cfg.grid_size
     out = []
     for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
         batch = slice(start, start + batch_size)
-        sub_BLn = generate(model, labels[batch].to(device), cfg, seeds[batch])
-        cells_BL = subcodes_to_cells(sub_BLn, vocab).to(next(tokenizer.parameters()).device)
-        out.append(to_uint8(tokenizer.decode_cells(cells_BL, g)).cpu())
+        sub_BLn = generate(model, labels[batch].to(device), cfg, seeds[batch], on_step)
+        out.append(decode_images(model, tokenizer, sub_BLn))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_images(model: Transformer, tokenizer: Autoencoder, sub_BLn: torch.Tensor) -> torch.Tensor:
+    """The model's sub-codes (B, L, n) -> the tokenizer's uint8 images (B, C, H, W) on the CPU."""
+    cells_BL = subcodes_to_cells(sub_BLn, model.cfg.vocabulary).to(next(tokenizer.parameters()).device)
+    return to_uint8(tokenizer.decode_cells(cells_BL, model.cfg.grid_size)).cpu()
 
 
 def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:

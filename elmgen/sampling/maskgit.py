@@ -8,6 +8,7 @@ import torch
 from elmgen.device import autocast
 from elmgen.models import Transformer
 from elmgen.rng import uniforms_for
+from elmgen.sampling.ar import OnStep
 from elmgen.sampling.config import SampleConfig, step_rules
 from elmgen.sampling.rules import draw_from, guide, guided_labels, shape_logits
 from elmgen.schedules import cells_left_masked
@@ -21,10 +22,12 @@ def generate_mlm(
     seeds: list[int],
     known_sub_BLn: torch.Tensor | None = None,
     known_BL: torch.Tensor | None = None,
+    on_step: OnStep | None = None,
 ) -> torch.Tensor:
     """MaskGIT: start with every unknown cell masked; each step samples every masked cell, keeps the most
     confident (log p averaged over sub-codes + annealed Gumbel noise) and re-masks the rest on a cosine
-    schedule. Cells marked in `known_BL` keep their `known_sub_BLn` codes throughout (inpainting)."""
+    schedule. Cells marked in `known_BL` keep their `known_sub_BLn` codes throughout (inpainting). `on_step`
+    sees every step's cells, the revealed and known ones final."""
     cfg.validate(model.vocab_size)
     B, L, n, S = labels_B.shape[0], model.cfg.num_cells, model.n_sub, cfg.steps
     device = labels_B.device
@@ -53,4 +56,6 @@ def generate_mlm(
         still_BL = confidence_BL.argsort(-1).argsort(-1) < keep_B[:, None]
         sub_BLn = torch.where((masked_BL & ~still_BL)[..., None], draw_BLn, sub_BLn)
         masked_BL = still_BL
+        if on_step is not None:
+            on_step(t, sub_BLn, ~masked_BL)
     return sub_BLn
