@@ -209,7 +209,7 @@ def test_each_quantizer_learns_colour_photos(photo_folder, quantizer):
     initial = reconstruction_psnr()
     model.train()
     for step in range(40):
-        loss, _ = tokenizer_step(trainer, x, step, LossConfig(), None)
+        loss, _, _ = tokenizer_step(trainer, x, step, LossConfig(), None)
         loss.backward()
         opt.step()
         opt.zero_grad()
