@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import torchrun
 from safetensors.torch import save_file
 
 import elmgen.train.loop
@@ -288,9 +289,6 @@ def test_two_processes_train_the_gan_tokenizer(fake_fmnist, tmp_path):
     """torchrun with 2 CPU processes: DDP runs the tokenizer's step (a method, not a forward) and finds the
     discriminator unused before gan_start. Until then (deterministic codes) the losses are one process's; after it
     the discriminator's BatchNorm sees half batches, so only finiteness and a one-process resume are checked."""
-    import os
-    import subprocess
-    import sys
 
     single = job(4, 4)
     single.tokenizer = TokenizerConfig(**{**vars(TINY), "binarization": "deterministic"})
@@ -315,9 +313,7 @@ def test_two_processes_train_the_gan_tokenizer(fake_fmnist, tmp_path):
         "train.ema_decay=0.9",
         "train.workers=1",  # the input pipeline under torchrun too: each process its own worker
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "elmgen.cli"]
-    done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun("-m", "elmgen.cli", *args)
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("one", "two"))
     assert [r["loss"] for r in two[:2]] == pytest.approx([r["loss"] for r in one[:2]], rel=1e-5)

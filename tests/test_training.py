@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import write_fake_fmnist
+from conftest import torchrun, write_fake_fmnist
 
 import elmgen.train.budget
 import elmgen.train.loop
@@ -248,9 +248,6 @@ def test_models_opt_in_to_recomputation_and_sharding():
 def test_two_processes_train_like_one(codes, tmp_path, parallel, grad_accum):
     """torchrun with 2 CPU processes (gloo): each takes half of every global batch; gradients are averaged
     (DDP) or reduce-scattered onto parameter shards (FSDP), with grad_accum only after the last micro-batch."""
-    import os
-    import subprocess
-    import sys
 
     single = train_lm(deterministic_job(4), codes, tmp_path / "single")
     args = [
@@ -275,9 +272,7 @@ def test_two_processes_train_like_one(codes, tmp_path, parallel, grad_accum):
         "train.ema_decay=0.9",
         f"train.grad_accum={grad_accum}",
     ] + (["--fsdp"] if parallel == "fsdp" else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "elmgen.cli"]
-    done = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun("-m", "elmgen.cli", *args)
     assert done.returncode == 0, done.stderr[-2000:]
     ddp = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
     assert [r["step"] for r in ddp] == [1, 2, 3, 4]
