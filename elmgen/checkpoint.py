@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from elmgen.errors import ElmgenError
-from elmgen.io import TMP_PREFIX, atomic_write_text, file_hash, fsync, publish_folder
+from elmgen.io import TMP_PREFIX, atomic_write_text, file_hash, publish_folder
 
 WEIGHTS, EMA, CONFIG, TRAINER = "model.safetensors", "ema.safetensors", "config.json", "trainer.pt"
 
@@ -100,8 +100,6 @@ def save_checkpoint(
         (tmp / CONFIG).write_text(json.dumps({**meta.to_json(), "step": step}, indent=2))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
-        for f in tmp.iterdir():
-            fsync(f)
         if final.exists():
             shutil.rmtree(final)
         publish_folder(tmp, final)

@@ -73,7 +73,10 @@ def atomic_savez(path: str | Path, *arrays, **named) -> None:
 
 
 def publish_folder(tmp: Path, final: Path) -> None:
-    """Rename a finished folder into place: its entries are flushed first, and the rename itself after."""
+    """Rename a finished folder into place: every file and folder in it is flushed first, the rename itself
+    after, so a crash never publishes a folder whose files are still only in memory."""
+    for p in sorted(tmp.rglob("*"), key=lambda p: p.is_dir()):  # files, then the folders that list them
+        fsync(p)
     fsync(tmp)
     os.replace(tmp, final)
     fsync(final.parent)
