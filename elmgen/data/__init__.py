@@ -18,6 +18,7 @@ from elmgen.data.images import (
     center_crop_resize,
     check_images,
     folder_images,
+    image_array,
     inspect_folder,
     load_pixels,
     open_image,

@@ -17,11 +17,10 @@ import torch
 
 from elmgen.data.images import (
     IMAGE_SUFFIXES,
-    center_crop_resize,
     class_files,
     find_bad_images,
+    image_array,
     interleave_classes,
-    open_image,
 )
 from elmgen.errors import ElmgenError
 
@@ -169,11 +168,10 @@ class ImageFolder(ImageDataset):
         self.labels = labels[order]
         self.class_names = classes
         self.image_size = image_size
-        self.mode = {1: "L", 3: "RGB"}[channels]
+        self.channels = channels
 
     def load(self, i: int) -> np.ndarray:
-        arr = np.asarray(center_crop_resize(open_image(self.files[i], self.mode), self.image_size), dtype=np.uint8)
-        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return image_array(self.files[i], self.channels, self.image_size)
 
     def images(self, idx) -> torch.Tensor:
         idx = np.atleast_1d(np.asarray(idx))

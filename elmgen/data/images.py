@@ -134,3 +134,9 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
     left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
     return img.crop((left, top, left + size, top + size))
+
+
+def image_array(path, channels: int, size: int) -> np.ndarray:
+    """An image file as a data set holds it: grey (1) or RGB (3), centre-cropped to `size` (uint8, C H W)."""
+    arr = np.asarray(center_crop_resize(open_image(path, {1: "L", 3: "RGB"}[channels]), size), dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

@@ -15,11 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from elmgen.analysis import sequence_heatmaps
-from elmgen.data import BadImage, DataConfig, center_crop_resize, open_image, pick_images, to_float, to_uint8
+from elmgen.data import BadImage, DataConfig, image_array, pick_images, to_float, to_uint8
 from elmgen.errors import ElmgenError
 from elmgen.evaluation import psnr
 from elmgen.models import Transformer
@@ -183,13 +182,11 @@ def test_image(run: Run, index: int) -> tuple[torch.Tensor, int]:
 
 def uploaded_image(run: Run, path: str) -> torch.Tensor:
     """An uploaded image as the tokenizer sees its data: its channels, centre-cropped to its size (uint8, C H W)."""
-    mode = {1: "L", 3: "RGB"}[run.tok_meta["channels"]]
     try:
-        img = center_crop_resize(open_image(path, mode), run.tok_meta["image_size"])
+        arr = image_array(path, run.tok_meta["channels"], run.tok_meta["image_size"])
     except BadImage as e:
         raise ElmgenError(f"the uploaded file is not an image: {e}") from None
-    arr = np.array(img, dtype=np.uint8)  # a writable copy: torch refuses to share a read-only buffer
-    return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+    return torch.from_numpy(arr.copy())  # writable: torch refuses to share a read-only buffer
 
 
 def image_source(run: Run, index: int | None, upload: str | None) -> tuple[torch.Tensor, int | None, str]:
