@@ -10,6 +10,7 @@ from elmgen.analysis.attention import (
     sequence_heatmaps,
     uniform_attention,
 )
+from elmgen.analysis.bits import BitsConfig, analyze_bits, bit_cross_entropy, flip_costs, lm_bit_losses
 from elmgen.analysis.loss import analyze_loss, run_losses
 from elmgen.analysis.randomness import (
     analyze_randomness,

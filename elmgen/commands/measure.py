@@ -9,7 +9,15 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from elmgen.analysis import AttentionConfig, analyze_attention, analyze_loss, analyze_randomness, randomness_markdown
+from elmgen.analysis import (
+    AttentionConfig,
+    BitsConfig,
+    analyze_attention,
+    analyze_bits,
+    analyze_loss,
+    analyze_randomness,
+    randomness_markdown,
+)
 from elmgen.commands.base import OUT, POSITIVE, Command, Option, defaults_of, job_of, named
 from elmgen.data import DataConfig
 from elmgen.device import resolve_device
@@ -131,6 +139,21 @@ def loss_command(cmd: LossCommand) -> None:
     print(f"wrote {cmd.out}/loss.json and loss.png")
 
 
+@dataclass
+class BitsCommand(BitsConfig):
+    tokenizer: str = MISSING  # binary (bae) tokenizer run folder or checkpoint
+    model: str | None = None  # LM run folder or checkpoint trained on this tokenizer's codes: adds its loss per bit
+    out: str = field(default=MISSING, metadata=OUT)  # folder to write
+
+
+def bits_command(cmd: BitsCommand) -> None:
+    r = analyze_bits(cmd.tokenizer, cmd.out, job_of(cmd, BitsConfig), cmd.model)
+    for k in range(r["bits"]):
+        lm = f", LM {r['lm_nats'][k]:.4f} nats" if "lm_nats" in r else ""
+        print(f"bit {k}: PSNR drop {r['psnr_drop'][k]:.3f} dB, MSE +{r['mse_increase'][k]:.5f}{lm}")
+    print(f"wrote {cmd.out}/bits.json and bits.png")
+
+
 FEATURE_OPTIONS = (
     *named("ref", "split", "limit", "classifier", "inception_weights", "k", "batch_size", "device", "out"),
     Option(("--backend",), "backend", choices=("classifier", "inception")),
@@ -200,7 +223,23 @@ COMMANDS = (
         "final loss against parameters; writes loss.json and loss.png.",
         (Option(("runs",), "runs", nargs="+", metavar="RUN"), *named("out")),
     ),
+    Command(
+        "analyze bits",
+        BitsCommand,
+        bits_command,
+        "what each bit of a binary tokenizer's code costs when flipped, and the LM's loss on it",
+        "Per bit of the cell code (0: most significant): the mean MSE increase and PSNR drop of held-out "
+        "reconstructions when the bit is flipped in a share of the cells, and with --model the LM's "
+        "teacher-forced cross-entropy on it (nats/bit, its sub-code softmax marginalised onto the bit); writes "
+        "bits.json and bits.png.",
+        (
+            *named("tokenizer", "model", "data", "split", "batch_size", "out"),
+            Option(("--limit",), "limit", min=1),
+            Option(("--share",), "share"),
+            Option(("--seed",), "seed", min=0),
+        ),
+    ),
 )
 
 
-ANALYZE_HELP = "the paper's analyses: token randomness, attention locality, loss curves (see docs/analysis.md)"
+ANALYZE_HELP = "the paper's analyses: token randomness, attention, loss curves, bit importance (see docs/analysis.md)"
