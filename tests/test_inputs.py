@@ -12,11 +12,11 @@ import elmgen.train.loop
 from elmgen import checkpoint
 from elmgen.cli import main
 from elmgen.data import DataConfig
+from elmgen.data.loader import default_workers, item_uniforms, micro_batches
 from elmgen.data.transforms import random_hflip, random_shift
 from elmgen.io import read_metrics
 from elmgen.tokenizers import TokenizerConfig
 from elmgen.train import TokenizerJob, TrainConfig, train_tokenizer
-from elmgen.train.inputs import default_workers, item_uniforms, micro_batches
 
 TINY = TokenizerConfig(base_width=16, channel_mult=[1, 2, 2], num_res_blocks=1, latent_dim=16, num_bits=8)
 

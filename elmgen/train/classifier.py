@@ -16,6 +16,7 @@ from elmgen import checkpoint
 from elmgen.checkpoint import CheckpointMeta
 from elmgen.config import to_dict
 from elmgen.data import DataConfig, ImageDataset, absolute_source, load_dataset, random_hflip, random_shift, to_float
+from elmgen.data.loader import item_uniforms
 from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
 from elmgen.evaluation.metrics import class_accuracy
@@ -23,7 +24,6 @@ from elmgen.io import atomic_write_text
 from elmgen.models.classifier import Classifier, ClassifierConfig
 from elmgen.train.config import TrainConfig
 from elmgen.train.distributed import is_main_process
-from elmgen.train.inputs import item_uniforms
 from elmgen.train.loop import fit
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from elmgen import checkpoint
 from elmgen.checkpoint import CheckpointMeta
 from elmgen.config import save_yaml
+from elmgen.data.loader import Load, default_workers, micro_batches
 from elmgen.device import autocast, resolve_precision
 from elmgen.errors import ElmgenError
 from elmgen.io import atomic_write_text, read_metrics, remove_temporaries
@@ -41,7 +42,6 @@ from elmgen.train.distributed import (
     replicate,
     shard,
 )
-from elmgen.train.inputs import Load, default_workers, micro_batches
 
 RUN_FILES = ("metrics.jsonl", "job.yaml", "loss.png", "eval.json", "reconstructions.png")  # what trainers write
 

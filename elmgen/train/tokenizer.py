@@ -14,6 +14,7 @@ import torch.nn as nn
 from elmgen.checkpoint import CheckpointMeta
 from elmgen.config import to_dict
 from elmgen.data import DataConfig, ImageDataset, absolute_source, load_dataset, random_hflip, to_float
+from elmgen.data.loader import item_uniforms
 from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
 from elmgen.evaluation.tokenizer import reconstruction_grid, tokenizer_report
@@ -29,7 +30,6 @@ from elmgen.tokenizers.losses import (
 )
 from elmgen.train.config import OptimizerConfig, TrainConfig
 from elmgen.train.distributed import is_main_process
-from elmgen.train.inputs import item_uniforms
 from elmgen.train.loop import Part, check_training_memory, fit
 
 PREVIEW_IMAGES = 8  # training images reconstructed in TensorBoard at each checkpoint (train.log: tensorboard)
