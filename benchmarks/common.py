@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: the command line, one fresh process per case, timing and
-the machine's own matmul reference.
+the machine's own ceilings (matmul rate, memory bandwidth, the roofline of a step).
 
 Peak memory: every case runs in a fresh interpreter (the script re-invokes itself with `--case`),
 which reports its ru_maxrss (the process's resident-set high-water mark) as `peak_rss_mb`, and as
@@ -69,6 +69,25 @@ def matmul_reference(n: int = 2048, seconds: float = 2.0) -> dict:
             count += 1
         out[f"matmul_gflops_{name}"] = round(2 * n**3 * count / (time.perf_counter() - t) / 1e9, 1)
     return out
+
+
+def memory_bandwidth(mb: int = 256, seconds: float = 1.0) -> dict:
+    """GB/s of repeated copies of an mb-megabyte fp32 tensor (each reads and writes it once), far beyond the
+    caches: the rate at which a decode step can stream its weights."""
+    src = torch.randn(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    count, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        dst.copy_(src)
+        count += 1
+    return {"bandwidth_gbs": round(2 * src.nbytes * count / (time.perf_counter() - t) / 1e9, 1)}
+
+
+def roofline_seconds(weight_bytes: float, flops: float, ceiling: dict, precision: str) -> float:
+    """The least time a step can take on this machine: reading its weights once or doing its FLOPs,
+    whichever is slower (`ceiling`: memory_bandwidth and matmul_reference of the same process)."""
+    return max(weight_bytes / (ceiling["bandwidth_gbs"] * 1e9), flops / (ceiling[f"matmul_gflops_{precision}"] * 1e9))
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

@@ -14,7 +14,9 @@ batch <= 2; `first_call_seconds`), then times `--repeats` calls.
 
 Prints one JSON line per case: seconds per call, tokens/s (generated grid cells per image x images)
 and images/s; KV rows add `speedup_vs_recompute` and `same_tokens_as_recompute` (sampled tokens equal to
-those of the recomputing case of the same batch).
+those of the recomputing case of the same batch). KV-cached AR rows also carry the decode step's roofline
+(max of weight bytes / memory bandwidth and FLOPs / matmul rate, both measured in the case's process:
+`roofline_step_ms`), the measured time per step and `share_of_roofline`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from common import median_seconds, parser, rounded, run
+from common import matmul_reference, median_seconds, memory_bandwidth, parser, roofline_seconds, rounded, run
 
-from elmgen.models import ModelConfig, Transformer, preset
+from elmgen.models import ModelConfig, Transformer, flops_per_token, preset
 from elmgen.sampling import SampleConfig, generate
 
 
@@ -47,6 +49,7 @@ def run_case(c: dict) -> dict:
     images = c["batch"] / seconds
     return rounded(
         {
+            **(decode_roofline(cfg, c, seconds) if c["kind"] == "ar" and c.get("decode") == "kv" else {}),
             "first_call_seconds": first,
             "seconds": seconds,
             "tokens_per_s": images * cfg.num_cells,
@@ -54,6 +57,25 @@ def run_case(c: dict) -> dict:
             "tokens_sha1": hashlib.sha1(tokens[-1].numpy().tobytes()).hexdigest()[:16],
         }
     )
+
+
+def decode_roofline(cfg: ModelConfig, c: dict, seconds: float) -> dict:
+    """The one-cell decode step's roofline on this machine (measured here, after the timed calls) and the
+    share of it the measured calls reach (a call is one step per cell). A step reads every matmul weight
+    once (2 bytes each in bf16: the ideal of a bfloat16 copy of the weights) and does the forward FLOPs of
+    its rows (CFG doubles them)."""
+    cost = flops_per_token(cfg)
+    rows = c["batch"] * (2 if c["guidance_scale"] != 1 else 1)
+    weight_bytes = cost["matmul"] / 2 * (2 if c["precision"] == "bf16" else 4)
+    ceiling = {**memory_bandwidth(), **matmul_reference(seconds=1.0)}
+    step = roofline_seconds(weight_bytes, cost["forward"] * rows, ceiling, c["precision"])
+    return {
+        **ceiling,
+        "weight_mb": weight_bytes / 1e6,
+        "roofline_step_ms": step * 1e3,
+        "measured_step_ms": seconds / cfg.num_cells * 1e3,
+        "share_of_roofline": step * cfg.num_cells / seconds,
+    }
 
 
 def compare(row: dict, earlier: list[dict]) -> None:
