@@ -24,11 +24,12 @@ class OnlyTopBit:
 
 def test_only_the_bit_the_decoder_reads_costs_anything():
     x = torch.full((4, 1, 4, 4), -0.4)  # decoded as -0.5 (error 0.01); with bit 0 flipped as 0.5 (error 0.81)
-    r = flip_costs(OnlyTopBit(), x)
+    tok = OnlyTopBit()
+    r = flip_costs(tok, x, tok.encode_cells(x))
     assert r["mse_increase"][0] == pytest.approx(0.8, rel=1e-4)
     assert r["psnr_drop"][0] == pytest.approx(10 * math.log10(81), rel=1e-4)
     assert r["mse_increase"][1:] == [0.0, 0.0, 0.0] and r["psnr_drop"][1:] == [0.0, 0.0, 0.0]
-    half = flip_costs(OnlyTopBit(), x, share=0.5, seed=1)
+    half = flip_costs(tok, x, tok.encode_cells(x), share=0.5, seed=1)
     assert 0 < half["mse_increase"][0] < r["mse_increase"][0]
 
 

@@ -27,12 +27,11 @@ from elmgen.vocab import Vocab, cells_to_subcodes
 
 
 @torch.no_grad()
-def flip_costs(tokenizer, x_BCHW: torch.Tensor, share: float = 1.0, seed: int = 0) -> dict:
+def flip_costs(tokenizer, x_BCHW: torch.Tensor, cells_BL: torch.Tensor, share: float = 1.0, seed: int = 0) -> dict:
     """Per bit k (lists of K): the mean increase in MSE and drop in PSNR (dB) of the reconstruction of images
-    in [-1, 1] when bit k is flipped in a random share of the cells (all of them at 1) before decoding,
-    against the reconstruction of the unflipped codes."""
+    in [-1, 1] (whose codes are cells_BL) when bit k is flipped in a random share of the cells (all of them at
+    1) before decoding, against the reconstruction of the unflipped codes."""
     K, grid = tokenizer.code_bits, x_BCHW.shape[-1] // tokenizer.cfg.downsample
-    cells_BL = tokenizer.encode_cells(x_BCHW)
     gen = torch.Generator().manual_seed(seed)
     flipped_BL = torch.rand(cells_BL.shape, generator=gen) < share  # the same cells for every bit
 
@@ -115,8 +114,8 @@ def analyze_bits(tokenizer_path, out_dir, cfg: BitsConfig, model_path=None) -> d
     parts, cells, counts = [], [], []
     for start in range(0, n, cfg.batch_size):
         x = to_float(dataset.images(np.arange(start, min(n, start + cfg.batch_size))))
-        parts.append(flip_costs(tokenizer, x, cfg.share, cfg.seed + start))
         cells.append(tokenizer.encode_cells(x))
+        parts.append(flip_costs(tokenizer, x, cells[-1], cfg.share, cfg.seed + start))
         counts.append(len(x))
     w = np.array(counts) / n
     keys = ("mse_increase", "psnr_drop", "base_mse")

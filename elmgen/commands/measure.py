@@ -233,9 +233,8 @@ COMMANDS = (
         "teacher-forced cross-entropy on it (nats/bit, its sub-code softmax marginalised onto the bit); writes "
         "bits.json and bits.png.",
         (
-            *named("tokenizer", "model", "data", "split", "batch_size", "out"),
+            *named("tokenizer", "model", "data", "split", "share", "batch_size", "out"),
             Option(("--limit",), "limit", min=1),
-            Option(("--share",), "share"),
             Option(("--seed",), "seed", min=0),
         ),
     ),
