@@ -24,9 +24,12 @@ from a work folder left by a run with other settings it deletes only the files i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import reprlib
+from collections.abc import Iterator
 from fnmatch import fnmatch
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from elmgen.data import ImageDataset, to_float
+from elmgen.data.loader import decoded, default_workers, micro_batches
 from elmgen.data.transforms import CROPS, crop_source_size, crop_views
 from elmgen.errors import ElmgenError
 from elmgen.io import TMP_PREFIX, atomic_save_npy, atomic_write_text, publish_folder, read_json
@@ -80,6 +84,7 @@ def tokenize(
     shard_size: int = 8192,
     rank: int = 0,
     world: int = 1,
+    workers: int | None = None,
 ) -> dict:
     """Encode `dataset` into a code folder; returns its meta.
 
@@ -89,6 +94,8 @@ def tokenize(
     deterministic codes; N > 0 (binary autoencoder only) stores N Bernoulli draws of every view.
     rank, world: this process among `world` of a joined process group (`train.distributed.distributed`);
     every process calls `tokenize` with the same arguments and encodes its share of the shards.
+    workers: processes decoding images ahead of the encoder (None: `default_workers`); the codes do not depend
+    on it.
     """
     K = tokenizer.code_bits
     _check_settings(tokenizer_meta, dataset, vocab, K, crops, num_crops, crop_range, draws, batch_size, shard_size)
@@ -102,9 +109,14 @@ def tokenize(
         atomic_write_text(work / "plan.json", json.dumps(plan, indent=2))
     _wait_for_all(world)  # plan.json first: a kill from here on leaves a folder that resumes
     # The missing shards, dealt out in turn: processes of a resumed run get equal shares, so none waits long
-    todo = [(s, name) for s, name in enumerate(plan["shards"]) if not (work / name).is_file()]
-    for s, name in tqdm(todo[rank::world], desc="tokenize", unit="shard", disable=rank != 0):
-        atomic_save_npy(work / name, _encode_shard(tokenizer, dataset, plan, s, batch_size))
+    todo = [(s, name) for s, name in enumerate(plan["shards"]) if not (work / name).is_file()][rank::world]
+    device = next(tokenizer.parameters()).device
+    batches = ((s, ids) for s, _ in todo for ids in _shard_batches(plan, s, batch_size))
+    workers = default_workers(dataset.in_memory) if workers is None else workers
+    images = micro_batches(partial(decoded, dataset), workers, seed, batches, device)
+    with contextlib.closing(images):  # closing the generator stops the workers
+        for s, name in tqdm(todo, desc="tokenize", unit="shard", disable=rank != 0):
+            atomic_save_npy(work / name, _encode_shard(tokenizer, plan, s, batch_size, images))
     _wait_for_all(world)
     if rank == 0:
         _finish(work, out_dir, dataset, plan)
@@ -237,18 +249,31 @@ def _check_settings(
         raise ElmgenError(f"tokenize needs the images at {source} px (image size {size} x crop range {crop_range})")
 
 
-def _encode_shard(tokenizer: Autoencoder, dataset: ImageDataset, plan: dict, shard: int, batch_size: int) -> np.ndarray:
-    """The codes (R, N, L) of one shard: every view of its images, view by view (see the module docstring)."""
+def _shard_images(plan: dict, shard: int) -> np.ndarray:
+    return np.arange(shard * plan["shard_size"], min(plan["images"], (shard + 1) * plan["shard_size"]))
+
+
+def _shard_batches(plan: dict, shard: int, batch_size: int) -> list[np.ndarray]:
+    """The image indices of each encoder call of one shard, in order."""
+    images = _shard_images(plan, shard)
+    return [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
+
+
+def _encode_shard(
+    tokenizer: Autoencoder, plan: dict, shard: int, batch_size: int, images: Iterator[torch.Tensor]
+) -> np.ndarray:
+    """The codes (R, N, L) of one shard: every view of its images, view by view (see the module docstring);
+    `images` yields the shard's decoded batches (`_shard_batches`) in order."""
     device = next(tokenizer.parameters()).device
     K, grid, size, seed, draws = plan["bits"], plan["grid"], plan["image_size"], plan["seed"], plan["draws"]
-    images = np.arange(shard * plan["shard_size"], min(plan["images"], (shard + 1) * plan["shard_size"]))
-    codes_RNL = np.empty((max(1, draws), plan["views"] * len(images), grid * grid), dtype=code_dtype(K))
-    for start in range(0, len(images), batch_size):
-        ids = images[start : start + batch_size]
-        x = to_float(dataset.images(ids)).to(device)
+    n = len(_shard_images(plan, shard))
+    codes_RNL = np.empty((max(1, draws), plan["views"] * n, grid * grid), dtype=code_dtype(K))
+    for ids in _shard_batches(plan, shard, batch_size):
+        start = int(ids[0]) - shard * plan["shard_size"]
+        x = to_float(next(images)).to(device)
         cut = crop_views(x, size, plan["crops"], plan["num_crops"], ids, seed)
         for v, view in enumerate(cut + [c.flip(-1) for c in cut] if plan["flip"] else cut):
-            rows = v * len(images) + start + np.arange(len(ids))
+            rows = v * n + start + np.arange(len(ids))
             if draws:
                 uniforms = uniforms_for([item_seed(seed, i, v) for i in ids], (draws, K, grid, grid)).to(device)
                 codes_RNL[:, rows] = tokenizer.draw_cells(view, uniforms).transpose(0, 1).cpu().numpy()

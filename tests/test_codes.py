@@ -49,6 +49,8 @@ PIXEL_META = {"path": "pixels", "fingerprint": "0", "kind": "pixels", "grid": SI
 
 
 class Pictures(ImageDataset):
+    in_memory = True
+
     def __init__(self, n: int, side: int):
         self.pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, 1, side, side), dtype=np.uint8))
         self.labels = np.arange(n) % 3

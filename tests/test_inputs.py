@@ -14,6 +14,7 @@ from elmgen.cli import main
 from elmgen.data import DataConfig
 from elmgen.data.loader import default_workers, item_uniforms, micro_batches
 from elmgen.data.transforms import random_hflip, random_shift
+from elmgen.evaluation.sources import DatasetImages
 from elmgen.io import read_metrics
 from elmgen.tokenizers import TokenizerConfig
 from elmgen.train import TokenizerJob, TrainConfig, train_tokenizer
@@ -100,3 +101,34 @@ def test_a_corrupt_file_found_in_a_worker_is_one_line(image_folder, tmp_path, mo
     lines = [line for line in err.splitlines() if line.startswith("elmgen: error:")]
     assert code == 2 and len(lines) == 1 and str(bad) in lines[0], err
     assert "Traceback" not in err
+
+
+def test_tokenize_with_workers_writes_the_files_it_writes_without(
+    image_folder, tmp_path, monkeypatch, capsys, one_thread
+):
+    train_tokenizer(folder_job(image_folder, 1, 100, workers=0), tmp_path / "tok")
+    argv = ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--flip", "--batch-size", "3", "--shard-size", "5"]
+    for workers in (0, 2):
+        assert main([*argv, "--out", str(tmp_path / f"codes{workers}"), "--workers", str(workers)]) == 0
+    names = sorted(p.name for p in (tmp_path / "codes0").iterdir())
+    assert len([n for n in names if n.startswith("shard_")]) >= 3  # several shards, each of several batches
+    assert names == sorted(p.name for p in (tmp_path / "codes2").iterdir())
+    for name in names:
+        assert (tmp_path / "codes0" / name).read_bytes() == (tmp_path / "codes2" / name).read_bytes(), name
+    capsys.readouterr()
+
+    monkeypatch.setattr(elmgen.data.datasets, "CHECK_AT_LOAD_MAX_FILES", 0)  # as for a large folder: found late
+    bad = image_folder / "class_2" / "broken.png"
+    bad.write_bytes(b"not a png")
+    assert main([*argv, "--out", str(tmp_path / "codes_bad"), "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("elmgen: error:")]
+    assert len(lines) == 1 and str(bad) in lines[0] and "Traceback" not in err, err
+
+
+def test_reference_images_decoded_by_workers_are_the_ones_read_without(image_folder):
+    cfg = DataConfig(source=str(image_folder), image_size=16, channels=3)
+    plain, fed = (list(DatasetImages(cfg, 16, 3, workers).batches(5, 16, 3)) for workers in (0, 2))
+    n = len(DatasetImages(cfg, 16, 3, 0))
+    assert [b.shape for b in plain] == [(min(5, n - s), 3, 16, 16) for s in range(0, n, 5)] and n > 5
+    assert all(np.array_equal(a, b) for a, b in zip(plain, fed, strict=True))

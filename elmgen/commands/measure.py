@@ -18,7 +18,7 @@ from elmgen.analysis import (
     analyze_randomness,
     randomness_markdown,
 )
-from elmgen.commands.base import OUT, POSITIVE, Command, Option, defaults_of, job_of, named
+from elmgen.commands.base import NON_NEGATIVE, OUT, POSITIVE, Command, Option, defaults_of, job_of, named
 from elmgen.data import DataConfig
 from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
@@ -40,6 +40,8 @@ class FeatureOptions:
     inception_weights: str | None = None  # FID Inception weights file (default: $ELMGEN_INCEPTION_WEIGHTS)
     k: int = field(default=EVALUATE["k"], metadata=POSITIVE)  # neighbourhood size of the precision/recall manifolds
     batch_size: int = field(default=EVALUATE["batch_size"], metadata=POSITIVE)  # images per extractor call
+    workers: int | None = field(default=None, metadata=NON_NEGATIVE)  # processes decoding a reference folder (default:
+    # one per core but one; none for Fashion-MNIST, held in memory)
     device: str = "auto"  # auto, cpu, cuda[:N] or mps
 
 
@@ -58,7 +60,9 @@ class EvalCommand(FeatureOptions):
 
 def eval_command(cmd: EvalCommand) -> None:
     extractor, ref = extractor_and_reference(cmd)
-    text = json.dumps(evaluate_samples(cmd.samples, ref, extractor, cmd.k, cmd.splits, cmd.batch_size), indent=2)
+    text = json.dumps(
+        evaluate_samples(cmd.samples, ref, extractor, cmd.k, cmd.splits, cmd.batch_size, workers=cmd.workers), indent=2
+    )
     if cmd.out:
         Path(cmd.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(cmd.out), text + "\n")
@@ -74,7 +78,7 @@ def ref_stats_command(cmd: RefStatsCommand) -> None:
     if is_stats_file(cmd.ref):
         raise ElmgenError(f"{cmd.ref} already holds statistics; pass images or a data set as --ref")
     extractor, ref = extractor_and_reference(cmd)
-    stats = open_reference(ref, extractor, cmd.batch_size, cmd.k)
+    stats = open_reference(ref, extractor, cmd.batch_size, cmd.k, cmd.workers)
     path = save_ref_stats(stats, cmd.out)
     print(
         json.dumps(
@@ -155,7 +159,7 @@ def bits_command(cmd: BitsCommand) -> None:
 
 
 FEATURE_OPTIONS = (
-    *named("ref", "split", "limit", "classifier", "inception_weights", "k", "batch_size", "device", "out"),
+    *named("ref", "split", "limit", "classifier", "inception_weights", "k", "batch_size", "workers", "device", "out"),
     Option(("--backend",), "backend", choices=("classifier", "inception")),
 )
 

@@ -69,6 +69,8 @@ class TokenizeCommand:
     limit: int | None = field(default=None, metadata=POSITIVE)  # encode only the first N images
     batch_size: int = field(default=TOKENIZE["batch_size"], metadata=POSITIVE)  # images per encoder call
     shard_size: int = field(default=TOKENIZE["shard_size"], metadata=POSITIVE)  # images a shard (the unit of resuming)
+    workers: int | None = field(default=None, metadata=NON_NEGATIVE)  # processes decoding images (default: none for
+    # Fashion-MNIST, held in memory; one per core but one for a folder); the codes are the same with any number
     device: str = "auto"  # auto (under torchrun: the process's GPU), cpu, cuda[:N] or mps
 
 
@@ -85,7 +87,9 @@ def tokenize_command(cmd: TokenizeCommand) -> None:
     vocab = Vocab.parse(cmd.vocab) if cmd.vocab else tokenizer.default_vocab
     options = ("flip", "crops", "num_crops", "crop_range", "draws", "seed", "batch_size", "shard_size")
     settings = {k: getattr(cmd, k) for k in options}
-    out = tokenize(tokenizer, meta, load_dataset(data), cmd.out, vocab, rank=rank, world=world, **settings)
+    out = tokenize(
+        tokenizer, meta, load_dataset(data), cmd.out, vocab, rank=rank, world=world, workers=cmd.workers, **settings
+    )
     if rank == 0:
         print(json.dumps({k: v for k, v in out.items() if k != "shards"}, indent=2))
 
@@ -112,7 +116,9 @@ COMMANDS = (
             *named("tokenizer", "out", "data", "split", "vocab"),
             Option(("--flip",), "flip", const=True),
             Option(("--crops",), "crops", choices=CROPS),
-            *named("num_crops", "crop_range", "draws", "seed", "limit", "batch_size", "shard_size", "device"),
+            *named(
+                "num_crops", "crop_range", "draws", "seed", "limit", "batch_size", "shard_size", "workers", "device"
+            ),
         ),
     ),
 )

@@ -41,6 +41,11 @@ def item_uniforms(seed: int, step: int, idx: np.ndarray, draws: int) -> torch.Te
     return uniforms_for([item_seed(seed, step, int(i)) for i in idx], (draws,))
 
 
+def decoded(dataset, step: int, idx: np.ndarray) -> torch.Tensor:
+    """A Load that only decodes: the uint8 images `idx` of an ImageDataset (bind it with functools.partial)."""
+    return dataset.images(idx)
+
+
 @dataclass
 class Failed:
     """A worker's ElmgenError, carried back as data: the main process raises it as the one line it is (a

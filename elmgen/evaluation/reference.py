@@ -82,20 +82,22 @@ def load_ref_stats(path) -> RefStats:
         )
 
 
-def open_reference(spec: str | Path | DataConfig, extractor, batch_size: int = 250, k: int = 3) -> RefStats:
-    """A data set (DataConfig, 'fashion-mnist' or a class folder), an .npz of images, or an .npz of statistics."""
+def open_reference(
+    spec: str | Path | DataConfig, extractor, batch_size: int = 250, k: int = 3, workers: int | None = None
+) -> RefStats:
+    """A data set (DataConfig, 'fashion-mnist' or a class folder; decoded by `workers` processes, None: the
+    default), an .npz of images, or an .npz of statistics."""
+    if isinstance(spec, str | Path) and Path(spec).suffix != ".npz":
+        spec = DataConfig(source=str(spec))
     if isinstance(spec, DataConfig):
-        return reference_stats(extractor, DatasetImages(spec, extractor.image_size, extractor.channels), batch_size, k)
+        images = DatasetImages(spec, extractor.image_size, extractor.channels, workers)
+        return reference_stats(extractor, images, batch_size, k)
     path = Path(spec)
-    if path.suffix == ".npz":
-        if not path.is_file():
-            raise ElmgenError(f"reference file not found: {path}")
-        if is_stats_file(path):
-            return check_stats(load_ref_stats(path), extractor, path)
-        return reference_stats(extractor, NpzImages([path]), batch_size, k)
-    return reference_stats(
-        extractor, DatasetImages(DataConfig(source=str(spec)), extractor.image_size, extractor.channels), batch_size, k
-    )
+    if not path.is_file():
+        raise ElmgenError(f"reference file not found: {path}")
+    if is_stats_file(path):
+        return check_stats(load_ref_stats(path), extractor, path)
+    return reference_stats(extractor, NpzImages([path]), batch_size, k)
 
 
 def check_stats(stats: RefStats, extractor, path) -> RefStats:

@@ -20,7 +20,14 @@ from elmgen.evaluation.sources import ImageSource, open_samples
 
 
 def evaluate_samples(
-    samples, reference, extractor, k: int = 3, splits: int = 10, batch_size: int = 250, per_sample: bool = False
+    samples,
+    reference,
+    extractor,
+    k: int = 3,
+    splits: int = 10,
+    batch_size: int = 250,
+    per_sample: bool = False,
+    workers: int | None = None,
 ) -> dict:
     """FID, Inception Score, precision/recall and (for labelled samples and the classifier) class accuracy.
 
@@ -28,10 +35,11 @@ def evaluate_samples(
     reference: a RefStats, a DataConfig, or a path accepted by `open_reference`. The result names the feature space
     (extractor and fingerprint) and the sample and reference counts; JSON-able. per_sample: "per_sample" also holds,
     as lists in the samples' order, each image's part of the figures that are means over images: precision (1.0
-    inside the reference manifold) and, for labelled samples, its `class_scores`.
+    inside the reference manifold) and, for labelled samples, its `class_scores`. workers: processes decoding a
+    reference data set.
     """
     source = samples if isinstance(samples, ImageSource) else open_samples(samples)
-    ref = reference if isinstance(reference, RefStats) else open_reference(reference, extractor, batch_size, k)
+    ref = reference if isinstance(reference, RefStats) else open_reference(reference, extractor, batch_size, k, workers)
     feats_ND, probs_NY = extract(extractor, source, batch_size)
     mu, sigma = feature_stats(feats_ND)
     is_mean, is_std = inception_score(probs_NY, splits)

@@ -3,15 +3,19 @@ folders of images, and data sets."""
 
 from __future__ import annotations
 
+import contextlib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from elmgen.data import IMAGE_SUFFIXES, DataConfig, center_crop_resize, load_dataset, load_pixels
+from elmgen.data.loader import decoded, default_workers, micro_batches
 from elmgen.errors import ElmgenError
 from elmgen.sampling import SHARD_FILE
 
@@ -138,19 +142,24 @@ class FolderImages(ImageSource):
 
 
 class DatasetImages(ImageSource):
-    """A data set (Fashion-MNIST, a class folder) loaded at the extractor's resolution and channels."""
+    """A data set (Fashion-MNIST, a class folder) loaded at the extractor's resolution and channels, decoded by
+    `workers` processes (None: `default_workers`)."""
 
-    def __init__(self, cfg: DataConfig, size: int, channels: int):
+    def __init__(self, cfg: DataConfig, size: int, channels: int, workers: int | None = None):
         self.dataset = load_dataset(replace(cfg, image_size=size, channels=channels))
         self.labels, self.name = self.dataset.labels, self.dataset.name
+        self.workers = default_workers(self.dataset.in_memory) if workers is None else workers
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def batches(self, batch_size: int, size: int, channels: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(self.dataset), batch_size):
-            batch = self.dataset.images(np.arange(start, min(len(self.dataset), start + batch_size))).numpy()
-            yield conform(batch.transpose(0, 2, 3, 1), size, channels, self.name)
+        n = len(self.dataset)
+        pairs = ((s, np.arange(s, min(n, s + batch_size))) for s in range(0, n, batch_size))
+        images = micro_batches(partial(decoded, self.dataset), self.workers, 0, pairs, torch.device("cpu"))
+        with contextlib.closing(images):  # closing the generator stops the workers
+            for batch in images:
+                yield conform(batch.numpy().transpose(0, 2, 3, 1), size, channels, self.name)
 
 
 def open_samples(paths) -> ImageSource:

@@ -164,7 +164,8 @@ def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, num_samples: int, tokeniz
     if ref_file.is_file():
         ref = open_reference(ref_file, extractor)  # refuses statistics of another classifier
     else:
-        ref = open_reference(replace(cfg.tokenizer.data, split="train", limit=cfg.reference_images), extractor)
+        data = replace(cfg.tokenizer.data, split="train", limit=cfg.reference_images)
+        ref = open_reference(data, extractor, workers=cfg.classifier.train.workers)
         save_ref_stats(ref, ref_file)
     # the Inception Score needs a sample per split: few classes x few samples get fewer splits
     result = evaluate_samples(
@@ -247,7 +248,14 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     t = time.perf_counter()
     vocab = Vocab.parse(cfg.lm.model.vocab)
     if not (dirs.codes / "meta.json").is_file():
-        tokenize(tokenizer, tok_meta, load_dataset(cfg.tokenizer.data), dirs.codes, vocab)
+        tokenize(
+            tokenizer,
+            tok_meta,
+            load_dataset(cfg.tokenizer.data),
+            dirs.codes,
+            vocab,
+            workers=cfg.tokenizer.train.workers,
+        )
     timings["tokenize"] = time.perf_counter() - t
 
     t = time.perf_counter()
