@@ -9,7 +9,7 @@ from PIL import Image
 import elmgen.train.budget
 from elmgen.cli import main
 from elmgen.data import inspect_folder
-from elmgen.data.shapes import SHAPES, make_shapes
+from elmgen.data.shapes import PALETTE, SHAPES, make_shapes
 from elmgen.errors import ElmgenError
 
 # A run small enough for the test suite: the same pipeline, a fraction of its size.
@@ -47,6 +47,20 @@ def test_shapes_differ_by_shape_not_colour(tmp_path):
     assert (again / "ring" / "00002.png").read_bytes() == (root / "ring" / "00002.png").read_bytes()
     with pytest.raises(ElmgenError, match="not empty"):
         make_shapes(root)
+
+
+def test_palette_shapes_use_only_the_palette_colours(tmp_path, capsys):
+    root = make_shapes(tmp_path / "p", num_classes=2, per_class=6, size=24, seed=3, palette=3)
+    allowed = {tuple(c) for c in PALETTE[:3]}
+    for png in root.glob("*/*.png"):
+        pixels = np.asarray(Image.open(png)).reshape(-1, 3)
+        colours, counts = np.unique(pixels, axis=0, return_counts=True)
+        pure = {tuple(c) for c in colours} & allowed
+        assert len(pure) == 2  # a background and a shape, two distinct palette colours
+        share = counts[[tuple(c) in allowed for c in colours]].sum() / len(pixels)
+        assert share > 0.8, (png, share)  # the rest are the antialiased edges between the two
+    assert main(["shapes", "--out", str(tmp_path / "bad"), "--palette", "9"]) == 2
+    assert "--palette must be 0 (any colour) or in 2..8" in capsys.readouterr().err
 
 
 def test_inspect_folder_detects_channels_and_size(shapes, tmp_path):

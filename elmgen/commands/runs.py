@@ -123,10 +123,11 @@ class ShapesCommand:
     per_class: int = field(default=SHAPES["per_class"], metadata=POSITIVE)  # images per shape
     size: int = field(default=SHAPES["size"], metadata=POSITIVE)  # image side in px
     seed: int = field(default=SHAPES["seed"], metadata=NON_NEGATIVE)  # colours, sizes, places, rotations
+    palette: int = field(default=SHAPES["palette"], metadata=NON_NEGATIVE)  # colours from this many (2-8); 0: any
 
 
 def shapes_command(cmd: ShapesCommand) -> None:
-    out = make_shapes(cmd.out, cmd.classes, cmd.per_class, cmd.size, cmd.seed)
+    out = make_shapes(cmd.out, cmd.classes, cmd.per_class, cmd.size, cmd.seed, cmd.palette)
     print(f"wrote {cmd.classes * cmd.per_class} images to {out}/<shape>/")
 
 
@@ -201,7 +202,7 @@ COMMANDS = (
         "write a synthetic class folder of coloured shapes",
         "Coloured shapes on coloured backgrounds, one sub-folder per shape: the class is the shape, never the "
         "colour. A folder to try 'elmgen run --data' on.",
-        named("out", "classes", "per_class", "size", "seed"),
+        named("out", "classes", "per_class", "size", "seed", "palette"),
     ),
     Command(
         "check-data",

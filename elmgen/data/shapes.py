@@ -17,6 +17,10 @@ from elmgen.errors import ElmgenError
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 SUPERSAMPLE = 4  # shapes are drawn this much larger and box-filtered down, for clean edges
+# the corners of the RGB cube: any two differ by at least 255 in one channel, so every pair is visible
+PALETTE = np.array(
+    [[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [255, 0, 255]]
+)
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -49,13 +53,23 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
 
-def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB image of `kind` with a random colour, background, radius, position and rotation."""
-    big = size * SUPERSAMPLE
+def _colours(rng: np.random.Generator, palette: int) -> tuple[np.ndarray, np.ndarray]:
+    """(background, shape colour): two distinct colours of the first `palette` of PALETTE, or any two RGB
+    colours far enough apart when `palette` is 0."""
+    if palette:
+        background, colour = PALETTE[rng.choice(palette, 2, replace=False)]
+        return background, colour
     background = rng.integers(0, 256, 3)
     colour = rng.integers(0, 256, 3)
     while np.abs(colour - background).sum() < 200:  # keep the shape visible against its background
         colour = rng.integers(0, 256, 3)
+    return background, colour
+
+
+def draw_shape(kind: str, size: int, rng: np.random.Generator, palette: int = 0) -> Image.Image:
+    """One RGB image of `kind` with a random colour, background, radius, position and rotation."""
+    big = size * SUPERSAMPLE
+    background, colour = _colours(rng, palette)
     img = Image.new("RGB", (big, big), tuple(int(v) for v in background))
     draw = ImageDraw.Draw(img)
     r = big * rng.uniform(0.22, 0.4)
@@ -73,11 +87,14 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def make_shapes(
-    out_dir: str | Path, num_classes: int = 4, per_class: int = 1000, size: int = 32, seed: int = 0
+    out_dir: str | Path, num_classes: int = 4, per_class: int = 1000, size: int = 32, seed: int = 0, palette: int = 0
 ) -> Path:
-    """Write `per_class` images of each of the first `num_classes` shapes to out_dir/<shape>/NNNNN.png."""
+    """Write `per_class` images of each of the first `num_classes` shapes to out_dir/<shape>/NNNNN.png, in
+    colours of the first `palette` corners of the RGB cube (2-8), or of any colour (0)."""
     if not 2 <= num_classes <= len(SHAPES):
         raise ElmgenError(f"--classes must be in 2..{len(SHAPES)} ({', '.join(SHAPES)}), not {num_classes}")
+    if palette and not 2 <= palette <= len(PALETTE):
+        raise ElmgenError(f"--palette must be 0 (any colour) or in 2..{len(PALETTE)}, not {palette}")
     if per_class < 1 or size < 8:
         raise ElmgenError(f"need at least 1 image per class and 8 px (got {per_class}, {size} px)")
     out = Path(out_dir)
@@ -88,5 +105,5 @@ def make_shapes(
         folder = out / kind
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            draw_shape(kind, size, rng).save(folder / f"{i:05d}.png")
+            draw_shape(kind, size, rng, palette).save(folder / f"{i:05d}.png")
     return out
