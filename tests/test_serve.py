@@ -23,10 +23,13 @@ from elmgen.models import ModelConfig, Transformer, preset
 from elmgen.sampling import SampleConfig, grey_cells, outpaint_grid
 from elmgen.serve import Run, sample_command_line, sample_settings
 from elmgen.serve.app import (
+    editor_picture,
     generate_images,
     generate_progressively,
+    inpaint_image,
     inspect_attention,
     outpaint_image,
+    painted_cells,
     reconstruct_image,
 )
 from elmgen.tokenizers import Autoencoder, TokenizerConfig
@@ -148,6 +151,42 @@ def test_the_tokenizers_reconstruction_and_codes(tmp_path):
     assert len(cells) == 4 and all(len(row) == 4 for row in cells)
     expected = run.tokenizer.encode_cells(image[None].float() / 127.5 - 1)
     assert torch.equal(torch.tensor(cells).flatten(), expected[0])
+
+
+def test_painted_cells_are_the_cells_a_stroke_covers():
+    layer = np.zeros((64, 64, 4), np.uint8)  # a 4x4 grid of 16 px cells
+    layer[16:32, 0:40, 3] = 255  # row 1: cells 0 and 1 whole, cell 2 half
+    layer[60:64, 48:64, 3] = 255  # a quarter of cell (3, 3): just enough
+    layer[0:3, 0:3, 3] = 255  # a graze of cell (0, 0): 9 of its 256 pixels
+    hole = painted_cells([np.zeros_like(layer), layer], 4)
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[1, :3] = expected[3, 3] = True
+    assert torch.equal(hole, expected)
+    assert painted_cells([np.zeros((64, 64, 4), np.uint8)], 4) is None and painted_cells([], 4) is None
+    odd = np.zeros((50, 50, 4), np.uint8)  # a canvas the grid does not divide
+    odd[:25, :, 3] = 255
+    assert painted_cells([odd], 4)[:2].all() and not painted_cells([odd], 4)[2:].any()
+
+
+def test_the_canvas_shows_the_image_larger_with_its_cell_lines():
+    image = torch.randint(1, 256, (1, 8, 8), dtype=torch.uint8)
+    picture = editor_picture(image, 4)  # 4x4 cells of 2 px, shown 8x: lines every 16 px
+    assert picture.shape == (64, 64, 3) and picture.dtype == np.uint8
+    assert np.array_equal(picture[1::8, 1::8], image[0, :, :, None].expand(8, 8, 3).numpy())
+    assert np.array_equal(picture[16, 5], (image[0, 2, 0].repeat(3).numpy().astype(int) + 128) // 2)
+
+
+def test_inpainting_regenerates_exactly_the_marked_cells(tmp_path):
+    run, image = tiny_run("mlm"), torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8)
+    hole = torch.zeros(4, 4, dtype=torch.bool)
+    hole[0, 1] = hole[1, 1] = hole[1, 2] = hole[3, 0] = True  # no rectangle
+    png = inpaint_image(run, image, 1, hole, SampleConfig(seed=2, steps=4), tmp_path)
+    shown = np.asarray(Image.open(png))[2 * 4 : 10 * 4 : 4, 12 * 4 : 20 * 4 : 4]  # the masked input, at 1x
+    assert np.array_equal(shown, grey_cells(image[None], hole.view(1, 16))[0, 0].numpy())
+    with pytest.raises(ElmgenError, match="mark at least one cell"):
+        inpaint_image(run, image, 1, torch.zeros(4, 4, dtype=torch.bool), SampleConfig(), tmp_path)
+    with pytest.raises(ElmgenError, match="needs a masked model"):
+        inpaint_image(tiny_run("ar"), image, 1, hole, SampleConfig(), tmp_path)
 
 
 def test_serve_without_gradio_is_one_line(monkeypatch, capsys):
@@ -294,6 +333,23 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
             page.wait_for_function("document.querySelector('#edit-status textarea').value.startsWith('ok')")
             edited = grid_of(page, base, "#edited")
             assert edited.size == ((3 * 34 + 2) * 4, 36 * 4)  # original, masked input, result; 4x
+            box = page.locator("#edit-canvas .pixi-target canvas").bounding_box()  # the image, centred
+            x, y = box["x"] + box["width"] / 2 - 60, box["y"] + box["height"] / 2 - 20
+            page.mouse.move(x, y)  # a stroke across the upper middle of the image: one row of cells
+            page.mouse.down()
+            for step in range(13):
+                page.mouse.move(x + 10 * step, y)
+            page.mouse.up()
+            page.locator("#inpaint").click()
+            page.wait_for_function("document.querySelector('#edit-status textarea').value.includes('painted')")
+            status = page.locator("#edit-status textarea").input_value()
+            painted = int(re.fullmatch(r"ok: test image 0, (\d+) painted cells regenerated", status).group(1))
+            blanked = np.asarray(grid_of(page, base, "#edited").convert("L"))[8:136:4, 144:272:4]  # at 1x
+            grey_rc = (blanked.reshape(8, 4, 8, 4) == 128).all(axis=(1, 3))  # the cells shown grey
+            rows, cols = np.nonzero(grey_rc)
+            assert 2 <= painted <= 8 and len(rows) == painted and set(rows) <= {2, 3, 4} and len(set(rows)) == 1
+            assert cols.max() - cols.min() == painted - 1  # one unbroken run of cells, as the stroke was
+            page.screenshot(path=str(tmp_path / "serve-edit.png"), full_page=True)
             photo = tmp_path / "upload.png"
             Image.fromarray(np.tile(np.arange(0, 250, 5, dtype=np.uint8), (40, 1))).convert("RGB").save(photo)
             page.locator("#edit-upload input[type=file]").set_input_files(str(photo))

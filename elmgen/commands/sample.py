@@ -26,6 +26,7 @@ from elmgen.sampling import (
     inpaint_images,
     outpaint_grid,
     outpaint_images,
+    rectangle_hole,
     sample_images,
     shard_name,
     share,
@@ -140,7 +141,9 @@ def inpaint_command(cmd: InpaintCommand) -> None:
         list(cmd.indices),
     )
     seeds = image_seeds(cmd.sample.seed, labels, torch.arange(len(labels)))
-    result, blanked = inpaint_images(model, tokenizer, images, labels, tuple(cmd.region), cmd.sample, seeds)
+    result, blanked = inpaint_images(
+        model, tokenizer, images, labels, rectangle_hole(tuple(cmd.region), model.cfg.grid_size), cmd.sample, seeds
+    )
     out = Path(cmd.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = torch.stack([images, blanked, result], 1).flatten(0, 1)  # per image: original, input, result

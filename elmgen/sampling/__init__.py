@@ -9,6 +9,7 @@ from elmgen.sampling.editing import (
     outpaint_ar,
     outpaint_grid,
     outpaint_images,
+    rectangle_hole,
     window_starts,
 )
 from elmgen.sampling.generate import (

@@ -22,31 +22,39 @@ from elmgen.vocab import cells_to_subcodes, subcodes_to_cells
 MAX_OUTPAINT_WINDOWS = 1024  # an outpainting canvas costs one full AR decode per window: bound it
 
 
+def rectangle_hole(region: tuple[int, int, int, int], grid: int) -> torch.Tensor:
+    """The cells of a rectangle (top, left, height, width) of a `grid` x `grid` grid, as a (grid, grid) bool mask."""
+    top, left, height, width = region
+    if not (0 <= top and 0 <= left and height > 0 and width > 0 and top + height <= grid and left + width <= grid):
+        raise ElmgenError(f"region {region} (top left height width, in cells) must fit the {grid}x{grid} grid")
+    hole_hw = torch.zeros(grid, grid, dtype=torch.bool)
+    hole_hw[top : top + height, left : left + width] = True
+    return hole_hw
+
+
 @torch.no_grad()
 def inpaint_images(
     model: Transformer,
     tokenizer: Autoencoder,
     images_BCHW: torch.Tensor,
     labels_B: torch.Tensor,
-    region: tuple[int, int, int, int],
+    hole_hw: torch.Tensor,
     cfg: SampleConfig,
     seeds: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Regenerate a rectangle of grid cells (top, left, height, width) of real uint8 images with the MLM.
+    """Regenerate the grid cells marked in `hole_hw` (bool, grid x grid: any shape, e.g. `rectangle_hole`'s)
+    of real uint8 images with the MLM, given all the others.
 
-    Returns the inpainted images and the inputs with the region blanked (for showing), both uint8.
+    Returns the inpainted images and the inputs with the hole blanked (for showing), both uint8.
     """
     if model.cfg.kind != "mlm":
         raise ElmgenError("inpainting needs a masked model (trained with --kind mlm)")
     g = model.cfg.grid_size
-    top, left, height, width = region
-    if not (0 <= top and 0 <= left and height > 0 and width > 0 and top + height <= g and left + width <= g):
-        raise ElmgenError(f"region {region} (top left height width, in cells) must fit the {g}x{g} grid")
+    if hole_hw.shape != (g, g) or not bool(hole_hw.any()):
+        raise ElmgenError(f"mark at least one cell of the {g}x{g} grid to inpaint (got a {tuple(hole_hw.shape)} mask)")
     device = next(model.parameters()).device
     cells_BL = tokenizer.encode_cells(to_float(images_BCHW).to(next(tokenizer.parameters()).device))
     sub_BLn = cells_to_subcodes(cells_BL, model.cfg.vocabulary).to(device)
-    hole_hw = torch.zeros(g, g, dtype=torch.bool)
-    hole_hw[top : top + height, left : left + width] = True
     known_BL = (~hole_hw.flatten()).expand(len(labels_B), -1)
     out_BLn = generate_mlm(model, labels_B.to(device), cfg, seeds, sub_BLn, known_BL)
     return decode_images(model, tokenizer, out_BLn), grey_cells(images_BCHW, ~known_BL)
