@@ -6,7 +6,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "elmgen"
 # Lowest first: a module may import from its own unit and from units of lower layers only.
 LAYERS = [
-    {"errors", "io", "config", "checkpoint", "device", "rng", "plots", "vocab", "schedules"},
+    {"errors", "io", "config", "checkpoint", "device", "rng", "plots", "vocab", "schedules", "stats"},
     {"data"},
     {"tokenizers"},
     {"codes"},

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from elmgen.evaluation.stats import mean_interval, paired_bootstrap
+from elmgen.stats import mean_interval, paired_bootstrap
 
 
 def test_mean_interval_matches_the_t_formula():

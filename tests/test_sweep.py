@@ -8,9 +8,9 @@ import elmgen.pipeline.stages
 from elmgen.cli import main
 from elmgen.config import build_config
 from elmgen.errors import ElmgenError
-from elmgen.evaluation import mean_interval
 from elmgen.pipeline import SweepConfig, apply_overrides, expand, fit_to_codes, shared_dirs
 from elmgen.pipeline.sweep import replicate_runs, run_sweep
+from elmgen.stats import mean_interval
 
 SWEEP = """
 base:

@@ -1,5 +1,5 @@
 """The paper's analyses as numbers: how random image tokens are next to text, where a model's attention
-looks, and how far the training loss falls (`elmgen analyze`)."""
+looks, and how far the training loss falls and what the factorized vocabulary gives up (`elmgen analyze`)."""
 
 from elmgen.analysis.attention import (
     AttentionConfig,
@@ -21,3 +21,4 @@ from elmgen.analysis.randomness import (
     randomness_markdown,
     token_statistics,
 )
+from elmgen.analysis.subcodes import SubcodesConfig, analyze_subcodes, factorization_gap

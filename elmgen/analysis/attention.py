@@ -146,20 +146,31 @@ def input_sequences(model: Transformer, meta: dict, cfg: AttentionConfig) -> tup
             ]
         )
     else:
-        if not (cfg.codes or meta["codes"].get("path")):  # an imported model: trained on no elmgen code folder
-            raise ElmgenError(
-                "this model has no code folder of its own: pass --codes DIR (codes of its tokenizer) or --sampled"
-            )
-        codes = CodeDataset(cfg.codes or meta["codes"]["path"])
-        if codes.meta["grid"] != mc.grid_size:
-            raise ElmgenError(
-                f"{codes.path} holds a {codes.meta['grid']}x{codes.meta['grid']} grid; the model "
-                f"expects {mc.grid_size}x{mc.grid_size}"
-            )
-        vocab = Vocab.for_bits(mc.vocab, codes.meta["bits"])
-        rows = np.random.default_rng(cfg.seed).choice(len(codes), min(cfg.num_sequences, len(codes)), replace=False)
-        sub_BLn, labels_B = codes.batch(np.sort(rows), vocab)
+        labels_B, sub_BLn = real_sequences(model, meta, cfg.codes, cfg.num_sequences, cfg.seed, " or --sampled")
     return labels_B, model_input(model, sub_BLn, cfg)
+
+
+def real_sequences(
+    model: Transformer, meta: dict, codes_path: str | None, num: int, seed: int, or_else: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (B,) and whole sequences of sub-codes (B, L, n): `num` rows (drawn from `seed`, in order) of the
+    code folder `codes_path`, by default the one the model was trained on (`or_else`: the caller's other way
+    to sequences, for the message when there is none)."""
+    mc = model.cfg
+    if not (codes_path or meta["codes"].get("path")):  # an imported model: trained on no elmgen code folder
+        raise ElmgenError(
+            "this model has no code folder of its own: pass --codes DIR (codes of its tokenizer)" + or_else
+        )
+    codes = CodeDataset(codes_path or meta["codes"]["path"])
+    if codes.meta["grid"] != mc.grid_size:
+        raise ElmgenError(
+            f"{codes.path} holds a {codes.meta['grid']}x{codes.meta['grid']} grid; the model "
+            f"expects {mc.grid_size}x{mc.grid_size}"
+        )
+    vocab = Vocab.for_bits(mc.vocab, codes.meta["bits"])
+    rows = np.random.default_rng(seed).choice(len(codes), min(num, len(codes)), replace=False)
+    sub_BLn, labels_B = codes.batch(np.sort(rows), vocab)
+    return labels_B, sub_BLn
 
 
 def model_input(model: Transformer, sub_BLn: torch.Tensor, cfg: AttentionConfig) -> torch.Tensor:

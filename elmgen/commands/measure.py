@@ -12,10 +12,12 @@ from omegaconf import MISSING
 from elmgen.analysis import (
     AttentionConfig,
     BitsConfig,
+    SubcodesConfig,
     analyze_attention,
     analyze_bits,
     analyze_loss,
     analyze_randomness,
+    analyze_subcodes,
     randomness_markdown,
 )
 from elmgen.commands.base import NON_NEGATIVE, OUT, POSITIVE, Command, Option, defaults_of, job_of, named
@@ -158,6 +160,23 @@ def bits_command(cmd: BitsCommand) -> None:
     print(f"wrote {cmd.out}/bits.json and bits.png")
 
 
+@dataclass
+class SubcodesCommand(SubcodesConfig):
+    models: list[str] = MISSING  # LM run folders or checkpoints with two or more sub-codes a cell
+    out: str = field(default=MISSING, metadata=OUT)  # folder to write
+
+
+def subcodes_command(cmd: SubcodesCommand) -> None:
+    result = analyze_subcodes(cmd.models, cmd.out, job_of(cmd, SubcodesConfig))
+    for name, r in result["models"].items():
+        print(
+            f"{name} ({r['kind']} {r['vocab']}): factorized {r['factorized_nats']:.4f}, joint {r['joint_nats']:.4f}, "
+            f"gap {r['gap_nats']:.4f} nats/cell (95% CI {r['gap_low']:.4f} to {r['gap_high']:.4f}); "
+            f"the model's heads {r['model_nats']:.4f}"
+        )
+    print(f"wrote {cmd.out}/subcodes.json and subcodes.png")
+
+
 FEATURE_OPTIONS = (
     *named("ref", "split", "limit", "classifier", "inception_weights", "k", "batch_size", "workers", "device", "out"),
     Option(("--backend",), "backend", choices=("classifier", "inception")),
@@ -242,7 +261,25 @@ COMMANDS = (
             Option(("--seed",), "seed", min=0),
         ),
     ),
+    Command(
+        "analyze subcodes",
+        SubcodesCommand,
+        subcodes_command,
+        "what the factorized vocabulary gives up: the sub-codes' dependence given the hidden state",
+        "The conditional total correlation of the sub-codes of a cell given the model's hidden state (the mutual "
+        "information I(s1; s2 | h) for two sub-codes), which independent sub-code heads cannot express: the gap "
+        "between a factorized and a joint probe fitted on the frozen model's hidden states, scored on held-out "
+        "sequences, with a 95% paired bootstrap interval. Writes subcodes.json and subcodes.png.",
+        (
+            Option(("--model",), "models", nargs="+"),
+            *named("out", "codes", "num_sequences", "held_out", "mask_ratio", "width", "steps", "batch_size", "lr"),
+            Option(("--seed",), "seed", min=0),
+        ),
+    ),
 )
 
 
-ANALYZE_HELP = "the paper's analyses: token randomness, attention, loss curves, bit importance (see docs/analysis.md)"
+ANALYZE_HELP = (
+    "the paper's analyses: token randomness, attention, loss curves, bit importance, sub-code dependence "
+    "(see docs/analysis.md)"
+)

@@ -35,7 +35,6 @@ from elmgen.evaluation.reference import (
 )
 from elmgen.evaluation.samples import evaluate_samples
 from elmgen.evaluation.sources import DatasetImages, FolderImages, ImageSource, NpzImages, conform, open_samples
-from elmgen.evaluation.stats import mean_interval, paired_bootstrap
 from elmgen.evaluation.tokenizer import (
     Reconstructions,
     evaluate_tokenizer,

@@ -244,7 +244,8 @@ class Transformer(nn.Module):
         emb_BTnd = self.tok_emb(sub_BTn + self.sub_offsets)
         return self.tok_proj(emb_BTnd.flatten(2))
 
-    def _run(self, h_BTd, pos_T: torch.Tensor, caches) -> torch.Tensor:
+    def _trunk(self, h_BTd, pos_T: torch.Tensor, caches) -> torch.Tensor:
+        """The blocks and the final norm: the hidden states (B, T, d) that the heads read."""
         cos, sin = self.rope_cos[pos_T], self.rope_sin[pos_T]
         h_BTd = self.tok_drop(h_BTd)
         for i, block in enumerate(self.blocks):
@@ -252,15 +253,18 @@ class Transformer(nn.Module):
                 h_BTd = torch.utils.checkpoint.checkpoint(block, h_BTd, cos, sin, pos_T, None, use_reentrant=False)
             else:
                 h_BTd = block(h_BTd, cos, sin, pos_T, None if caches is None else caches[i])
-        h_BTd = self.norm(h_BTd)
-        if self.cfg.head == "tied":  # each sub-code's table without its mask entry
-            logits = self.head(h_BTd, self.tok_emb.weight.view(self.n_sub, self.table_size, -1)[:, : self.vocab_size])
-        else:
-            logits = self.head(h_BTd).unflatten(-1, (self.n_sub, self.vocab_size))
-        return logits if self.invalid_V is None else logits.masked_fill(self.invalid_V, float("-inf"))
+        return self.norm(h_BTd)
 
-    def forward(self, labels_B: torch.Tensor, sub_BTn: torch.Tensor, caches=None) -> torch.Tensor:
-        """Logits (B, 1+T, n, V) at the class token and the T given cells.
+    def logits(self, h_BTd: torch.Tensor) -> torch.Tensor:
+        """The n sub-code heads on hidden states: (B, T, n, V), entries that are no code at -inf."""
+        if self.cfg.head == "tied":  # each sub-code's table without its mask entry
+            out_BTnV = self.head(h_BTd, self.tok_emb.weight.view(self.n_sub, self.table_size, -1)[:, : self.vocab_size])
+        else:
+            out_BTnV = self.head(h_BTd).unflatten(-1, (self.n_sub, self.vocab_size))
+        return out_BTnV if self.invalid_V is None else out_BTnV.masked_fill(self.invalid_V, float("-inf"))
+
+    def hidden(self, labels_B: torch.Tensor, sub_BTn: torch.Tensor, caches=None) -> torch.Tensor:
+        """Hidden states (B, 1+T, d) at the class token and the T given cells: what `logits` reads.
 
         AR: T <= L-1 cells, teacher forcing. MLM: all L cells, masked sub-codes set to `mask_index`.
         """
@@ -268,12 +272,16 @@ class Transformer(nn.Module):
             drop = torch.rand(labels_B.shape, device=labels_B.device) < self.cfg.class_dropout
             labels_B = torch.where(drop, torch.full_like(labels_B, self.null_class), labels_B)
         h_BTd = torch.cat([self.cls_emb(labels_B)[:, None], self.embed_cells(sub_BTn)], dim=1)
-        return self._run(h_BTd, torch.arange(h_BTd.shape[1], device=h_BTd.device), caches)
+        return self._trunk(h_BTd, torch.arange(h_BTd.shape[1], device=h_BTd.device), caches)
+
+    def forward(self, labels_B: torch.Tensor, sub_BTn: torch.Tensor, caches=None) -> torch.Tensor:
+        """Logits (B, 1+T, n, V) at the class token and the T given cells (inputs as for `hidden`)."""
+        return self.logits(self.hidden(labels_B, sub_BTn, caches))
 
     def decode_step(self, sub_B1n: torch.Tensor, pos_1: torch.Tensor, caches) -> torch.Tensor:
         """Logits (B, 1, n, V) after feeding one cell at sequence position pos_1 (a 1-element tensor,
         so that every step has the same shapes), using the cache."""
-        return self._run(self.embed_cells(sub_B1n), pos_1, caches)
+        return self.logits(self._trunk(self.embed_cells(sub_B1n), pos_1, caches))
 
     def new_caches(self, batch: int, dtype: torch.dtype | None = None) -> nn.ModuleList:
         """Empty KV caches, in the weights' dtype unless given (bfloat16 under bf16 autocast)."""

@@ -30,10 +30,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from elmgen.errors import ElmgenError
-from elmgen.evaluation import mean_interval, paired_bootstrap
 from elmgen.io import atomic_write_text, remove_temporaries
 from elmgen.pipeline.stages import PER_SAMPLE, PipelineConfig, config_hash, run_pipeline, shared_dirs
 from elmgen.plots import pyplot, save_figure
+from elmgen.stats import mean_interval, paired_bootstrap
 
 # Metrics gathered into the summary table: (column, path in a run's metrics.json, which way is better: +1 higher,
 # -1 lower, 0 neither: no best and no test).
