@@ -17,4 +17,5 @@ run benchmarks/train_step.py --presets tiny B --kind ar mlm --batch 16 --grid 16
 run benchmarks/train_step.py --presets tiny B --kind ar mlm --batch 16 --grid 16 --compile
 run benchmarks/sampling.py --preset tiny --grid 16 --batch 1 32 --mlm-steps 8 16 --repeats 1  # recompute at batch 32: minutes a call
 run benchmarks/tokenizer.py --configs demo configs/tokenizer-folder-rgb64.yaml --batch 64
+run benchmarks/input_pipeline.py --images 1200 --workers 0 1 2
 echo "appended to $out" >&2
