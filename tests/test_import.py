@@ -3,6 +3,7 @@ ar_model.py and mlm_model.py: their tensor names and shapes, random values), con
 Parity with the official code itself is checked outside the repo (docs/pretrained.md)."""
 
 import argparse
+import json
 import math
 import shutil
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from test_import_tokenizers import elm_state
 from test_import_tokenizers import llamagen_state as vq_state
 
@@ -369,3 +371,45 @@ def test_the_options_are_checked_and_the_tied_head_serves_several_sub_codes():
     # sub-code 1 scores against its own table (rows 9..16 of the stacked tables), not sub-code 0's
     model.tok_emb.weight.data[9:17] = 0
     assert torch.allclose(model.eval()(torch.tensor([0, 1]), sub)[..., 1, :], model.head.bias[1].expand(2, 5, 8))
+
+
+def test_everything_downstream_works_on_imported_models(tmp_path, capsys, one_thread):
+    """Official-layout ELM files at tiny sizes (8 px, a 4x4 grid of 8-bit codes), imported, then every command
+    that reads a model or a tokenizer: tokenize, sample, outpaint (AR), inpaint (MLM) and the analyses."""
+    torch.save(elm_state(mult=(1, 2), bits=8), tmp_path / "binaryae_ema.th")
+    torch.save(elm_ar_state(2, 4), tmp_path / "ar.pth")
+    torch.save(elm_mlm_state(8), tmp_path / "mlm.pth")
+    tok, ar, mlm = (str(tmp_path / name) for name in ("tok", "ar", "mlm"))
+    assert cli.main(["import", "elm", str(tmp_path / "binaryae_ema.th"), "--out", tok, "--image-size", "8"]) == 0
+    for run, file in ((ar, "ar.pth"), (mlm, "mlm.pth")):
+        assert cli.main(["import", "elm", str(tmp_path / file), "--out", run, "--tokenizer", tok, "--heads", "2"]) == 0
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (folder / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"class{c}" / f"{i}.png")
+    codes, out = str(tmp_path / "codes"), tmp_path / "out"
+    assert cli.main(["tokenize", "--tokenizer", tok, "--data", str(folder), "--out", codes, "--vocab", "2-4"]) == 0
+    commands = {
+        "sample": ["sample", "--model", mlm, "--num-per-class", "1", "--classes", "0", "3", "--steps", "4"],
+        "outpaint": ["outpaint", "--model", ar, "--width", "8", "--num-per-class", "1", "--classes", "1"],
+        "inpaint": [*f"inpaint --model {mlm} --data {folder} --split train --indices 0 5 --region 1 1 2 2".split()],
+        "attention": ["analyze", "attention", "--model", ar, mlm, "--codes", codes, "--num-sequences", "4"],
+        "randomness": ["analyze", "randomness", "--codes", codes],
+        "subcodes": [*f"analyze subcodes --model {ar} --codes {codes} --num-sequences 8 --steps 5".split()],
+    }
+    for name, argv in commands.items():
+        assert cli.main([*argv, "--out", str(out / name)]) == 0, name
+    capsys.readouterr()
+    assert np.load(out / "sample" / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
+    assert Image.open(out / "outpaint" / "outpaint.png").size[0] > Image.open(out / "outpaint" / "outpaint.png").size[1]
+    assert (out / "inpaint" / "inpaint.png").is_file()
+    attention = json.loads((out / "attention" / "attention.json").read_text())["models"]
+    assert [m["vocab"] for m in attention.values()] == ["2-4", "1-8"]
+    assert json.loads((out / "subcodes" / "subcodes.json").read_text())["models"]["ar"]["eval_sequences"] == 2
+    assert (out / "randomness" / "randomness.json").is_file()
+    assert cli.main(["model-info", mlm, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    model, _ = load_model(mlm)
+    assert (info["params"], info["vocab"], info["grid_size"]) == (sum(p.numel() for p in model.parameters()), "1-8", 4)

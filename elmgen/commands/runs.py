@@ -7,9 +7,11 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from omegaconf import MISSING
 
+from elmgen.checkpoint import load_config
 from elmgen.commands.base import NON_NEGATIVE, OUT, POSITIVE, Command, Option, defaults_of, job_of, named
 from elmgen.data import check_images, folder_images
 from elmgen.data.shapes import make_shapes
@@ -20,7 +22,7 @@ from elmgen.pipeline import PipelineConfig, SweepConfig, folder_config, quick_de
 
 @dataclass
 class ModelInfoCommand(ModelConfig):
-    preset: str = MISSING  # micro, tiny, small, B, L, XL, XXL, 2B or 3B; model keys (n_layer=30, ...) override it
+    preset: str = MISSING  # micro, tiny, small, B, L, XL, XXL, 2B, 3B or an LM run folder; model keys override it
     vocab: str = "2-12"  # vocabulary split N-C
     grid_size: int = field(default=16, metadata=POSITIVE)  # token grid side (16: 256 px at f=16)
     num_classes: int = field(default=1000, metadata=POSITIVE)
@@ -63,6 +65,12 @@ def model_info_command(cmd: ModelInfoCommand) -> None:
 
 
 def preset_base(cmd: ModelInfoCommand) -> dict:
+    """The preset's sizes, or every model field of a run folder or checkpoint (e.g. an imported release)."""
+    if Path(cmd.preset).exists():
+        meta = load_config(cmd.preset)
+        if meta.get("kind") != "lm":
+            raise ElmgenError(f"{cmd.preset} is not a language-model run (kind {meta.get('kind')!r})")
+        return meta["model"]
     return preset(cmd.preset)
 
 
@@ -152,7 +160,7 @@ COMMANDS = (
         "model-info",
         ModelInfoCommand,
         model_info_command,
-        "parameters, FLOPs per token and memory of a preset (no weights allocated)",
+        "parameters, FLOPs per token and memory of a preset or a run (no weights allocated)",
         "Parameter count (built on the meta device), training FLOPs per token and estimated memory per GPU under "
         "DDP / FSDP, with and without activation checkpointing. The formulas are in docs/scaling.md.",
         (
