@@ -48,6 +48,8 @@ ROWS = [
     ("sample --model {lm_huge_header} --out {out}", "model.safetensors"),
     ("sample --model {lm_truncated} --out {out}", "model.safetensors"),
     ("sample --model {lm_bad_config} --out {out}", "config.json"),
+    ("serve --model {tok}", "not a language-model checkpoint"),  # before any port is opened
+    ("serve --model {tmp}/nowhere", "no checkpoint found"),
     ("train --codes {codes_truncated} --out {out} train.steps=1", "shard_00000.npy"),
     ("train --codes {codes_bad_meta} --out {out} train.steps=1", "meta.json"),
     # config files and overrides

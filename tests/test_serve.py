@@ -26,6 +26,7 @@ from elmgen.serve.app import (
     editor_picture,
     generate_images,
     generate_progressively,
+    image_source,
     inpaint_image,
     inspect_attention,
     outpaint_image,
@@ -189,6 +190,12 @@ def test_inpainting_regenerates_exactly_the_marked_cells(tmp_path):
         inpaint_image(tiny_run("ar"), image, 1, hole, SampleConfig(), tmp_path)
 
 
+def test_an_imported_model_has_no_test_images_and_says_so():
+    run = SimpleNamespace(tok_meta={"channels": 3, "image_size": 8})  # an imported tokenizer: no data set
+    with pytest.raises(ElmgenError, match="upload an image"):
+        image_source(run, 0, None)
+
+
 def test_serve_without_gradio_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
     code = test_cli.main(["serve", "--model", "nowhere"])
@@ -307,11 +314,17 @@ def test_the_page_in_a_browser(pipeline, tmp_path, capsys):
             for key in ("arr_0", "arr_1", "seeds"):
                 assert np.array_equal(served[key], written[key]), key
 
+            other = chromium.new_page(viewport={"width": 1200, "height": 1100})  # a second user at the same time
+            other.goto(base)
+            other.locator("#generate").click()
             page.locator("#seed input").fill("1")
             page.locator("#generate").click()
             page.wait_for_function(f"document.querySelector('#seeds textarea').value != '{seeds}'")
             second = grid_of(page, base)
             assert second.size == first.size and second.tobytes() != first.tobytes()
+            other.wait_for_function("document.querySelector('#status textarea').value.startsWith('ok')")
+            assert grid_of(other, base).size == first.size  # queued behind or ahead of the first user, not lost
+            other.close()
 
             page.locator("#top-p input").fill("0")
             page.locator("#generate").click()

@@ -44,8 +44,8 @@ COMMANDS = (
         "Start a Gradio page (pip install elmgen[demo]) that samples the given LM runs as `elmgen sample` does: "
         "model, class, seed, guidance, temperature, top-k/p, MaskGIT steps; the images fill in as they are "
         "decoded, then the grid, the per-image seeds and the equivalent command, with samples.png and samples.npz. "
-        "Edit: MLM inpainting, AR outpainting. Inspect: the attention from a cell, the tokenizer's reconstruction "
-        "and codes. Listens on 127.0.0.1 by default.",
+        "Edit: MLM inpainting of the cells painted with the mouse, AR outpainting. Inspect: the attention from a "
+        "cell, the tokenizer's reconstruction and codes. Listens on 127.0.0.1 by default.",
         (
             Option(("--model",), "model", action="append"),
             *named("tokenizer", "device", "host", "port"),

@@ -175,12 +175,12 @@ def generate_progressively(run: Run, class_name: str, num: int, cfg: SampleConfi
 def test_image(run: Run, index: int) -> tuple[torch.Tensor, int]:
     """Image `index` of the tokenizer's test split (uint8, C H W) and its label."""
     meta = run.tok_meta
-    images, labels = pick_images(
-        DataConfig(
-            source=meta["data"]["source"], split="test", image_size=meta["image_size"], channels=meta["channels"]
-        ),
-        [index],
+    if not meta.get("data"):
+        raise ElmgenError("this model's tokenizer was trained on no data set elmgen has (an import): upload an image")
+    data = DataConfig(
+        source=meta["data"]["source"], split="test", image_size=meta["image_size"], channels=meta["channels"]
     )
+    images, labels = pick_images(data, [index])
     return images[0], int(labels[0])
 
 
