@@ -6,11 +6,12 @@
 Measures, in each case's own process: the bf16 and fp32 throughput of a large square matmul (the
 practical ceiling; before and after the timed steps, the better counts), and full training steps of
 each preset and model kind on random codes: the loss of the trainer (`elmgen.train.ar_loss` /
-`mlm_loss`) under autocast, backward, gradient clipping and AdamW, as `elmgen.training.fit` does
-them. `--compile` compiles the model in place as `--compile` training does (the first, compiling
-step is the warm-up, reported as `first_step_seconds`).
+`mlm_loss`, their cross-entropy in chunks of `--logits-chunk` logits) under autocast, backward,
+gradient clipping and AdamW, as `elmgen.training.fit` does them. `--compile` compiles the model in place
+as `--compile` training does (the first, compiling step is the warm-up, reported as
+`first_step_seconds`).
 
-Prints one JSON line per (preset, kind): tokens/s (batch x grid cells per step), achieved FLOP/s (model
+Prints one JSON line per (preset, kind, chunk): tokens/s (batch x grid cells per step), achieved FLOP/s (model
 FLOPs from `elmgen.model.flops_per_token`) and their share of the matmul ceiling of the same precision,
 and the peak memory of the case, measured in a fresh process (see benchmarks/common.py).
 """
@@ -20,12 +21,15 @@ from __future__ import annotations
 import torch
 from common import matmul_reference, median_seconds, parser, rounded, run
 
+import elmgen.models.transformer as transformer
 from elmgen.device import autocast
 from elmgen.models import ModelConfig, Transformer, flops_per_token, preset
 from elmgen.train import LOSSES, TrainConfig, make_optimizer, prepare
 
 
 def run_case(c: dict) -> dict:
+    if c["logits_chunk"]:  # the loss's chunk size for this case's process (0: elmgen's own)
+        transformer.LOGITS_CHUNK = c["logits_chunk"]
     cfg = ModelConfig(
         **{**preset(c["preset"]), "dropout": 0.0}, kind=c["kind"], vocab=c["vocab"], grid_size=c["grid"], num_classes=10
     )
@@ -76,6 +80,13 @@ def main() -> None:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--compile", action="store_true", help="compile the model in place, as training with --compile does")
     p.add_argument("--matmul-size", type=int, default=2048, help="side of the reference matmul")
+    p.add_argument(
+        "--logits-chunk",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="logits the loss holds at a time, one case each (0: elmgen's LOGITS_CHUNK; 1e12: the whole batch)",
+    )
     a = p.parse_args()
     cases = [
         {
@@ -88,9 +99,11 @@ def main() -> None:
             "precision": a.precision,
             "compile": a.compile,
             "matmul_size": a.matmul_size,
+            "logits_chunk": chunk,
         }
         for name in a.presets
         for kind in a.kind
+        for chunk in a.logits_chunk
     ]
     run(a, __file__, cases, run_case)
 

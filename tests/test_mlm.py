@@ -24,9 +24,9 @@ def record_inputs(model, monkeypatch):
     seen = []
     forward = model.forward
 
-    def spy(labels, sub, caches=None):
+    def spy(labels, sub, caches=None, **loss):
         seen.append((labels.clone(), sub.clone()))
-        return forward(labels, sub, caches)
+        return forward(labels, sub, caches, **loss)
 
     monkeypatch.setattr(model, "forward", spy)
     return seen

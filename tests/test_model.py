@@ -131,3 +131,34 @@ def test_codes_outside_a_smaller_code_space_are_never_predicted():
     assert torch.isinf(logits[..., 10:]).all() and torch.isfinite(logits[..., :10]).all()
     with pytest.raises(ElmgenError, match="use vocabulary 1-4"):
         Transformer(ModelConfig(**preset("micro"), vocab="2-2", grid_size=2, num_classes=2, num_codes=10))
+
+
+@pytest.mark.parametrize("kind", ["ar", "mlm"])
+def test_the_loss_in_chunks_is_the_loss_and_gradient_of_the_whole_batch(kind, monkeypatch):
+    import elmgen.models.transformer as transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**preset("micro"), vocab="2-4", grid_size=4, num_classes=3, kind=kind)).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # eval: no class dropout, the same loss at every call
+    labels, sub = torch.tensor([0, 2, 1]), torch.randint(0, 16, (3, 16, 2))
+    x = sub[:, :-1] if kind == "ar" else sub.masked_fill(torch.rand(3, 16, 1) < 0.5, model.mask_index)
+    scored = None if kind == "ar" else x[..., 0] == model.mask_index
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(labels, x, targets_BLn=sub, scored_BL=scored)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, whole_grads = loss_and_grads()
+    logits = model(labels, x)
+    logits_BLnV = logits if kind == "ar" else logits[:, 1:]
+    rows = torch.ones(3, 16, dtype=torch.bool) if scored is None else scored
+    expected = torch.nn.functional.cross_entropy(logits_BLnV[rows].flatten(0, 1), sub[rows].flatten())
+    assert whole.item() == pytest.approx(expected.item(), rel=1e-6)
+    monkeypatch.setattr(transformer, "LOGITS_CHUNK", 5 * 2 * 16)  # 5 cells a chunk: 10 chunks of 48 AR cells
+    chunked, chunked_grads = loss_and_grads()
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert len(chunked_grads) == len(whole_grads)
+    for a, b in zip(chunked_grads, whole_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -31,6 +31,8 @@ from elmgen.errors import ElmgenError
 from elmgen.models.kv_cache import KVCache
 from elmgen.vocab import Vocab
 
+LOGITS_CHUNK = 2**23  # logits (entries) the training cross-entropy holds at a time: 32 MB in fp32, 16 MB in bf16
+
 
 @dataclass
 class ModelConfig:
@@ -274,9 +276,43 @@ class Transformer(nn.Module):
         h_BTd = torch.cat([self.cls_emb(labels_B)[:, None], self.embed_cells(sub_BTn)], dim=1)
         return self._trunk(h_BTd, torch.arange(h_BTd.shape[1], device=h_BTd.device), caches)
 
-    def forward(self, labels_B: torch.Tensor, sub_BTn: torch.Tensor, caches=None) -> torch.Tensor:
-        """Logits (B, 1+T, n, V) at the class token and the T given cells (inputs as for `hidden`)."""
-        return self.logits(self.hidden(labels_B, sub_BTn, caches))
+    def forward(
+        self,
+        labels_B: torch.Tensor,
+        sub_BTn: torch.Tensor,
+        caches=None,
+        targets_BLn: torch.Tensor | None = None,
+        scored_BL: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, 1+T, n, V) at the class token and the T given cells (inputs as for `hidden`).
+
+        With `targets_BLn` (the sequences' cells), instead the training loss: the mean cross-entropy of the
+        cells' sub-codes marked in `scored_BL` (all when None), each predicted where the model predicts it (AR:
+        position t predicts cell t; MLM: position t + 1 holds cell t), by `cross_entropy` in chunks. Inside
+        forward, so that compiled, DDP and FSDP models compute it as part of their forward pass.
+        """
+        h_BTd = self.hidden(labels_B, sub_BTn, caches)
+        if targets_BLn is None:
+            return self.logits(h_BTd)
+        h_BLd = h_BTd if self.cfg.kind == "ar" else h_BTd[:, 1:]
+        if scored_BL is None:
+            return self.cross_entropy(h_BLd.flatten(0, 1), targets_BLn.flatten(0, 1))
+        return self.cross_entropy(h_BLd[scored_BL], targets_BLn[scored_BL])
+
+    def cross_entropy(self, h_Nd: torch.Tensor, targets_Nn: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy (fp32) of the n sub-codes of N cells from their hidden states. At most about
+        LOGITS_CHUNK logits exist at a time: a wide head (16,384 entries at vocabulary 1-14) is scored in
+        chunks of rows whose logits are recomputed in the backward pass, never for the whole batch at once."""
+        rows = max(1, LOGITS_CHUNK // (self.n_sub * self.vocab_size))
+        if rows >= len(h_Nd):
+            return chunk_nats(self.logits, h_Nd, targets_Nn) / targets_Nn.numel()
+        total = sum(
+            torch.utils.checkpoint.checkpoint(
+                chunk_nats, self.logits, h_Nd[i : i + rows], targets_Nn[i : i + rows], use_reentrant=False
+            )
+            for i in range(0, len(h_Nd), rows)
+        )
+        return total / targets_Nn.numel()
 
     def decode_step(self, sub_B1n: torch.Tensor, pos_1: torch.Tensor, caches) -> torch.Tensor:
         """Logits (B, 1, n, V) after feeding one cell at sequence position pos_1 (a 1-element tensor,
@@ -290,6 +326,11 @@ class Transformer(nn.Module):
             KVCache(batch, self.cfg.n_head, self.cfg.num_cells, self.cfg.head_dim, dtype or p.dtype, p.device)
             for _ in self.blocks
         )
+
+
+def chunk_nats(logits, h_Nd: torch.Tensor, targets_Nn: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy (fp32 nats) of the heads `logits` on hidden states (N, d) against (N, n) sub-codes."""
+    return F.cross_entropy(logits(h_Nd).float().flatten(0, 1), targets_Nn.flatten(), reduction="sum")
 
 
 def load_model(path, device="cpu", ema: bool = True) -> tuple[Transformer, dict]:

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from elmgen.checkpoint import CheckpointMeta
@@ -114,8 +113,7 @@ def sample_grid(tokenizer_path: str, num_classes: int, device) -> Callable[[Tran
 
 def ar_loss(model: Transformer, labels_B: torch.Tensor, sub_BLn: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over (cell, sub-code) of next-cell prediction."""
-    logits = model(labels_B, sub_BLn[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 2), sub_BLn.flatten())
+    return model(labels_B, sub_BLn[:, :-1], targets_BLn=sub_BLn)
 
 
 def mlm_loss(model: Transformer, labels_B: torch.Tensor, sub_BLn: torch.Tensor) -> torch.Tensor:
@@ -127,8 +125,7 @@ def mlm_loss(model: Transformer, labels_B: torch.Tensor, sub_BLn: torch.Tensor) 
     rank_BL = torch.rand(B, L, device=sub_BLn.device).argsort(-1).argsort(-1)  # a random order of the cells
     masked_BL = rank_BL < num_masked_B[:, None]
     x = sub_BLn.masked_fill(masked_BL[..., None], model.mask_index)
-    logits = model(labels_B, x)[:, 1:]
-    return F.cross_entropy(logits[masked_BL].float().flatten(0, 1), sub_BLn[masked_BL].flatten())
+    return model(labels_B, x, targets_BLn=sub_BLn, scored_BL=masked_BL)
 
 
 LOSSES = {"ar": ar_loss, "mlm": mlm_loss}  # the training loss of each model kind
