@@ -173,6 +173,14 @@ def real_sequences(
     return labels_B, sub_BLn
 
 
+def predicted_cells(model: Transformer, x_BTn: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the cells a model predicts from its input `x_BTn` (`model_input`): AR every cell, MLM the
+    masked ones. Select them from the output with `model.at_cells(out)[mask]`."""
+    if model.cfg.kind == "ar":
+        return torch.ones(x_BTn.shape[0], x_BTn.shape[1] + 1, dtype=torch.bool, device=x_BTn.device)
+    return x_BTn[..., 0] == model.mask_index
+
+
 def model_input(model: Transformer, sub_BLn: torch.Tensor, cfg: AttentionConfig) -> torch.Tensor:
     """What the model reads of whole sequences (B, L, n): AR all cells but the last (as in training), MLM all
     cells with a share `cfg.mask_ratio` masked (drawn from `cfg.seed`)."""

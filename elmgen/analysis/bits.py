@@ -9,17 +9,15 @@ probability is that distribution summed over the values where the bit is set, so
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from elmgen.analysis.attention import AttentionConfig, model_input
+from elmgen.analysis.attention import AttentionConfig, model_input, predicted_cells
+from elmgen.analysis.names import write_result
 from elmgen.data import DataConfig, load_dataset, to_float
 from elmgen.errors import ElmgenError
-from elmgen.io import atomic_write_text
 from elmgen.models import Transformer, load_model
 from elmgen.plots import pyplot, save_figure
 from elmgen.tokenizers import load_tokenizer
@@ -74,14 +72,9 @@ def lm_bit_losses(
     for i in range(0, len(labels_B), batch_size):
         sub = sub_BLn[i : i + batch_size]
         x = model_input(model, sub, cfg)
-        out_BTnV = model(labels_B[i : i + batch_size], x).float()
-        if model.cfg.kind == "ar":
-            logits.append(out_BTnV.flatten(0, 1))
-            targets.append(sub.flatten(0, 1))
-        else:
-            masked_BL = x[..., 0] == model.mask_index
-            logits.append(out_BTnV[:, 1:][masked_BL])
-            targets.append(sub[masked_BL])
+        scored_BL = predicted_cells(model, x)
+        logits.append(model.at_cells(model(labels_B[i : i + batch_size], x).float())[scored_BL])
+        targets.append(sub[scored_BL])
     return bit_cross_entropy(torch.cat(logits), torch.cat(targets), model.cfg.vocabulary).tolist()
 
 
@@ -136,11 +129,7 @@ def analyze_bits(tokenizer_path, out_dir, cfg: BitsConfig, model_path=None) -> d
         labels_B = torch.as_tensor(dataset.labels[:n], dtype=torch.long)
         result["model"], result["vocab"] = str(model_path), str(vocab)
         result["lm_nats"] = lm_bit_losses(model, labels_B, sub_BLn, cfg.batch_size, cfg.seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "bits.json", json.dumps(result, indent=2))
-    plot_bits(result, out / "bits.png")
-    return result
+    return write_result(out_dir, "bits", result, plot_bits)
 
 
 def plot_bits(result: dict, path) -> None:

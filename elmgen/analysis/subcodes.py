@@ -18,19 +18,16 @@ Shapes: N rows (cells), n sub-codes, V values of a sub-code, d model width, w pr
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from elmgen.analysis.attention import AttentionConfig, model_input, real_sequences
-from elmgen.analysis.names import run_names
+from elmgen.analysis.attention import AttentionConfig, model_input, predicted_cells, real_sequences
+from elmgen.analysis.names import run_names, write_result
 from elmgen.errors import ElmgenError
-from elmgen.io import atomic_write_text
 from elmgen.models import Transformer, count_params, load_model
 from elmgen.plots import pyplot, save_figure
 from elmgen.stats import paired_bootstrap
@@ -178,13 +175,8 @@ def probed_cells(
     for i in range(0, len(labels_B), batch_size):
         h_BTd = model.hidden(labels_B[i : i + batch_size], x_BTn[i : i + batch_size]).float()
         sub = sub_BLn[i : i + batch_size]
-        if model.cfg.kind == "ar":
-            keep_BL = torch.ones(sub.shape[:2], dtype=torch.bool)
-            h_BLd = h_BTd
-        else:
-            keep_BL = x_BTn[i : i + batch_size, :, 0] == model.mask_index
-            h_BLd = h_BTd[:, 1:]
-        h_Nd = h_BLd[keep_BL]
+        keep_BL = predicted_cells(model, x_BTn[i : i + batch_size])
+        h_Nd = model.at_cells(h_BTd)[keep_BL]
         h.append(h_Nd)
         s.append(sub[keep_BL])
         seq.append((torch.arange(i, i + len(sub))[:, None].expand_as(keep_BL))[keep_BL])
@@ -228,16 +220,12 @@ def analyze_subcodes(models: list, out_dir, cfg: SubcodesConfig) -> dict:
     for name, path in zip(run_names(models), models, strict=True):
         model, meta = load_model(path)
         reports[name] = {"path": str(path), **model_subcodes(model, meta, cfg)}
-    result = {"config": asdict(cfg), "models": reports}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "subcodes.json", json.dumps(result, indent=2))
-    plot_subcodes(reports, out / "subcodes.png")
-    return result
+    return write_result(out_dir, "subcodes", {"config": asdict(cfg), "models": reports}, plot_subcodes)
 
 
-def plot_subcodes(reports: dict, path) -> None:
+def plot_subcodes(result: dict, path) -> None:
     """Left: held-out nats per cell of the model's heads and of both probes; right: the gap, 95% interval."""
+    reports = result["models"]
     plt = pyplot()
     fig, (ax_n, ax_g) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     names = list(reports)

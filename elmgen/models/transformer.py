@@ -287,17 +287,22 @@ class Transformer(nn.Module):
         """Logits (B, 1+T, n, V) at the class token and the T given cells (inputs as for `hidden`).
 
         With `targets_BLn` (the sequences' cells), instead the training loss: the mean cross-entropy of the
-        cells' sub-codes marked in `scored_BL` (all when None), each predicted where the model predicts it (AR:
-        position t predicts cell t; MLM: position t + 1 holds cell t), by `cross_entropy` in chunks. Inside
-        forward, so that compiled, DDP and FSDP models compute it as part of their forward pass.
+        cells' sub-codes marked in `scored_BL` (all when None), each at the position that predicts it
+        (`at_cells`), by `cross_entropy` in chunks. Inside forward, so that compiled, DDP and FSDP models compute
+        it as part of their forward pass.
         """
         h_BTd = self.hidden(labels_B, sub_BTn, caches)
         if targets_BLn is None:
             return self.logits(h_BTd)
-        h_BLd = h_BTd if self.cfg.kind == "ar" else h_BTd[:, 1:]
+        h_BLd = self.at_cells(h_BTd)
         if scored_BL is None:
             return self.cross_entropy(h_BLd.flatten(0, 1), targets_BLn.flatten(0, 1))
         return self.cross_entropy(h_BLd[scored_BL], targets_BLn[scored_BL])
+
+    def at_cells(self, out_BT: torch.Tensor) -> torch.Tensor:
+        """The positions of a forward pass's output (hidden states or logits) that predict the cells, in cell
+        order: AR all of them (position t predicts cell t), MLM all but the class token (t + 1 holds cell t)."""
+        return out_BT if self.cfg.kind == "ar" else out_BT[:, 1:]
 
     def cross_entropy(self, h_Nd: torch.Tensor, targets_Nn: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy (fp32) of the n sub-codes of N cells from their hidden states. At most about
