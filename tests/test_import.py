@@ -3,6 +3,7 @@ ar_model.py and mlm_model.py: their tensor names and shapes, random values), con
 Parity with the official code itself is checked outside the repo (docs/pretrained.md)."""
 
 import argparse
+import csv
 import json
 import math
 import shutil
@@ -413,3 +414,22 @@ def test_everything_downstream_works_on_imported_models(tmp_path, capsys, one_th
     info = json.loads(capsys.readouterr().out)
     model, _ = load_model(mlm)
     assert (info["params"], info["vocab"], info["grid_size"]) == (sum(p.numel() for p in model.parameters()), "1-8", 4)
+
+    # a sampling sweep of the imported AR model, scored by a classifier of the folder's images: nothing trains
+    cls = tmp_path / "cls"
+    argv = ["train-classifier", "--data", str(folder), "--out", str(cls), "data.channels=3", "data.image_size=8"]
+    assert cli.main([*argv, "train.steps=2", "classifier.feature_dim=3"]) == 0  # few features: an FID of 12 images
+    sweep = tmp_path / "sweep.yaml"
+    given = f"model: {{path: {ar}, classes: [0, 1], reference: {folder}, classifier: {cls}}}"
+    sweep.write_text(f"{given}\nbase: {{num_per_class: 6}}\ngrid: {{sample.temperature: [1.0, 0.5]}}\n")
+    assert cli.main(["sweep", str(sweep), "--out", str(out / "sweep"), "--replicates", "2"]) == 0
+    with open(out / "sweep" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["sample.temperature"], r["replicates"]) for r in rows] == [("1.0", "2"), ("0.5", "2")]
+    assert all(0 <= float(r["class_accuracy"]) <= 1 and float(r["fid"]) > 0 for r in rows)
+    run = json.loads((out / "sweep" / "runs" / rows[0]["run"] / "metrics.json").read_text())
+    assert run["lm"]["path"] == ar and run["sampling"]["images"] == 12 and not (out / "sweep" / "stages").exists()
+    capsys.readouterr()
+    sweep.write_text(f"{given}\ngrid: {{lm.model.vocab: [2-4]}}\n")
+    assert cli.main(["sweep", str(sweep), "--out", str(out / "sweep2")]) == 2
+    assert "the sweep varies lm.model.vocab, but model.path=" in capsys.readouterr().err

@@ -14,13 +14,10 @@ from elmgen.commands.base import OUT, POSITIVE, Command, Option, defaults_of, na
 from elmgen.config import to_dict
 from elmgen.data import DataConfig, pick_images
 from elmgen.device import resolve_device
-from elmgen.errors import ElmgenError
-from elmgen.hub import local_folder
-from elmgen.models import load_model
+from elmgen.hub import load_generator
 from elmgen.plots import image_grid, save_png
 from elmgen.sampling import (
     SampleConfig,
-    check_compatible,
     class_balanced,
     image_seeds,
     inpaint_images,
@@ -33,7 +30,6 @@ from elmgen.sampling import (
     write_samples,
 )
 from elmgen.schedules import GUIDANCE_SCHEDULES
-from elmgen.tokenizers import load_tokenizer
 from elmgen.train.distributed import launched
 
 
@@ -62,10 +58,7 @@ class SampleCommand(LMOptions):
 def load_lm(cmd: LMOptions):
     """The LM of `model`, its tokenizer (`tokenizer`, or the one its codes came from), checked to match, and the
     sampling options checked against the model, before any work."""
-    device = resolve_device(cmd.device)
-    model, lm_meta = load_model(local_folder(cmd.model), device, ema=cmd.ema)
-    tokenizer, tok_meta = load_tokenizer(local_folder(cmd.tokenizer or lm_meta["codes"]["tokenizer"]), device)
-    check_compatible(lm_meta, tok_meta)
+    model, _, tokenizer, tok_meta = load_generator(cmd.model, cmd.tokenizer, resolve_device(cmd.device), cmd.ema)
     cmd.sample.validate(model.vocab_size)
     return model, tokenizer, tok_meta
 
@@ -73,10 +66,7 @@ def load_lm(cmd: LMOptions):
 def class_labels(cmd, num_classes: int):
     """Labels and per-image seeds of `classes` x `num_per_class` (all classes by default)."""
     classes = cmd.classes if cmd.classes is not None else list(range(num_classes))
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise ElmgenError(f"classes {bad} are out of range: the model knows classes 0..{num_classes - 1}")
-    labels, index_in_class = class_balanced(classes, cmd.num_per_class)
+    labels, index_in_class = class_balanced(classes, cmd.num_per_class, num_classes)
     return labels, image_seeds(cmd.sample.seed, labels, index_in_class)
 
 

@@ -2,5 +2,5 @@
 
 from elmgen.hub.files import read_state_dict
 from elmgen.hub.gpt import elm_gpt, llamagen_gpt
-from elmgen.hub.pretrained import from_pretrained, local_folder, save_pretrained
+from elmgen.hub.pretrained import from_pretrained, load_generator, local_folder, save_pretrained
 from elmgen.hub.runs import SOURCES, import_checkpoint

@@ -18,6 +18,7 @@ from elmgen.hub.runs import model_card_of
 from elmgen.io import TMP_PREFIX, publish_folder
 from elmgen.models import load_model, tokenizer_path
 from elmgen.tokenizers import QUANTIZERS, load_tokenizer
+from elmgen.vocab import Vocab
 
 HUB = "hf:"
 TOKENIZER = "tokenizer"  # the sub-folder of an exported language model that holds its tokenizer
@@ -51,6 +52,35 @@ def from_pretrained(path_or_repo_id: str | Path, device="cpu", ema: bool = True)
     if kind in QUANTIZERS:
         return load_tokenizer(folder, device)
     raise ElmgenError(f"{folder} holds a {kind!r} checkpoint; from_pretrained loads language models and tokenizers")
+
+
+def load_generator(model: str | Path, tokenizer: str | Path | None = None, device="cpu", ema: bool = True):
+    """A language model and the tokenizer its codes came from (or `tokenizer`), each a local folder or
+    `hf:ORG/NAME`, checked to belong together: (model, its config, tokenizer, its config)."""
+    lm, lm_meta = load_model(local_folder(model), device, ema)
+    tok, tok_meta = load_tokenizer(local_folder(tokenizer or lm_meta["codes"]["tokenizer"]), device)
+    check_compatible(lm_meta, tok_meta)
+    return lm, lm_meta, tok, tok_meta
+
+
+def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
+    """The LM must have been trained on codes of exactly this tokenizer."""
+    vocab = Vocab.parse(lm_meta["model"]["vocab"])
+    lm_grid = lm_meta["model"]["grid_size"]
+    tok_bits = tokenizer_meta["bits"]
+    tok_grid = tokenizer_meta["grid"]
+    if vocab.bits != tok_bits or lm_grid != tok_grid:
+        raise ElmgenError(
+            f"the LM predicts {vocab.bits}-bit codes (vocabulary {vocab}) on a {lm_grid}x{lm_grid} grid but the "
+            f"tokenizer {tokenizer_meta['path']} makes {tok_bits}-bit codes on {tok_grid}x{tok_grid}; "
+            f"pass the tokenizer the LM was trained with ({lm_meta['codes']['tokenizer']})"
+        )
+    if lm_meta["codes"]["tokenizer_fingerprint"] != tokenizer_meta["fingerprint"]:
+        raise ElmgenError(
+            f"the LM was trained on codes of tokenizer {lm_meta['codes']['tokenizer']} (weights "
+            f"{lm_meta['codes']['tokenizer_fingerprint']}), not {tokenizer_meta['path']} "
+            f"(weights {tokenizer_meta['fingerprint']}); pass the tokenizer the LM was trained with"
+        )
 
 
 def save_pretrained(run: str | Path, out: str | Path) -> Path:

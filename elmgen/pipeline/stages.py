@@ -152,7 +152,7 @@ def trained(run_dir: Path, train: TrainConfig) -> bool:
     return config.get("step", 0) >= steps
 
 
-def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, num_samples: int, tokenizer) -> dict:
+def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, labels, seeds: list[int], tokenizer) -> dict:
     """Train (once) the feature-space classifier and its reference statistics, then score the samples, and the
     tokenizer's reconstructions of the held-out images (the ceiling for the samples)."""
     if not (dirs.classifier / "eval.json").is_file():
@@ -167,15 +167,46 @@ def evaluate_run(cfg: PipelineConfig, dirs: StageDirs, num_samples: int, tokeniz
         data = replace(cfg.tokenizer.data, split="train", limit=cfg.reference_images)
         ref = open_reference(data, extractor, workers=cfg.classifier.train.workers)
         save_ref_stats(ref, ref_file)
-    # the Inception Score needs a sample per split: few classes x few samples get fewer splits
-    result = evaluate_samples(
-        dirs.samples / "samples.npz", ref, extractor, splits=min(10, num_samples), per_sample=True
-    )
+    result = score_samples(dirs.samples, labels, seeds, ref, extractor)
     result["classifier_test_accuracy"] = json.loads((dirs.classifier / "eval.json").read_text())["accuracy"]
     held_out = load_dataset(cfg.tokenizer.held_out)
     ceiling = evaluate_samples(Reconstructions(tokenizer, held_out), ref, extractor, splits=min(10, len(held_out)))
     result["reconstructions"] = {k: ceiling[k] for k in ("num_samples", "fid", "precision", "recall", "class_accuracy")}
     return result
+
+
+def sample_stage(cfg: PipelineConfig, model, tokenizer, classes: list[int], samples_dir: Path):
+    """`num_per_class` samples of each of `classes`, written to samples_dir; their labels and seeds."""
+    labels, index_in_class = class_balanced(classes, cfg.num_per_class, model.cfg.num_classes)
+    seeds = image_seeds(cfg.sample.seed, labels, index_in_class)
+    images = sample_images(model, tokenizer, labels, seeds, cfg.sample)
+    write_samples(images, labels, seeds, samples_dir, ncols=cfg.num_per_class)
+    return labels, seeds
+
+
+def score_samples(samples_dir: Path, labels, seeds: list[int], ref, extractor) -> dict:
+    """The samples' FID, IS, precision/recall and class accuracy; each sample's scores go to PER_SAMPLE."""
+    # the Inception Score needs a sample per split: few classes x few samples get fewer splits
+    result = evaluate_samples(samples_dir / "samples.npz", ref, extractor, splits=min(10, len(labels)), per_sample=True)
+    per_sample = {"seed": seeds, "label": labels.tolist(), **result.pop("per_sample")}
+    atomic_write_text(samples_dir / PER_SAMPLE, json.dumps(per_sample))
+    return result
+
+
+def start_samples(samples_dir: Path) -> None:
+    if samples_dir.is_dir():  # what a killed run left half-written
+        remove_temporaries(samples_dir, "samples", "metrics.json", "config.yaml", PER_SAMPLE)
+
+
+def finish_run(cfg: PipelineConfig, samples_dir: Path, metrics: dict) -> dict:
+    """The run's config and metrics, written last: a run is done when its metrics.json exists."""
+    save_yaml(cfg, samples_dir / "config.yaml")
+    atomic_write_text(samples_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def sampling_summary(cfg: PipelineConfig, labels) -> dict:
+    return {**to_dict(cfg.sample), "num_per_class": cfg.num_per_class, "images": len(labels)}
 
 
 def fit_to_codes(job: LMJob, meta: dict) -> LMJob:
@@ -192,20 +223,21 @@ def fit_to_codes(job: LMJob, meta: dict) -> LMJob:
     return replace(job, model=replace(model, grid_size=meta["grid"], num_classes=meta["num_classes"]))
 
 
-def lm_summary(model: ModelConfig, last_row: dict) -> dict:
-    """The LM's part of metrics.json: its shape and its last logged loss, next to a uniform guess's."""
+def lm_summary(model: ModelConfig, last_row: dict | None = None) -> dict:
+    """The LM's part of metrics.json: its shape and, when it trained here, its last logged loss, next to a
+    uniform guess's."""
     vocab = model.vocabulary
-    return {
+    summary = {
         "kind": model.kind,
         "layers": model.n_layer,
         "width": model.d_model,
         "vocab": str(vocab),
         "params": count_params(model),
-        "steps": last_row["step"],
-        "final_loss": last_row["loss"],
         "uniform_loss": math.log(vocab.size),
-        "tokens_per_s": last_row.get("tok_per_s"),
     }
+    if last_row is not None:
+        summary.update(steps=last_row["step"], final_loss=last_row["loss"], tokens_per_s=last_row.get("tok_per_s"))
+    return summary
 
 
 def budget_seconds(cfg: PipelineConfig) -> float:
@@ -234,8 +266,7 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     cfg.sample.validate(cfg.lm.model.vocabulary.size)  # now, not after the training stages
     budget_s = budget_seconds(cfg)
     deadline = time.perf_counter() + budget_s  # a resumed run plans its unfinished stages from its own start
-    if dirs.samples.is_dir():  # what a killed run left half-written
-        remove_temporaries(dirs.samples, "samples", "metrics.json", "config.yaml", PER_SAMPLE)
+    start_samples(dirs.samples)
 
     t = time.perf_counter()
     if not (dirs.tokenizer / "eval.json").is_file():
@@ -269,30 +300,23 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     timings["lm"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    labels, index_in_class = class_balanced(list(range(len(tok_meta["class_names"]))), cfg.num_per_class)
-    seeds = image_seeds(cfg.sample.seed, labels, index_in_class)
-    images = sample_images(model, tokenizer, labels, seeds, cfg.sample)
-    write_samples(images, labels, seeds, dirs.samples, ncols=cfg.num_per_class)
+    labels, seeds = sample_stage(cfg, model, tokenizer, list(range(len(tok_meta["class_names"]))), dirs.samples)
     timings["sample"] = time.perf_counter() - t
 
     evaluation = None
     if cfg.evaluate:
         t = time.perf_counter()
-        evaluation = evaluate_run(cfg, dirs, len(labels), tokenizer)
-        per_sample = {"seed": seeds, "label": labels.tolist(), **evaluation.pop("per_sample")}
-        atomic_write_text(dirs.samples / PER_SAMPLE, json.dumps(per_sample))
+        evaluation = evaluate_run(cfg, dirs, labels, seeds, tokenizer)
         timings["evaluate"] = time.perf_counter() - t
 
     metrics = {
         "tokenizer": {k: v for k, v in tok_eval.items() if k != "bit_mean"},
         "lm": lm_summary(lm_job.model, rows[-1]),
-        "sampling": {**to_dict(cfg.sample), "num_per_class": cfg.num_per_class, "images": len(labels)},
+        "sampling": sampling_summary(cfg, labels),
         "eval": evaluation,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "dirs": {k: str(v) for k, v in vars(dirs).items()},
     }
     if cfg.minutes:
         metrics["budget"] = budget_summary(cfg, dirs)
-    save_yaml(cfg, dirs.samples / "config.yaml")
-    atomic_write_text(dirs.samples / "metrics.json", json.dumps(metrics, indent=2))
-    return metrics
+    return finish_run(cfg, dirs.samples, metrics)

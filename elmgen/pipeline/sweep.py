@@ -11,6 +11,9 @@ sampling-only sweep reuses the trained models. Replicate r of every setting has 
 settings are compared pair by pair: per image where the metric is a mean over images (the same seed
 draws the same image's randomness), else per replicate. The summary gives each setting's mean and 95%
 interval over its replicates and marks the settings that differ significantly from the column's best.
+
+With `model.path` the sweep trains nothing: every run samples that model (an imported release, a run trained
+elsewhere) and scores its samples against `model.reference`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import io
 import itertools
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from operator import attrgetter
 from pathlib import Path
@@ -29,9 +33,24 @@ import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
+from elmgen.evaluation import load_extractor, open_reference
+from elmgen.hub import load_generator
 from elmgen.io import atomic_write_text, remove_temporaries
-from elmgen.pipeline.stages import PER_SAMPLE, PipelineConfig, config_hash, run_pipeline, shared_dirs
+from elmgen.pipeline.stages import (
+    PER_SAMPLE,
+    PipelineConfig,
+    config_hash,
+    finish_run,
+    lm_summary,
+    run_pipeline,
+    sample_stage,
+    sampling_summary,
+    score_samples,
+    shared_dirs,
+    start_samples,
+)
 from elmgen.plots import pyplot, save_figure
 from elmgen.stats import mean_interval, paired_bootstrap
 
@@ -55,6 +74,78 @@ RESEED = {"tokenizer": "tokenizer.train.seed", "lm": "lm.train.seed", "sample": 
 
 
 @dataclass
+class GivenModel:
+    """A language model trained elsewhere (an `elmgen import`ed release, a run of `elmgen train`, hf:ORG/NAME)
+    whose sampling a sweep varies: no stage trains; every run samples this model and scores its samples against
+    `reference` in the feature space of `classifier` (or Inception's)."""
+
+    path: str | None = None  # LM run folder or hf:ORG/NAME; None: the sweep trains its own stages
+    tokenizer: str | None = None  # tokenizer run or hf:ORG/NAME (default: the one the LM's codes came from)
+    classes: list[int] | None = None  # classes to sample, base.num_per_class each (default: all)
+    reference: str | None = None  # images (class folder, 'fashion-mnist', .npz) or statistics to score against
+    backend: str = "classifier"  # feature space: classifier (a run of 'elmgen train-classifier') or inception
+    classifier: str | None = None  # classifier run, for the classifier backend
+    inception_weights: str | None = None  # FID Inception weights file, for the inception backend
+    device: str = "auto"  # auto, cpu, cuda[:N] or mps
+
+
+# What a sweep over a given model may vary: its sampling and how many samples are scored.
+GIVEN_MODEL_FIELDS = ("sample.", "num_per_class", "evaluate")
+
+
+class GivenModelRuns:
+    """The model, tokenizer and reference of a GivenModel, loaded once; `run` samples and scores one setting."""
+
+    def __init__(self, given: GivenModel, evaluate: bool):
+        device = resolve_device(given.device)
+        self.model, _, self.tokenizer, _ = load_generator(given.path, given.tokenizer, device)
+        self.classes = given.classes if given.classes is not None else list(range(self.model.cfg.num_classes))
+        self.summary = {"path": str(given.path), **lm_summary(self.model.cfg)}
+        self.extractor = self.ref = None
+        if evaluate:
+            if given.reference is None:
+                raise ElmgenError(
+                    "a sweep over model.path scores its samples against model.reference; set it (images "
+                    "or statistics), or base.evaluate=false to keep only the samples"
+                )
+            self.extractor = load_extractor(given.backend, given.classifier, given.inception_weights, device)
+            self.ref = open_reference(given.reference, self.extractor)
+
+    def run(self, cfg: PipelineConfig, run_dir: Path) -> dict:
+        start_samples(run_dir)
+        t = time.perf_counter()
+        labels, seeds = sample_stage(cfg, self.model, self.tokenizer, self.classes, run_dir)
+        seconds = {"sample": time.perf_counter() - t}
+        evaluation = None
+        if cfg.evaluate:
+            t = time.perf_counter()
+            evaluation = score_samples(run_dir, labels, seeds, self.ref, self.extractor)
+            seconds["evaluate"] = time.perf_counter() - t
+        metrics = {
+            "lm": self.summary,
+            "sampling": sampling_summary(cfg, labels),
+            "eval": evaluation,
+            "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        }
+        return finish_run(cfg, run_dir, metrics)
+
+
+def check_given_model(cfg: SweepConfig, settings: list[dict[str, Any]]) -> None:
+    """A sweep over a given model varies only what sampling it can change, and replicates reseed only sampling."""
+    if cfg.reseed is not None and set(cfg.reseed) - {"sample"}:
+        raise ElmgenError(
+            f"model.path={cfg.model.path} trains nothing: replicates can reseed only sample, not {cfg.reseed}"
+        )
+    for setting in settings:
+        for key in setting:
+            if not key.startswith(GIVEN_MODEL_FIELDS):
+                raise ElmgenError(
+                    f"the sweep varies {key}, but model.path={cfg.model.path} is sampled as it is: "
+                    f"vary sample.* or num_per_class, or drop model.path to train a model per setting"
+                )
+
+
+@dataclass
 class SweepConfig:
     base: PipelineConfig = field(default_factory=PipelineConfig)
     grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted field -> values; every combination runs
@@ -62,6 +153,7 @@ class SweepConfig:
     stages: str | None = None  # folder of shared stages (default: <out>/stages); point sweeps at one to share
     replicates: int = 1  # runs of every setting; replicate r adds r to the seeds of the reseeded stages
     reseed: list[str] | None = None  # stages replicates reseed: sample, lm, tokenizer (default: sample + those swept)
+    model: GivenModel = field(default_factory=GivenModel)  # model.path: sweep the sampling of this model instead
 
 
 @dataclass(frozen=True)
@@ -138,8 +230,12 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path) -> list[dict]:
         remove_temporaries(out, "summary", "runs.csv", "differences.csv", "plot_")
     runs = replicate_runs(cfg)
     configs = [apply_overrides(cfg.base, run.overrides) for run in runs]  # validate every run before training any
+    given = None
+    if cfg.model.path is not None:
+        check_given_model(cfg, [run.setting for run in runs])
+        given = GivenModelRuns(cfg.model, any(run_cfg.evaluate for run_cfg in configs))
     for run_cfg in configs:
-        run_cfg.sample.validate(run_cfg.lm.model.vocabulary.size)
+        run_cfg.sample.validate(given.model.vocab_size if given else run_cfg.lm.model.vocabulary.size)
     rows, samples = [], []
     for i, (run, run_cfg) in enumerate(zip(runs, configs, strict=True)):
         run_dir = out / "runs" / run.name
@@ -149,7 +245,10 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path) -> list[dict]:
         else:
             which = f", replicate {run.replicate}" if cfg.replicates > 1 else ""
             print(f"[sweep] run {i + 1}/{len(runs)}: {run.setting or 'base'}{which}", flush=True)
-            metrics = run_pipeline(run_cfg, shared_dirs(run_cfg, cfg.stages or out / "stages", run_dir))
+            if given:
+                metrics = given.run(run_cfg, run_dir)
+            else:
+                metrics = run_pipeline(run_cfg, shared_dirs(run_cfg, cfg.stages or out / "stages", run_dir))
         rows.append({"run": run.name, **run.setting, "replicate": run.replicate, **summary_values(metrics)})
         per_sample = run_dir / PER_SAMPLE  # runs from before per-sample scores have none: compared per replicate
         samples.append(json.loads(per_sample.read_text()) if per_sample.is_file() else {})

@@ -14,7 +14,6 @@ from elmgen.sampling.editing import (
 )
 from elmgen.sampling.generate import (
     SHARD_FILE,
-    check_compatible,
     class_balanced,
     decode_images,
     generate,

@@ -20,7 +20,7 @@ from elmgen.sampling.ar import OnStep, generate_ar
 from elmgen.sampling.config import SampleConfig
 from elmgen.sampling.maskgit import generate_mlm
 from elmgen.tokenizers import Autoencoder
-from elmgen.vocab import Vocab, subcodes_to_cells
+from elmgen.vocab import subcodes_to_cells
 
 
 def generate(
@@ -31,8 +31,12 @@ def generate(
     return (generate_mlm if model.cfg.kind == "mlm" else generate_ar)(model, labels_B, cfg, seeds, on_step=on_step)
 
 
-def class_balanced(classes: list[int], num_per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels (N,) and each image's index within its class, class by class."""
+def class_balanced(classes: list[int], num_per_class: int, num_classes: int | None = None):
+    """Labels (N,) and each image's index within its class, class by class; classes outside 0..num_classes - 1
+    (when given: the model's) are refused."""
+    bad = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
+    if bad:
+        raise ElmgenError(f"classes {bad} are out of range: the model knows classes 0..{num_classes - 1}")
     labels = torch.tensor(classes).repeat_interleave(num_per_class)
     return labels, torch.arange(num_per_class).repeat(len(classes))
 
@@ -68,26 +72,6 @@ def decode_images(model: Transformer, tokenizer: Autoencoder, sub_BLn: torch.Ten
     """The model's sub-codes (B, L, n) -> the tokenizer's uint8 images (B, C, H, W) on the CPU."""
     cells_BL = subcodes_to_cells(sub_BLn, model.cfg.vocabulary).to(next(tokenizer.parameters()).device)
     return to_uint8(tokenizer.decode_cells(cells_BL, model.cfg.grid_size)).cpu()
-
-
-def check_compatible(lm_meta: dict, tokenizer_meta: dict) -> None:
-    """The LM must have been trained on codes of exactly this tokenizer."""
-    vocab = Vocab.parse(lm_meta["model"]["vocab"])
-    lm_grid = lm_meta["model"]["grid_size"]
-    tok_bits = tokenizer_meta["bits"]
-    tok_grid = tokenizer_meta["grid"]
-    if vocab.bits != tok_bits or lm_grid != tok_grid:
-        raise ElmgenError(
-            f"the LM predicts {vocab.bits}-bit codes (vocabulary {vocab}) on a {lm_grid}x{lm_grid} grid but the "
-            f"tokenizer {tokenizer_meta['path']} makes {tok_bits}-bit codes on {tok_grid}x{tok_grid}; "
-            f"pass the tokenizer the LM was trained with ({lm_meta['codes']['tokenizer']})"
-        )
-    if lm_meta["codes"]["tokenizer_fingerprint"] != tokenizer_meta["fingerprint"]:
-        raise ElmgenError(
-            f"the LM was trained on codes of tokenizer {lm_meta['codes']['tokenizer']} (weights "
-            f"{lm_meta['codes']['tokenizer_fingerprint']}), not {tokenizer_meta['path']} "
-            f"(weights {tokenizer_meta['fingerprint']}); pass the tokenizer the LM was trained with"
-        )
 
 
 # Process r of w writes `name`.rank<r>-of-<w>.npz; zero-padded, so sorted file names are in rank order
