@@ -197,6 +197,10 @@ def test_model_info_json(capsys):
     code, out, _ = run(capsys, "model-info", "XL", "--vocab", "2-12", "--json")
     info = json.loads(out)
     assert code == 0 and abs(info["params"] / 757e6 - 1) < 0.03 and info["n_layer"] == 36
+    cost = info["sampling_bf16_guided"]  # guided: 2 rows an image; bf16: 2 bytes a value
+    assert cost["weights_gb"] == round(info["params"] * 2 / 1e9, 3)
+    assert cost["kv_cache_mb_per_image"] == round(2 * 2 * 36 * 257 * 1280 * 2 / 1e6, 1)  # K and V, class + cells
+    assert cost["gflop_per_image"] == round(2 * 256 * info["flops_per_token"]["forward"] / 1e9, 1)
 
 
 def test_every_command_has_help(capsys):

@@ -64,34 +64,34 @@ def llamagen_state(codes=1024, d=D, layers=LAYERS) -> dict:
     }
 
 
-def elm_ar_state(n: int, c: int) -> dict:
+def elm_ar_state(n: int, c: int, d=D, layers=LAYERS, classes=CLASSES) -> dict:
     one = n == 1
     sd = {
-        "cls_embedding.embedding_table.weight": torch.randn(CLASSES + 1, D),
-        **blocks(),
-        "norm.weight": torch.randn(D),
+        "cls_embedding.embedding_table.weight": torch.randn(classes + 1, d),
+        **blocks(d, layers),
+        "norm.weight": torch.randn(d),
     }
     for i in range(n):
-        sd["tok_embedder.weight" if one else f"tok_embedder.{i}.weight"] = torch.randn(2**c, D)
-        sd["output.weight" if one else f"output.{i}.weight"] = torch.randn(2**c, D)
+        sd["tok_embedder.weight" if one else f"tok_embedder.{i}.weight"] = torch.randn(2**c, d)
+        sd["output.weight" if one else f"output.{i}.weight"] = torch.randn(2**c, d)
     if not one:
-        sd["proj.weight"] = torch.randn(D, n * D)
+        sd["proj.weight"] = torch.randn(d, n * d)
     return sd
 
 
-def elm_mlm_state(c: int, cells=GRID * GRID) -> dict:
+def elm_mlm_state(c: int, cells=GRID * GRID, d=D, layers=LAYERS, classes=CLASSES) -> dict:
     entries = 2**c + 1  # the codes and the mask entry
     return {
-        "cls_embedding.embedding_table.weight": torch.randn(CLASSES + 1, D),
-        "tok_embedder.weight": torch.randn(entries, D),
-        "pos_embed.weight": torch.randn(cells, D),
-        **blocks(),
-        "norm.weight": torch.randn(D),
-        "output.weight": torch.randn(entries, D),
-        "mlm_layer.fc.weight": torch.randn(D, D),
-        "mlm_layer.fc.bias": torch.randn(D),
-        "mlm_layer.ln.weight": torch.randn(D),
-        "mlm_layer.ln.bias": torch.randn(D),
+        "cls_embedding.embedding_table.weight": torch.randn(classes + 1, d),
+        "tok_embedder.weight": torch.randn(entries, d),
+        "pos_embed.weight": torch.randn(cells, d),
+        **blocks(d, layers),
+        "norm.weight": torch.randn(d),
+        "output.weight": torch.randn(entries, d),
+        "mlm_layer.fc.weight": torch.randn(d, d),
+        "mlm_layer.fc.bias": torch.randn(d),
+        "mlm_layer.ln.weight": torch.randn(d),
+        "mlm_layer.ln.bias": torch.randn(d),
         "mlm_layer.bias": torch.randn(1, 1, entries),
     }
 

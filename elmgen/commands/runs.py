@@ -16,7 +16,7 @@ from elmgen.commands.base import NON_NEGATIVE, OUT, POSITIVE, Command, Option, d
 from elmgen.data import check_images, folder_images
 from elmgen.data.shapes import make_shapes
 from elmgen.errors import ElmgenError
-from elmgen.models import ModelConfig, count_params, flops_per_token, preset, training_memory_gb
+from elmgen.models import ModelConfig, count_params, flops_per_token, preset, sampling_cost, training_memory_gb
 from elmgen.pipeline import PipelineConfig, SweepConfig, folder_config, quick_demo, run_demo, run_sweep
 
 
@@ -56,6 +56,7 @@ def model_info_command(cmd: ModelInfoCommand) -> None:
         "batch_per_gpu": cmd.batch_per_gpu,
         "gpus": cmd.gpus,
         "memory_gb_per_gpu": memory,
+        "sampling_bf16_guided": sampling_cost(cfg),
     }
     if cmd.json:
         print(json.dumps(info))

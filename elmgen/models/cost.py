@@ -1,4 +1,5 @@
-"""What a model size costs, computed from its config alone: parameters, FLOPs per token, training memory."""
+"""What a model size costs, computed from its config alone: parameters, FLOPs per token, training memory and
+what sampling an image takes."""
 
 from __future__ import annotations
 
@@ -28,6 +29,21 @@ def flops_per_token(cfg: ModelConfig) -> dict:
     attention = 4 * L * T * d // (2 if cfg.kind == "ar" else 1)
     forward = 2 * matmul_params + attention
     return {"matmul": 2 * matmul_params, "attention": attention, "forward": forward, "train": 3 * forward}
+
+
+def sampling_cost(cfg: ModelConfig, guided: bool = True, bytes_per_value: int = 2) -> dict:
+    """What sampling one image costs in bf16 (`bytes_per_value` 2; 4 for fp32): the weights every decode step
+    reads, the forward FLOPs of all its positions (with guidance every row is doubled) and, for AR, the KV cache
+    it holds at the end (keys and values of the class token and every cell, in every layer). An MLM's FLOPs are
+    per MaskGIT step: each runs the whole grid."""
+    rows, T = (2 if guided else 1), cfg.num_cells
+    cost = {
+        "weights_gb": round(count_params(cfg) * bytes_per_value / 1e9, 3),
+        "gflop_per_image": round(rows * T * flops_per_token(cfg)["forward"] / 1e9, 1),
+    }
+    if cfg.kind == "ar":
+        cost["kv_cache_mb_per_image"] = round(rows * 2 * cfg.n_layer * (1 + T) * cfg.d_model * bytes_per_value / 1e6, 1)
+    return cost
 
 
 def training_memory_gb(
