@@ -162,7 +162,8 @@ class EMA:
 
 
 def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
-    """Activation checkpointing, FSDP sharding and compilation, in place, as configured; True if sharded.
+    """Activation checkpointing, FSDP sharding and compilation (per sharded unit under FSDP), in place, as
+    configured; True if sharded.
 
     Models opt in: `activation_checkpointing` is a flag they read in forward, `fsdp_units` the
     submodules sharded on their own (e.g. transformer blocks) before the root."""
@@ -171,13 +172,16 @@ def prepare(model: torch.nn.Module, cfg: TrainConfig, world: int) -> bool:
         if not hasattr(model, "activation_checkpointing"):
             raise ElmgenError(f"train.activation_checkpointing is not supported for {name}; turn it off")
         model.activation_checkpointing = True
-    if cfg.fsdp and world > 1:
+    sharded = cfg.fsdp and world > 1
+    if sharded:
         if not hasattr(model, "fsdp_units"):
             raise ElmgenError(f"train.fsdp is not supported for {name} (small enough for plain data parallelism)")
         shard(model, bf16=resolve_precision(cfg.precision, next(model.parameters()).device) == "bf16")
     if cfg.compile:
-        model.compile(dynamic=False)
-    return cfg.fsdp and world > 1
+        # sharded, each unit compiles on its own: one graph per block, FSDP's gathers and reductions between them
+        for module in model.fsdp_units if sharded else [model]:
+            module.compile(dynamic=False)
+    return sharded
 
 
 def fit(
