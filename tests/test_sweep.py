@@ -205,7 +205,7 @@ def test_shipped_sweeps_load_and_expand():
     from pathlib import Path
 
     files = sorted((Path(__file__).resolve().parent.parent / "configs" / "sweeps").glob("*.yaml"))
-    assert len(files) == 7
+    assert len(files) == 11
     for path in files:
         cfg = build_config(SweepConfig, path)
         runs = expand(cfg)
