@@ -433,3 +433,6 @@ def test_everything_downstream_works_on_imported_models(tmp_path, capsys, one_th
     sweep.write_text(f"{given}\ngrid: {{lm.model.vocab: [2-4]}}\n")
     assert cli.main(["sweep", str(sweep), "--out", str(out / "sweep2")]) == 2
     assert "the sweep varies lm.model.vocab, but model.path=" in capsys.readouterr().err
+    sweep.write_text(f"model: {{path: {ar}, classes: [99]}}\ngrid: {{sample.temperature: [1.0]}}\n")
+    assert cli.main(["sweep", str(sweep), "--out", str(out / "sweep3")]) == 2
+    assert "classes [99] are out of range" in capsys.readouterr().err and not (out / "sweep3").exists()
