@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py --presets tiny B --kind ar mlm --batch 16 --grid 16
     python benchmarks/train_step.py --presets tiny B --kind ar mlm --batch 16 --grid 16 --compile
+    python benchmarks/train_step.py --presets B --vocab 1-14 --profile 25   # the 25 costliest operators of a step
 
 Measures, in each case's own process: the bf16 and fp32 throughput of a large square matmul (the
 practical ceiling; before and after the timed steps, the better counts), and full training steps of
@@ -17,6 +18,8 @@ and the peak memory of the case, measured in a fresh process (see benchmarks/com
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from common import matmul_reference, median_seconds, parser, rounded, run
@@ -49,6 +52,10 @@ def run_case(c: dict) -> dict:
         opt.zero_grad(set_to_none=True)
 
     first = median_seconds(step, 1)  # warm-up (compiles with --compile)
+    if c["profile"]:  # where a step's time goes, by operator: printed to stderr, the JSON line stays on stdout
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=c["profile"]), file=sys.stderr)
     # The ceiling is measured in the same process just before and after the timed steps (this VM's speed
     # drifts by up to a third between minutes); the better of the two counts.
     before = matmul_reference(c["matmul_size"])
@@ -79,6 +86,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--compile", action="store_true", help="compile the model in place, as training with --compile does")
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="print the N operators taking most of one step (profiler)"
+    )
     p.add_argument("--matmul-size", type=int, default=2048, help="side of the reference matmul")
     p.add_argument(
         "--logits-chunk",
@@ -100,6 +110,7 @@ def main() -> None:
             "compile": a.compile,
             "matmul_size": a.matmul_size,
             "logits_chunk": chunk,
+            "profile": a.profile,
         }
         for name in a.presets
         for kind in a.kind
