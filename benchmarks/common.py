@@ -110,10 +110,11 @@ def run(
     cases: list[dict],
     run_case: Callable[[dict], dict],
     compare: Callable[[dict, list[dict]], None] | None = None,
-) -> None:
+) -> list[dict]:
     """With --case: run that one case here and print its result. Otherwise run every case in a fresh
     process, one after the other, and print one JSON line each: environment, the case (with
-    `repeats`), its result. `compare(row, earlier_rows)` may add comparisons with earlier cases to a row."""
+    `repeats`), its result, and return those rows (none with --case). `compare(row, earlier_rows)` may add
+    comparisons with earlier cases to a row."""
     torch.set_num_threads(args.threads)
     if args.case:
         base = _max_rss_mb()
@@ -121,7 +122,7 @@ def run(
         result = run_case(json.loads(args.case))
         peak = _max_rss_mb()
         print(json.dumps({**result, "peak_rss_mb": round(peak), "case_rss_mb": round(peak - base)}))
-        return
+        return []
     head = environment(args.threads)
     rows: list[dict] = []
     for case in cases:
@@ -133,6 +134,7 @@ def run(
             compare(row, rows)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return rows
 
 
 def rounded(values: dict) -> dict:

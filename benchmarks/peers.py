@@ -63,10 +63,9 @@ def random_head(head: torch.nn.Linear) -> None:
 def sampling_case(c: dict):
     labels = torch.arange(c["batch"]) % CLASSES
     if c["system"] == "llamagen":
-        sys.path.insert(0, c["llamagen"])
+        model = llamagen_model(c["llamagen"]).eval()  # puts the checkout on sys.path
         from autoregressive.models.generate import generate as lg_generate
 
-        model = llamagen_model(c["llamagen"]).eval()
         random_head(model.output)
         if c["precision"] == "bf16":  # as its sample_c2i.py runs bf16: the weights cast (its KV cache follows them)
             model.to(torch.bfloat16)
@@ -163,9 +162,8 @@ def main() -> None:
         for _ in range(a.rounds)
         for system in ("elmgen", "llamagen")
     ]
-    rows: list[dict] = []
-    run(a, __file__, cases, run_case, compare=lambda row, earlier: rows.append(row))
-    if not a.case:
+    rows = run(a, __file__, cases, run_case)
+    if rows:
         summary(rows)
 
 

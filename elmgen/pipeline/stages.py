@@ -194,7 +194,8 @@ def score_samples(samples_dir: Path, labels, seeds: list[int], ref, extractor) -
 
 
 def start_samples(samples_dir: Path) -> None:
-    if samples_dir.is_dir():  # what a killed run left half-written
+    """Clear what a killed run left half-written in its samples folder."""
+    if samples_dir.is_dir():
         remove_temporaries(samples_dir, "samples", "metrics.json", "config.yaml", PER_SAMPLE)
 
 

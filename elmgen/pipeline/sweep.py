@@ -52,7 +52,7 @@ from elmgen.pipeline.stages import (
     start_samples,
 )
 from elmgen.plots import pyplot, save_figure
-from elmgen.sampling import class_balanced
+from elmgen.sampling import check_classes
 from elmgen.stats import mean_interval, paired_bootstrap
 
 # Metrics gathered into the summary table: (column, path in a run's metrics.json, which way is better: +1 higher,
@@ -101,7 +101,7 @@ class GivenModelRuns:
         device = resolve_device(given.device)
         self.model, _, self.tokenizer, _ = load_generator(given.path, given.tokenizer, device)
         self.classes = given.classes if given.classes is not None else list(range(self.model.cfg.num_classes))
-        class_balanced(self.classes, 1, self.model.cfg.num_classes)  # refuses unknown classes before any run
+        check_classes(self.classes, self.model.cfg.num_classes)  # before any run
         self.summary = {"path": str(given.path), **lm_summary(self.model.cfg)}
         self.extractor = self.ref = None
         if evaluate:

@@ -14,6 +14,7 @@ from elmgen.sampling.editing import (
 )
 from elmgen.sampling.generate import (
     SHARD_FILE,
+    check_classes,
     class_balanced,
     decode_images,
     generate,

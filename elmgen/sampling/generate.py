@@ -31,12 +31,18 @@ def generate(
     return (generate_mlm if model.cfg.kind == "mlm" else generate_ar)(model, labels_B, cfg, seeds, on_step=on_step)
 
 
-def class_balanced(classes: list[int], num_per_class: int, num_classes: int | None = None):
-    """Labels (N,) and each image's index within its class, class by class; classes outside 0..num_classes - 1
-    (when given: the model's) are refused."""
-    bad = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
+def check_classes(classes: list[int], num_classes: int) -> None:
+    """Refuse classes outside 0..num_classes - 1 (the model's)."""
+    bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         raise ElmgenError(f"classes {bad} are out of range: the model knows classes 0..{num_classes - 1}")
+
+
+def class_balanced(classes: list[int], num_per_class: int, num_classes: int | None = None):
+    """Labels (N,) and each image's index within its class, class by class; with `num_classes` (the model's),
+    classes it does not know are refused."""
+    if num_classes is not None:
+        check_classes(classes, num_classes)
     labels = torch.tensor(classes).repeat_interleave(num_per_class)
     return labels, torch.arange(num_per_class).repeat(len(classes))
 
