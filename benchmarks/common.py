@@ -90,14 +90,16 @@ def roofline_seconds(weight_bytes: float, flops: float, ceiling: dict, precision
     return max(weight_bytes / (ceiling["bandwidth_gbs"] * 1e9), flops / (ceiling[f"matmul_gflops_{precision}"] * 1e9))
 
 
+def call_seconds(fn: Callable[[], object]) -> float:
+    """Wall time of one call of fn."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of `repeats` calls of fn (warm it up first)."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(call_seconds(fn) for _ in range(repeats))
 
 
 def _max_rss_mb() -> float:

@@ -1,6 +1,6 @@
 """elmgen against LlamaGen on the same work, side by side on this machine (issue 15).
 
-    python benchmarks/peers.py --llamagen PATH [--rounds 2] [--batch 8] [--train-batch 16]
+    python benchmarks/peers.py --llamagen PATH [--rounds 2] [--batch 8] [--train-batch 16] [--compile]
 
 PATH is a checkout of github.com/FoundationVision/LlamaGen that you provide; its code is imported from
 there in the LlamaGen cases' own processes and nothing of it is copied here. The shape is LlamaGen's
@@ -11,7 +11,12 @@ classes, a 16x16 grid, random weights, dropout off in both:
   temperature 1, no top-k, KV-cached (LlamaGen's `generate`, elmgen's `generate`), fp32 eager and bf16
   (elmgen under autocast; LlamaGen with its weights cast to bf16, as its `sample_c2i.py` does); image tokens/s;
 - a training step: `--train-batch` sequences, bf16 autocast, fused AdamW, gradient clipping 1.0 (LlamaGen's
-  `Transformer.forward(..., targets)` loss, elmgen's trainer loss); tokens/s.
+  `Transformer.forward(..., targets)` loss, elmgen's trainer loss); tokens/s. With `--compile` both models are
+  compiled in place (`Module.compile`, as both trainers' compile options do), else both run eager.
+
+Every case first runs `--warmup` untimed calls: a training step's second call is still far slower than the
+steady state (optimizer state and the allocator's first use of the gradients' memory), so one warm-up call
+is not enough. Each row keeps the time of every call (`call_seconds`).
 
 Each case runs in its own fresh process, the two systems alternating, `--rounds` times; the summary prints
 the median of each and the ratio elmgen / LlamaGen. Only ratios from one run count: this machine's speed
@@ -25,12 +30,12 @@ import sys
 from pathlib import Path
 
 import torch
-from common import median_seconds, parser, rounded, run
+from common import call_seconds, parser, rounded, run
 
 from elmgen.device import autocast
 from elmgen.models import ModelConfig, Transformer, preset
 from elmgen.sampling import SampleConfig, generate
-from elmgen.train import LOSSES, TrainConfig, make_optimizer
+from elmgen.train import LOSSES, TrainConfig, make_optimizer, prepare
 
 GRID, CLASSES, CODES = 16, 1000, 16384
 
@@ -91,6 +96,8 @@ def training_case(c: dict):
     labels = torch.randint(0, CLASSES, (c["train_batch"],))
     if c["system"] == "llamagen":
         model = llamagen_model(c["llamagen"]).train()
+        if c["compile"]:
+            model.compile(dynamic=False)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
 
         def loss_fn():
@@ -98,7 +105,9 @@ def training_case(c: dict):
 
     else:
         model = elmgen_model().train()
-        opt = make_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.05))
+        train = TrainConfig(lr=1e-4, weight_decay=0.05, compile=c["compile"])
+        prepare(model, train, world=1)  # compiles in place with --compile, as training does
+        opt = make_optimizer(model, train)
         sub = tokens[:, :, None]  # 1-14: one sub-code a cell
 
         def loss_fn():
@@ -117,9 +126,9 @@ def training_case(c: dict):
 
 def run_case(c: dict) -> dict:
     call, tokens = (sampling_case if c["bench"] == "sampling" else training_case)(c)
-    first = median_seconds(call, 1)  # warm-up
-    seconds = median_seconds(call, c["repeats"])
-    return rounded({"first_call_seconds": first, "seconds": seconds, "tokens_per_s": tokens / seconds})
+    times = [call_seconds(call) for _ in range(c["warmup"] + c["repeats"])]
+    seconds = statistics.median(times[c["warmup"] :])
+    return rounded({"call_seconds": [round(t, 3) for t in times], "seconds": seconds, "tokens_per_s": tokens / seconds})
 
 
 def summary(rows: list[dict]) -> None:
@@ -143,6 +152,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating runs of each system per case")
     p.add_argument("--batch", type=int, default=8, help="images a sampling call")
     p.add_argument("--train-batch", type=int, default=16, help="sequences a training step")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones, per case")
+    p.add_argument("--compile", action="store_true", help="training: compile both models in place")
     p.add_argument("--work", nargs="+", default=["sampling", "training"], choices=["sampling", "training"])
     a = p.parse_args()
     if not a.case and not (Path(a.llamagen or "") / "autoregressive" / "models" / "gpt.py").is_file():
@@ -157,6 +168,8 @@ def main() -> None:
             "llamagen": str(Path(a.llamagen or "").resolve()),
             "batch": a.batch,
             "train_batch": a.train_batch,
+            "warmup": a.warmup,
+            "compile": a.compile and bench == "training",
         }
         for bench, precision in work
         for _ in range(a.rounds)
