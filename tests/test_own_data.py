@@ -63,6 +63,19 @@ def test_palette_shapes_use_only_the_palette_colours(tmp_path, capsys):
     assert "--palette must be 0 (any colour) or in 2..8" in capsys.readouterr().err
 
 
+def test_jitter_zero_poses_every_shape_alike(tmp_path, capsys):
+    def masks(root):  # where each image differs from its corner (background) colour
+        images = [np.asarray(Image.open(p)) for p in sorted(root.glob("cross/*.png"))]
+        return [(a != a[0, 0]).any(-1) for a in images]
+
+    fixed = masks(make_shapes(tmp_path / "j0", num_classes=4, per_class=5, size=24, jitter=0, palette=8))
+    assert all((m == fixed[0]).all() for m in fixed)  # colours vary, the shape's pixels never move
+    posed = masks(make_shapes(tmp_path / "j1", num_classes=4, per_class=5, size=24, palette=8))
+    assert not all((m == posed[0]).all() for m in posed)
+    assert main(["shapes", "--out", str(tmp_path / "bad"), "--jitter", "1.5"]) == 2
+    assert "--jitter must be in 0..1" in capsys.readouterr().err
+
+
 def test_inspect_folder_detects_channels_and_size(shapes, tmp_path):
     assert inspect_folder(shapes) == (3, 32)
     grey = tmp_path / "grey" / "a"

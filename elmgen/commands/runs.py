@@ -133,10 +133,11 @@ class ShapesCommand:
     size: int = field(default=SHAPES["size"], metadata=POSITIVE)  # image side in px
     seed: int = field(default=SHAPES["seed"], metadata=NON_NEGATIVE)  # colours, sizes, places, rotations
     palette: int = field(default=SHAPES["palette"], metadata=NON_NEGATIVE)  # colours from this many (2-8); 0: any
+    jitter: float = SHAPES["jitter"]  # pose randomness, 0-1: 1 any size, place and tilt; 0 centred and upright
 
 
 def shapes_command(cmd: ShapesCommand) -> None:
-    out = make_shapes(cmd.out, cmd.classes, cmd.per_class, cmd.size, cmd.seed, cmd.palette)
+    out = make_shapes(cmd.out, cmd.classes, cmd.per_class, cmd.size, cmd.seed, cmd.palette, cmd.jitter)
     print(f"wrote {cmd.classes * cmd.per_class} images to {out}/<shape>/")
 
 
@@ -211,7 +212,7 @@ COMMANDS = (
         "write a synthetic class folder of coloured shapes",
         "Coloured shapes on coloured backgrounds, one sub-folder per shape: the class is the shape, never the "
         "colour. A folder to try 'elmgen run --data' on.",
-        named("out", "classes", "per_class", "size", "seed", "palette"),
+        named("out", "classes", "per_class", "size", "seed", "palette", "jitter"),
     ),
     Command(
         "check-data",

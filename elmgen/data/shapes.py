@@ -2,7 +2,8 @@
 
 `elmgen shapes --out DIR` writes DIR/<shape>/<index>.png, the kind of folder a researcher brings:
 it lets the pipeline's own-data path (`elmgen run --data DIR`) be tested and measured without any
-download. Colours, size, position and rotation are random, so a model has to learn shape.
+download. Colours, size, position and rotation are random, so a model has to learn shape; `jitter`
+narrows the pose (size, position, rotation) towards one centred, upright shape, colours staying random.
 """
 
 from __future__ import annotations
@@ -66,14 +67,20 @@ def _colours(rng: np.random.Generator, palette: int) -> tuple[np.ndarray, np.nda
     return background, colour
 
 
-def draw_shape(kind: str, size: int, rng: np.random.Generator, palette: int = 0) -> Image.Image:
-    """One RGB image of `kind` with a random colour, background, radius, position and rotation."""
+def _spread(rng: np.random.Generator, jitter: float) -> float:
+    """A uniform draw from the unit range shrunk about its middle by `jitter` (0: always 0.5)."""
+    return 0.5 + jitter * (rng.uniform() - 0.5)
+
+
+def draw_shape(kind: str, size: int, rng: np.random.Generator, palette: int = 0, jitter: float = 1.0) -> Image.Image:
+    """One RGB image of `kind` with a random colour and background, and a pose as random as `jitter` says."""
     big = size * SUPERSAMPLE
     background, colour = _colours(rng, palette)
     img = Image.new("RGB", (big, big), tuple(int(v) for v in background))
     draw = ImageDraw.Draw(img)
-    r = big * rng.uniform(0.22, 0.4)
-    cx, cy = (rng.uniform(r, big - r) for _ in range(2))
+    # jitter 1: radius 0.22-0.4 of the side, anywhere it fits, tilted up to 22.5 degrees; 0: 0.31, centred, upright
+    r = big * (0.22 + 0.18 * _spread(rng, jitter))
+    cx, cy = (r + (big - 2 * r) * _spread(rng, jitter) for _ in range(2))
     fill = tuple(int(v) for v in colour)
     if kind == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
@@ -82,19 +89,28 @@ def draw_shape(kind: str, size: int, rng: np.random.Generator, palette: int = 0)
         inner = 0.55 * r
         draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=tuple(int(v) for v in background))
     else:
-        draw.polygon(_polygon(kind, cx, cy, r, rng.uniform(-math.pi / 8, math.pi / 8)), fill=fill)
+        draw.polygon(_polygon(kind, cx, cy, r, math.pi / 4 * (_spread(rng, jitter) - 0.5)), fill=fill)
     return img.resize((size, size), Image.BOX)
 
 
 def make_shapes(
-    out_dir: str | Path, num_classes: int = 4, per_class: int = 1000, size: int = 32, seed: int = 0, palette: int = 0
+    out_dir: str | Path,
+    num_classes: int = 4,
+    per_class: int = 1000,
+    size: int = 32,
+    seed: int = 0,
+    palette: int = 0,
+    jitter: float = 1.0,
 ) -> Path:
     """Write `per_class` images of each of the first `num_classes` shapes to out_dir/<shape>/NNNNN.png, in
-    colours of the first `palette` corners of the RGB cube (2-8), or of any colour (0)."""
+    colours of the first `palette` corners of the RGB cube (2-8), or of any colour (0), posed as randomly as
+    `jitter` (0-1) says."""
     if not 2 <= num_classes <= len(SHAPES):
         raise ElmgenError(f"--classes must be in 2..{len(SHAPES)} ({', '.join(SHAPES)}), not {num_classes}")
     if palette and not 2 <= palette <= len(PALETTE):
         raise ElmgenError(f"--palette must be 0 (any colour) or in 2..{len(PALETTE)}, not {palette}")
+    if not 0 <= jitter <= 1:
+        raise ElmgenError(f"--jitter must be in 0..1 (1: any size, place, tilt; 0: centred, upright), not {jitter}")
     if per_class < 1 or size < 8:
         raise ElmgenError(f"need at least 1 image per class and 8 px (got {per_class}, {size} px)")
     out = Path(out_dir)
@@ -105,5 +121,5 @@ def make_shapes(
         folder = out / kind
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            draw_shape(kind, size, rng, palette).save(folder / f"{i:05d}.png")
+            draw_shape(kind, size, rng, palette, jitter).save(folder / f"{i:05d}.png")
     return out
