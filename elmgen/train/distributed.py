@@ -4,6 +4,7 @@ serves one process or many and a run resumes with any number of them."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import warnings
@@ -30,7 +31,15 @@ def distributed() -> tuple[int, int]:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # leave the group while the interpreter is still whole: left to finalization, gloo's worker threads
+        # free tensors after Python is gone and the process aborts (SIGABRT; pytorch/pytorch PR 179291)
+        atexit.register(leave_group)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launched() -> tuple[int, int]:
