@@ -105,11 +105,12 @@ def tokenize(
     work = _shared_work_folder(out_dir, Path(tokenizer_meta["path"]).resolve(), plan, rank, world, tokenizer)
     if work is None:
         return plan
+    # The missing shards, dealt out in turn: processes of a resumed run get equal shares, so none waits long.
+    # Listed before the barrier, while no process of this run has written one: every process sees the same list
+    todo = [(s, name) for s, name in enumerate(plan["shards"]) if not (work / name).is_file()][rank::world]
     if rank == 0:
         atomic_write_text(work / "plan.json", json.dumps(plan, indent=2))
     _wait_for_all(world)  # plan.json first: a kill from here on leaves a folder that resumes
-    # The missing shards, dealt out in turn: processes of a resumed run get equal shares, so none waits long
-    todo = [(s, name) for s, name in enumerate(plan["shards"]) if not (work / name).is_file()][rank::world]
     device = next(tokenizer.parameters()).device
     batches = ((s, ids) for s, _ in todo for ids in _shard_batches(plan, s, batch_size))
     workers = default_workers(dataset.in_memory) if workers is None else workers
