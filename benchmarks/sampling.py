@@ -4,8 +4,8 @@ MaskGIT decoding of a masked model.
     python benchmarks/sampling.py --preset tiny --grid 16 --batch 1 32 --mlm-steps 8 16
 
 For each batch size, in this order: AR recomputing the whole prefix at every cell
-(`kv_cache=False`), AR with the KV cache (fp32, then bf16 autocast with a bfloat16 cache), AR with
-the KV cache and `compile=True` (the one-cell decode step compiled, static shapes), then MLM
+(`kv_cache=False`), AR with the KV cache (fp32, then bf16: bfloat16 linear weights under autocast, a
+bfloat16 cache), AR with the KV cache and `compile=True` (the one-cell decode step compiled, static shapes), then MLM
 (`kind="mlm"`) at each number of MaskGIT steps. All cases use the same random weights (non-zero
 heads), labels, per-image seeds and sampling settings (CFG doubles the work of every case). Each
 case runs in a fresh process (peak memory: see benchmarks/common.py); it first warms up with one
@@ -34,6 +34,8 @@ def run_case(c: dict) -> dict:
     cfg = ModelConfig(**preset(c["preset"]), kind=c["kind"], vocab=c["vocab"], grid_size=c["grid"], num_classes=10)
     model = Transformer(cfg)
     torch.nn.init.normal_(model.head.weight, std=0.02)  # a zero head (the init) samples uniformly
+    if c.get("precision") == "bf16":  # as `elmgen sample --precision bf16`: no fp32 copy of the linear weights
+        model.bf16_linears()
     sample = SampleConfig(
         guidance_scale=c["guidance_scale"],
         kv_cache=c.get("decode") != "recompute",
@@ -97,6 +99,7 @@ def main() -> None:
     p.add_argument("--mlm-steps", type=int, nargs="*", default=[8, 16], help="MaskGIT step counts (none: no MLM)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled AR case")
     p.add_argument("--no-recompute", action="store_true", help="skip the recomputing AR case (slow at L+)")
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], help="KV-cached AR cases to run")
     a = p.parse_args()
     cases = []
     for batch in a.batch:
@@ -109,7 +112,7 @@ def main() -> None:
             "guidance_scale": a.guidance_scale,
         }
         ar = [] if a.no_recompute else [("recompute", False, "fp32")]
-        ar += [("kv", False, "fp32"), ("kv", False, "bf16")]
+        ar += [("kv", False, precision) for precision in a.precision]
         ar += [] if a.no_compile else [("kv", True, "fp32")]
         cases += [
             {**base, "kind": "ar", "decode": decode, "compile": compiled, "precision": precision}

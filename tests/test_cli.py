@@ -4,11 +4,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import torchrun
 from PIL import Image
 
 from elmgen.cli import main
+from elmgen.commands.sample import SampleCommand, load_lm
 from elmgen.evaluation import open_samples
+from elmgen.models import load_model
+from elmgen.sampling import SampleConfig, class_balanced, image_seeds, sample_images
+from elmgen.tokenizers import load_tokenizer
 
 TOK = [
     "tokenizer.base_width=16",
@@ -92,6 +97,28 @@ def test_end_to_end(pipeline, tmp_path, capsys):
     assert grid.height > grid.width  # 10 rows of 2
     run(capsys, "sample", "--model", lm, "--out", tmp_path / "s2", "--num-per-class", 2, "--top-k", 8, "--seed", 3)
     assert np.array_equal(np.load(tmp_path / "s2" / "samples.npz")["arr_0"], data["arr_0"])
+    # bf16: the command keeps only bfloat16 linear weights, and samples what bf16 autocast over the fp32 model does
+    run(
+        capsys,
+        "sample",
+        "--model",
+        lm,
+        "--out",
+        tmp_path / "s3",
+        "--num-per-class",
+        2,
+        "--seed",
+        3,
+        "sample.precision=bf16",
+    )
+    model, meta = load_model(lm)
+    labels, index_in_class = class_balanced(list(range(10)), 2, 10)
+    tokenizer, _ = load_tokenizer(meta["codes"]["tokenizer"])
+    bf16 = SampleConfig(seed=3, precision="bf16")
+    autocast = sample_images(model, tokenizer, labels, image_seeds(3, labels, index_in_class), bf16)
+    assert np.array_equal(np.load(tmp_path / "s3" / "samples.npz")["arr_0"], autocast.permute(0, 2, 3, 1).numpy())
+    held, _, _ = load_lm(SampleCommand(model=str(lm), out=str(tmp_path / "s3"), sample=bf16))
+    assert {m.weight.dtype for m in held.modules() if isinstance(m, torch.nn.Linear)} == {torch.bfloat16}
 
 
 @pytest.mark.slow

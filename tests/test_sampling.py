@@ -210,6 +210,24 @@ def test_bf16_kv_decoding_tracks_the_fp32_logits(model):
         generate(model, labels, SampleConfig(precision="fp16"), seeds)
 
 
+@pytest.mark.parametrize("kind", ["ar", "mlm"])
+def test_bf16_linears_sample_what_bf16_autocast_samples_with_half_the_weight_bytes(kind):
+    """`elmgen sample --precision bf16` keeps the linear weights in bfloat16 (no fp32 copy beside autocast's):
+    the same tokens as autocast over fp32 weights, fewer bytes."""
+    import copy
+
+    torch.manual_seed(0)
+    fp32 = Transformer(ModelConfig(**preset("micro"), kind=kind, vocab="2-5", grid_size=4, num_classes=3)).eval()
+    torch.nn.init.normal_(fp32.head.weight, std=0.3)
+    half = copy.deepcopy(fp32).bf16_linears()
+    labels, seeds, cfg = torch.tensor([0, 1, 2, 1]), [7, 8, 9, 10], SampleConfig(precision="bf16", steps=4)
+    assert torch.equal(generate(half, labels, cfg, seeds), generate(fp32, labels, cfg, seeds))
+    weight_bytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    linear = sum(m.weight.numel() for m in fp32.modules() if isinstance(m, torch.nn.Linear))
+    assert weight_bytes(fp32) - weight_bytes(half) == 2 * linear
+    assert half.tok_emb.weight.dtype == half.norm.weight.dtype == torch.float32
+
+
 def test_the_step_hook_sees_every_cell_and_changes_nothing(model):
     labels, seeds, cfg = torch.tensor([0, 2]), [5, 6], SampleConfig(guidance_scale=2.0)
     steps = []

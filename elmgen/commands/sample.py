@@ -60,6 +60,8 @@ def load_lm(cmd: LMOptions):
     sampling options checked against the model, before any work."""
     model, _, tokenizer, tok_meta = load_generator(cmd.model, cmd.tokenizer, resolve_device(cmd.device), cmd.ema)
     cmd.sample.validate(model.vocab_size)
+    if cmd.sample.precision == "bf16":  # the model serves only this command: drop its fp32 copy of the weights
+        model.bf16_linears()
     return model, tokenizer, tok_meta
 
 

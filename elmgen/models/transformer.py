@@ -324,6 +324,16 @@ class Transformer(nn.Module):
         so that every step has the same shapes), using the cache."""
         return self.logits(self._trunk(self.embed_cells(sub_B1n), pos_1, caches))
 
+    def bf16_linears(self) -> Transformer:
+        """Store every linear layer's weight in bfloat16, in place (embeddings, norms and RoPE tables stay fp32).
+        Under bf16 autocast this computes exactly what fp32 weights do, since autocast would round each weight to
+        the same bfloat16 copy, but without holding both copies: for inference only (`elmgen sample
+        --precision bf16`); outside autocast the model no longer runs."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.to(torch.bfloat16)
+        return self
+
     def new_caches(self, batch: int, dtype: torch.dtype | None = None) -> nn.ModuleList:
         """Empty KV caches, in the weights' dtype unless given (bfloat16 under bf16 autocast)."""
         p = self.norm.weight

@@ -156,6 +156,8 @@ class SweepConfig:
     replicates: int = 1  # runs of every setting; replicate r adds r to the seeds of the reseeded stages
     reseed: list[str] | None = None  # stages replicates reseed: sample, lm, tokenizer (default: sample + those swept)
     model: GivenModel = field(default_factory=GivenModel)  # model.path: sweep the sampling of this model instead
+    group_by: list[str] = field(default_factory=list)  # swept fields; the summary marks each setting against the
+    # best of the settings that share their values (e.g. [lm.model.d_model]: the best sampling per model size)
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,9 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path) -> list[dict]:
     if out.is_dir():
         remove_temporaries(out, "summary", "runs.csv", "differences.csv", "plot_")
     runs = replicate_runs(cfg)
+    unswept = [key for key in cfg.group_by if not any(key in run.setting for run in runs)]
+    if unswept:
+        raise ElmgenError(f"group_by names {unswept[0]}, which the sweep does not vary; group by a swept field")
     configs = [apply_overrides(cfg.base, run.overrides) for run in runs]  # validate every run before training any
     given = None
     if cfg.model.path is not None:
@@ -255,8 +260,8 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path) -> list[dict]:
         per_sample = run_dir / PER_SAMPLE  # runs from before per-sample scores have none: compared per replicate
         samples.append(json.loads(per_sample.read_text()) if per_sample.is_file() else {})
     swept = list(dict.fromkeys(key for run in runs for key in run.setting))
-    settings, differences = summarize(runs, rows, samples)
-    write_summary(rows, settings, differences, swept, out)
+    settings, differences = summarize(runs, rows, samples, cfg.group_by)
+    write_summary(rows, settings, differences, swept, out, cfg.group_by)
     return rows
 
 
@@ -280,10 +285,13 @@ class Setting:
     samples: dict[str, dict[tuple[int, int], float]] = field(default_factory=dict)
 
 
-def summarize(runs: list[Run], rows: list[dict], samples: list[dict]) -> tuple[list[dict], list[dict]]:
+def summarize(
+    runs: list[Run], rows: list[dict], samples: list[dict], group_by: list[str] = ()
+) -> tuple[list[dict], list[dict]]:
     """One row per setting: each metric's mean over the replicates and its 95% half-width (`<metric>_ci`), the
-    difference from the column's best setting (`<metric>_vs_best`) and whether it is significant (True/False;
-    None where no test applies); and the paired difference of every two settings per metric (`compare`)."""
+    difference from the column's best setting (`<metric>_vs_best`; with `group_by`, the best of the settings
+    with the same values of those fields) and whether it is significant (True/False; None where no test
+    applies); and the paired difference of every two settings per metric (`compare`)."""
     groups: dict[str, Setting] = {}
     for run, row, per_sample in zip(runs, rows, samples, strict=True):
         key = json.dumps(run.setting, sort_keys=True)
@@ -303,9 +311,13 @@ def summarize(runs: list[Run], rows: list[dict], samples: list[dict]) -> tuple[l
         have = [g for g in groups.values() if metric in g.row]
         if not have or not better:
             continue
-        best = max(have, key=lambda g: better * g.row[metric])
+        best = {}  # per group_by values, the best setting
         for group in have:
-            vs_best = compare(best, group, metric)
+            key = json.dumps([group.row.get(k) for k in group_by])
+            if key not in best or better * group.row[metric] > better * best[key].row[metric]:
+                best[key] = group
+        for group in have:
+            vs_best = compare(best[json.dumps([group.row.get(k) for k in group_by])], group, metric)
             group.row[f"{metric}_vs_best"], group.row[f"{metric}_significant"] = vs_best["diff"], vs_best["significant"]
         differences += [compare(a, b, metric) for a, b in itertools.combinations(have, 2)]
     metric_columns = [
@@ -362,7 +374,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, table.getvalue())
 
 
-def write_summary(rows: list[dict], settings: list[dict], differences: list[dict], swept: list[str], out: Path) -> None:
+def write_summary(
+    rows: list[dict], settings: list[dict], differences: list[dict], swept: list[str], out: Path, group_by=()
+) -> None:
     write_csv(out / "runs.csv", rows)
     write_csv(out / "summary.csv", settings)
     write_csv(out / "differences.csv", differences)
@@ -377,8 +391,9 @@ def write_summary(rows: list[dict], settings: list[dict], differences: list[dict
     lines += [
         "",
         "Each value is the mean over the replicates ± the half-width of its 95% t-interval. Per column, **bold** is "
-        "the best setting, `*` a setting significantly different from it, `~` one within the noise, and no mark "
-        "an untested one; differences.csv compares every two settings.",
+        f"the best setting{' of each ' + ' x '.join(group_by) if group_by else ''}, `*` a setting significantly "
+        "different from it, `~` one within the noise, and no mark an untested one; differences.csv compares every "
+        "two settings.",
     ]
     lines += [f"- {metric}: {'; '.join(used)}" for metric, used in tests.items()]
     atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
