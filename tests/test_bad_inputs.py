@@ -69,6 +69,8 @@ ROWS = [
     ("demo --out {out} --minutes inf", "--minutes: must be a number > 0"),
     ("train-tokenizer --out {out} train.steps=1 train.save_every=0", "save_every"),
     ("train-classifier --out {out} train.steps=1 train.log_every=0", "log_every"),
+    ("train-classifier --out {out} train.steps=1 blur=-0.5", "blur=-0.5: both must be >= 0"),
+    ("train-classifier --out {out} train.steps=1 blur=nan", "blur=nan: both must be >= 0"),
     ("eval-tokenizer --tokenizer {tok} --out {out} --device cuda:99", "CUDA"),
     ("train --codes {codes} --out {out} train.steps=1 train.device=cuda:99", "CUDA"),
     ("train --codes {codes} --out {out} --grad-accum 0", "--grad-accum"),

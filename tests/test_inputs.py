@@ -13,7 +13,7 @@ from elmgen import checkpoint
 from elmgen.cli import main
 from elmgen.data import DataConfig
 from elmgen.data.loader import default_workers, item_uniforms, micro_batches
-from elmgen.data.transforms import random_hflip, random_shift
+from elmgen.data.transforms import random_blur, random_hflip, random_shift
 from elmgen.evaluation.sources import DatasetImages
 from elmgen.io import read_metrics
 from elmgen.tokenizers import TokenizerConfig
@@ -34,12 +34,31 @@ def test_shifts_and_flips_follow_their_draws_in_any_dtype():
     assert torch.equal(flipped[0], x[0].flip(-1)) and torch.equal(flipped[1], x[1])
 
 
+def test_blur_follows_its_draw_along_both_axes():
+    x = torch.zeros(3, 3, 9, 9, dtype=torch.uint8)
+    x[..., 4:] = 200  # a vertical edge
+    out = random_blur(x, 1.0, torch.tensor([0.0, 1.0, 0.5]))
+    assert out.dtype == torch.uint8
+    assert torch.equal(out[0], x[0])  # a draw of 0 leaves the image as it is
+    gauss_K = torch.exp(-(torch.arange(-3.0, 4.0) ** 2) / 2)
+    row_W = F.pad(x[1, :1, :1].float(), (3, 3), mode="replicate")[0, 0]  # the edge row, end pixels repeated
+    expected_W = torch.stack([(row_W[i : i + 7] * gauss_K).sum() / gauss_K.sum() for i in range(9)]).round()
+    assert torch.equal(out[1, 0, 0].float(), expected_W)  # sigma = 1 * max_sigma across the edge
+    assert (out[1] == out[1, :, :1]).all()  # down the columns the image is flat, and stays so
+
+    def soft_pixels(img):
+        return ((img > 0) & (img < 200)).sum()
+
+    assert soft_pixels(out[1]) > soft_pixels(out[2]) > 0  # half the draw: a narrower edge
+
+
 def test_each_image_draws_its_own_augmentation():
     idx = np.array([5, 9, 5])
     u = item_uniforms(0, 3, idx, 2)
     assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
     assert torch.equal(item_uniforms(0, 3, idx[1:2], 2)[0], u[1])  # the batch around an image changes nothing
     assert not torch.equal(item_uniforms(0, 4, idx, 2), u)  # a new draw every step
+    assert torch.equal(item_uniforms(0, 3, idx, 3)[:, :2], u)  # a further draw leaves the earlier ones as they were
 
 
 def load_pair(step, idx):

@@ -23,4 +23,4 @@ from elmgen.data.images import (
     load_pixels,
     open_image,
 )
-from elmgen.data.transforms import crop_source_size, random_hflip, random_shift, to_float, to_uint8
+from elmgen.data.transforms import crop_source_size, random_blur, random_hflip, random_shift, to_float, to_uint8

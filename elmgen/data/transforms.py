@@ -1,8 +1,10 @@
-"""Pixel maps and augmentation: uint8 <-> [-1, 1] floats, random flips and shifts (from uniform draws the
+"""Pixel maps and augmentation: uint8 <-> [-1, 1] floats, random flips, shifts and blurs (from uniform draws the
 caller makes: the trainers' input pipeline draws them per image from its seed and step), and the crops that
 pre-tokenization stores as extra views."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -32,6 +34,21 @@ def random_shift(x_BCHW: torch.Tensor, shift: int, u_B2: torch.Tensor) -> torch.
     cols_BW = (torch.arange(W) + offsets_B2[:, 1:]).clamp(0, W - 1)
     batch_B11 = torch.arange(B)[:, None, None]
     return x_BCHW.permute(0, 2, 3, 1)[batch_B11, rows_BH[:, :, None], cols_BW[:, None, :]].permute(0, 3, 1, 2)
+
+
+def random_blur(x_BCHW: torch.Tensor, max_sigma: float, u_B: torch.Tensor) -> torch.Tensor:
+    """Each image blurred by a Gaussian of standard deviation u * max_sigma pixels (u: its draw in `u_B`; 0 leaves
+    it as it is), edge pixels repeated; uint8 in and out."""
+    B, C, H, W = x_BCHW.shape
+    radius = math.ceil(3 * max_sigma)
+    offsets_K = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    sigma_B1 = (u_B.float() * max_sigma).clamp(min=1e-3)[:, None]  # a kernel of 1e-3 px is the identity
+    kernel_BK = torch.softmax(-(offsets_K**2) / (2 * sigma_B1**2), dim=1)  # normalised Gaussian weights
+    kernel_N1K = kernel_BK.repeat_interleave(C, dim=0)[:, None]
+    x_1NHW = F.pad(x_BCHW.float().reshape(1, B * C, H, W), (radius,) * 4, mode="replicate")
+    x_1NHW = F.conv2d(x_1NHW, kernel_N1K[..., None], groups=B * C)  # along the rows
+    x_1NHW = F.conv2d(x_1NHW, kernel_N1K[:, :, None], groups=B * C)  # along the columns
+    return x_1NHW.reshape(B, C, H, W).round().clamp(0, 255).to(x_BCHW.dtype)
 
 
 CROPS = ("none", "five", "random")

@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from elmgen import checkpoint
 from elmgen.checkpoint import CheckpointMeta
 from elmgen.config import to_dict
-from elmgen.data import DataConfig, ImageDataset, absolute_source, load_dataset, random_hflip, random_shift, to_float
+from elmgen.data import (
+    DataConfig,
+    ImageDataset,
+    absolute_source,
+    load_dataset,
+    random_blur,
+    random_hflip,
+    random_shift,
+    to_float,
+)
 from elmgen.data.loader import item_uniforms
 from elmgen.device import resolve_device
 from elmgen.errors import ElmgenError
@@ -45,6 +54,7 @@ class ClassifierJob:
     )
     shift: int = 0  # random translations of up to this many pixels (the short default schedule learns faster without)
     hflip: bool = True  # random horizontal flips
+    blur: float = 0.0  # random Gaussian blur, sigma up to this (px): a judge of shapes, not of sub-pixel sharpness
     label_smoothing: float = 0.1  # of the cross-entropy
 
 
@@ -62,15 +72,17 @@ def evaluate_classifier(model: Classifier, dataset: ImageDataset, batch_size: in
 
 
 def training_batch(
-    dataset: ImageDataset, shift: int, hflip: bool, seed: int, step: int, idx: np.ndarray
+    dataset: ImageDataset, shift: int, hflip: bool, blur: float, seed: int, step: int, idx: np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The uint8 images (shifted and flipped at random, as configured) and labels of one micro-batch, made in
-    the input pipeline's workers."""
-    x, u_B3 = dataset.images(idx), item_uniforms(seed, step, idx, 3)
+    """The uint8 images (shifted, flipped and blurred at random, as configured) and labels of one micro-batch,
+    made in the input pipeline's workers."""
+    x, u_B4 = dataset.images(idx), item_uniforms(seed, step, idx, 4)
     if shift > 0:
-        x = random_shift(x, shift, u_B3[:, 1:])
+        x = random_shift(x, shift, u_B4[:, 1:3])
     if hflip:
-        x = random_hflip(x, u_B3[:, 0])
+        x = random_hflip(x, u_B4[:, 0])
+    if blur > 0:
+        x = random_blur(x, blur, u_B4[:, 3])
     return x, torch.from_numpy(dataset.labels[idx])
 
 
@@ -78,6 +90,8 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
     """Train the classifier on job.data, then measure it on the test split; writes checkpoints,
     metrics.jsonl, job.yaml and eval.json (accuracy, per-class accuracy, training time, fingerprint)."""
     out_dir = Path(out_dir)
+    if job.shift < 0 or not job.blur >= 0:
+        raise ElmgenError(f"shift={job.shift}, blur={job.blur}: both must be >= 0 (0 turns each off)")
     dataset = load_dataset(job.data)
     job.classifier.in_channels = job.data.channels
     job.classifier.num_classes = dataset.num_classes
@@ -115,7 +129,7 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
         units_per_step=job.train.batch_size,
         unit="img",
         job=job,
-        load=partial(training_batch, dataset, job.shift, job.hflip, job.train.seed),
+        load=partial(training_batch, dataset, job.shift, job.hflip, job.blur, job.train.seed),
         in_memory=dataset.in_memory,
     )
     # CPU seconds too: on a shared machine wall time says more about the neighbours than about the model
