@@ -71,6 +71,7 @@ ROWS = [
     ("train-classifier --out {out} train.steps=1 train.log_every=0", "log_every"),
     ("train-classifier --out {out} train.steps=1 blur=-0.5", "blur=-0.5: both must be >= 0"),
     ("train-classifier --out {out} train.steps=1 blur=nan", "blur=nan: both must be >= 0"),
+    ("demo --out {out} classifier.blur=-1", "blur=-1.0: both must be >= 0"),  # before any stage trains
     ("eval-tokenizer --tokenizer {tok} --out {out} --device cuda:99", "CUDA"),
     ("train --codes {codes} --out {out} train.steps=1 train.device=cuda:99", "CUDA"),
     ("train --codes {codes} --out {out} --grad-accum 0", "--grad-accum"),

@@ -46,8 +46,8 @@ def random_blur(x_BCHW: torch.Tensor, max_sigma: float, u_B: torch.Tensor) -> to
     kernel_BK = torch.softmax(-(offsets_K**2) / (2 * sigma_B1**2), dim=1)  # normalised Gaussian weights
     kernel_N1K = kernel_BK.repeat_interleave(C, dim=0)[:, None]
     x_1NHW = F.pad(x_BCHW.float().reshape(1, B * C, H, W), (radius,) * 4, mode="replicate")
-    x_1NHW = F.conv2d(x_1NHW, kernel_N1K[..., None], groups=B * C)  # along the rows
-    x_1NHW = F.conv2d(x_1NHW, kernel_N1K[:, :, None], groups=B * C)  # along the columns
+    x_1NHW = F.conv2d(x_1NHW, kernel_N1K[..., None], groups=B * C)  # down each column
+    x_1NHW = F.conv2d(x_1NHW, kernel_N1K[:, :, None], groups=B * C)  # along each row
     return x_1NHW.reshape(B, C, H, W).round().clamp(0, 255).to(x_BCHW.dtype)
 
 

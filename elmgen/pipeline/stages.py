@@ -265,6 +265,7 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     """Run (or finish) every stage; returns the run's metrics, also written to samples/metrics.json."""
     timings: dict[str, float] = {}
     cfg.sample.validate(cfg.lm.model.vocabulary.size)  # now, not after the training stages
+    cfg.classifier.validate()
     budget_s = budget_seconds(cfg)
     deadline = time.perf_counter() + budget_s  # a resumed run plans its unfinished stages from its own start
     start_samples(dirs.samples)

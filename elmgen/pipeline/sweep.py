@@ -243,6 +243,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | Path) -> list[dict]:
         given = GivenModelRuns(cfg.model, any(run_cfg.evaluate for run_cfg in configs))
     for run_cfg in configs:
         run_cfg.sample.validate(given.model.vocab_size if given else run_cfg.lm.model.vocabulary.size)
+        run_cfg.classifier.validate()
     rows, samples = [], []
     for i, (run, run_cfg) in enumerate(zip(runs, configs, strict=True)):
         run_dir = out / "runs" / run.name

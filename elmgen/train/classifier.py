@@ -57,6 +57,10 @@ class ClassifierJob:
     blur: float = 0.0  # random Gaussian blur, sigma up to this (px): a judge of shapes, not of sub-pixel sharpness
     label_smoothing: float = 0.1  # of the cross-entropy
 
+    def validate(self) -> None:
+        if self.shift < 0 or not self.blur >= 0:
+            raise ElmgenError(f"shift={self.shift}, blur={self.blur}: both must be >= 0 (0 turns each off)")
+
 
 @torch.no_grad()
 def evaluate_classifier(model: Classifier, dataset: ImageDataset, batch_size: int = 500) -> dict:
@@ -90,8 +94,7 @@ def train_classifier(job: ClassifierJob, out_dir: str | Path, resume: bool = Fal
     """Train the classifier on job.data, then measure it on the test split; writes checkpoints,
     metrics.jsonl, job.yaml and eval.json (accuracy, per-class accuracy, training time, fingerprint)."""
     out_dir = Path(out_dir)
-    if job.shift < 0 or not job.blur >= 0:
-        raise ElmgenError(f"shift={job.shift}, blur={job.blur}: both must be >= 0 (0 turns each off)")
+    job.validate()
     dataset = load_dataset(job.data)
     job.classifier.in_channels = job.data.channels
     job.classifier.num_classes = dataset.num_classes
