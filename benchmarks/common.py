@@ -84,6 +84,16 @@ def memory_bandwidth(mb: int = 256, seconds: float = 1.0) -> dict:
     return {"bandwidth_gbs": round(2 * src.nbytes * count / (time.perf_counter() - t) / 1e9, 1)}
 
 
+def timed_between_ceilings(measure: Callable[[], dict], timed: Callable[[], float]) -> tuple[float, dict]:
+    """`timed()` and the better of two `measure()`s of the machine's ceiling, one just before it and one just
+    after: this VM's speed drifts by up to a third between minutes, and a single reading taken in a slow moment
+    makes every share of it look better than it is."""
+    before = measure()
+    seconds = timed()
+    after = measure()
+    return seconds, {k: max(before[k], after[k]) for k in before}
+
+
 def roofline_seconds(weight_bytes: float, flops: float, ceiling: dict, precision: str) -> float:
     """The least time a step can take on this machine: reading its weights once or doing its FLOPs,
     whichever is slower (`ceiling`: memory_bandwidth and matmul_reference of the same process)."""

@@ -15,8 +15,9 @@ batch <= 2; `first_call_seconds`), then times `--repeats` calls.
 Prints one JSON line per case: seconds per call, tokens/s (generated grid cells per image x images)
 and images/s; KV rows add `speedup_vs_recompute` and `same_tokens_as_recompute` (sampled tokens equal to
 those of the recomputing case of the same batch). KV-cached AR rows also carry the decode step's roofline
-(max of weight bytes / memory bandwidth and FLOPs / matmul rate, both measured in the case's process:
-`roofline_step_ms`), the measured time per step and `share_of_roofline`.
+(max of weight bytes / memory bandwidth and FLOPs / matmul rate, both measured in the case's process just
+before and after the timed calls, the better counts: `roofline_step_ms`), the measured time per step
+and `share_of_roofline`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from __future__ import annotations
 import hashlib
 
 import torch
-from common import matmul_reference, median_seconds, memory_bandwidth, parser, roofline_seconds, rounded, run
+from common import (
+    matmul_reference,
+    median_seconds,
+    memory_bandwidth,
+    parser,
+    roofline_seconds,
+    rounded,
+    run,
+    timed_between_ceilings,
+)
 
 from elmgen.models import ModelConfig, Transformer, flops_per_token, preset
 from elmgen.sampling import SampleConfig, generate
@@ -47,11 +57,19 @@ def run_case(c: dict) -> dict:
     warm = c["batch"] if sample.compile else min(c["batch"], 2)
     first = median_seconds(lambda: generate(model, labels[:warm], sample, seeds[:warm]), 1)
     tokens = []
-    seconds = median_seconds(lambda: tokens.append(generate(model, labels, sample, seeds)), c["repeats"])
+
+    def timed() -> float:
+        return median_seconds(lambda: tokens.append(generate(model, labels, sample, seeds)), c["repeats"])
+
+    roofline = c["kind"] == "ar" and c.get("decode") == "kv"
+    if roofline:
+        seconds, ceiling = timed_between_ceilings(machine_ceiling, timed)
+    else:
+        seconds = timed()
     images = c["batch"] / seconds
     return rounded(
         {
-            **(decode_roofline(cfg, c, seconds) if c["kind"] == "ar" and c.get("decode") == "kv" else {}),
+            **(decode_roofline(cfg, c, seconds, ceiling) if roofline else {}),
             "first_call_seconds": first,
             "seconds": seconds,
             "tokens_per_s": images * cfg.num_cells,
@@ -61,15 +79,19 @@ def run_case(c: dict) -> dict:
     )
 
 
-def decode_roofline(cfg: ModelConfig, c: dict, seconds: float) -> dict:
-    """The one-cell decode step's roofline on this machine (measured here, after the timed calls) and the
-    share of it the measured calls reach (a call is one step per cell). A step reads every matmul weight
-    once (2 bytes each in bf16: the ideal of a bfloat16 copy of the weights) and does the forward FLOPs of
-    its rows (CFG doubles them)."""
+def machine_ceiling() -> dict:
+    """The two limits of a decode step on this machine: memory bandwidth and the matmul rates."""
+    return {**memory_bandwidth(), **matmul_reference(seconds=1.0)}
+
+
+def decode_roofline(cfg: ModelConfig, c: dict, seconds: float, ceiling: dict) -> dict:
+    """The one-cell decode step's roofline on this machine (`ceiling`: measured in this process around the
+    timed calls) and the share of it the measured calls reach (a call is one step per cell). A step reads
+    every matmul weight once (2 bytes each in bf16: the ideal of a bfloat16 copy of the weights) and does the
+    forward FLOPs of its rows (CFG doubles them)."""
     cost = flops_per_token(cfg)
     rows = c["batch"] * (2 if c["guidance_scale"] != 1 else 1)
     weight_bytes = cost["matmul"] / 2 * (2 if c["precision"] == "bf16" else 4)
-    ceiling = {**memory_bandwidth(), **matmul_reference(seconds=1.0)}
     step = roofline_seconds(weight_bytes, cost["forward"] * rows, ceiling, c["precision"])
     return {
         **ceiling,

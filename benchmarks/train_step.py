@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from common import call_seconds, matmul_reference, median_seconds, parser, rounded, run
+from common import call_seconds, matmul_reference, median_seconds, parser, rounded, run, timed_between_ceilings
 
 import elmgen.models.transformer as transformer
 from elmgen.device import autocast
@@ -60,12 +60,9 @@ def run_case(c: dict) -> dict:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=c["profile"]), file=sys.stderr)
-    # The ceiling is measured in the same process just before and after the timed steps (this VM's speed
-    # drifts by up to a third between minutes); the better of the two counts.
-    before = matmul_reference(c["matmul_size"])
-    seconds = median_seconds(step, c["repeats"])
-    after = matmul_reference(c["matmul_size"])
-    ceiling = {k: max(before[k], after[k]) for k in before}
+    seconds, ceiling = timed_between_ceilings(
+        lambda: matmul_reference(c["matmul_size"]), lambda: median_seconds(step, c["repeats"])
+    )
     tokens = c["batch"] * cfg.num_cells
     achieved = flops_per_token(cfg)["train"] * tokens / seconds / 1e9
     return rounded(
