@@ -61,11 +61,8 @@ def run_case(c: dict) -> dict:
     def timed() -> float:
         return median_seconds(lambda: tokens.append(generate(model, labels, sample, seeds)), c["repeats"])
 
-    roofline = c["kind"] == "ar" and c.get("decode") == "kv"
-    if roofline:
-        seconds, ceiling = timed_between_ceilings(machine_ceiling, timed)
-    else:
-        seconds = timed()
+    roofline = c["kind"] == "ar" and c.get("decode") == "kv"  # only KV-cached AR rows carry one
+    seconds, ceiling = timed_between_ceilings(machine_ceiling, timed) if roofline else (timed(), {})
     images = c["batch"] / seconds
     return rounded(
         {
