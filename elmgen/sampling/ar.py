@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
 from elmgen.device import autocast
 from elmgen.models import Transformer
+from elmgen.models.packed import can_pack, packed_linears
 from elmgen.rng import uniforms_for
 from elmgen.sampling.config import SampleConfig, step_rules
 from elmgen.sampling.rules import guide, guided_labels, sample_logits
@@ -54,8 +56,13 @@ def generate_ar(
     cache_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     caches = model.new_caches(labels_in.shape[0], cache_dtype) if cfg.kv_cache else None
     decode_step = torch.compile(model.decode_step, dynamic=False) if cfg.compile else model.decode_step
+    # Eager on the CPU: weights reordered once for the decode step's few-row matmuls (elmgen.models.packed), the
+    # recomputing sampler's too, since a row's result does not depend on how many rows oneDNN computes beside it.
+    pack = not cfg.compile and can_pack(labels_B.device)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else model.norm.weight.dtype
+    packed = packed_linears(model, labels_in.shape[0], dtype) if pack else nullcontext()
     # One autocast region for the whole loop: weights are cast to bfloat16 once, not at every step.
-    with autocast(labels_B.device, cfg.precision):
+    with packed, autocast(labels_B.device, cfg.precision):
         logits = prefill(model, labels_in, caches)
         for t in range(L):
             if t > 0 and caches is not None:
