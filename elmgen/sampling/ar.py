@@ -56,11 +56,11 @@ def generate_ar(
     cache_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     caches = model.new_caches(labels_in.shape[0], cache_dtype) if cfg.kv_cache else None
     decode_step = torch.compile(model.decode_step, dynamic=False) if cfg.compile else model.decode_step
-    # Eager on the CPU: weights reordered once for the decode step's few-row matmuls (elmgen.models.packed), the
-    # recomputing sampler's too, since a row's result does not depend on how many rows oneDNN computes beside it.
-    pack = not cfg.compile and can_pack(labels_B.device)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else model.norm.weight.dtype
-    packed = packed_linears(model, labels_in.shape[0], dtype) if pack else nullcontext()
+    # bf16, eager, on the CPU: weights reordered once for the decode step's few-row matmuls (elmgen.models.packed).
+    # Not in fp32, where they would be 1.8x faster too but change the rounding enough that the KV-cached and the
+    # recomputing sampler no longer always draw the same tokens (docs/performance.md).
+    pack = cfg.precision == "bf16" and not cfg.compile and can_pack(labels_B.device)
+    packed = packed_linears(model, labels_in.shape[0], torch.bfloat16) if pack else nullcontext()
     # One autocast region for the whole loop: weights are cast to bfloat16 once, not at every step.
     with packed, autocast(labels_B.device, cfg.precision):
         logits = prefill(model, labels_in, caches)
