@@ -11,15 +11,19 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from elmgen.device import native_bf16
 
-def can_pack(device: torch.device | str) -> bool:
-    """oneDNN's reordered-weight matmul exists in this build and runs on this device (CPU only)."""
-    ops = torch.ops.mkldnn
+
+def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """oneDNN's reordered-weight matmul exists in this build and runs on this device (CPU only) in `dtype`
+    (bfloat16 only where the CPU computes it natively: oneDNN refuses it elsewhere)."""
+    device, ops = torch.device(device), torch.ops.mkldnn
     return (
-        torch.device(device).type == "cpu"
+        device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
+        and (dtype != torch.bfloat16 or native_bf16(device))
     )
 
 
@@ -34,12 +38,12 @@ def packed_linears(model: nn.Module, rows: int, dtype: torch.dtype) -> Iterator[
     copies cost one more set of linear weights in `dtype` while the block lasts. For inference only: the copies
     carry no gradient and do not follow changes to the weights made inside the block."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    for m in linears:
-        weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows)
-        bias = None if m.bias is None else m.bias.detach().to(dtype)
-        m.forward = partial(_packed_linear, weight, bias, dtype)
     try:
+        for m in linears:
+            weight = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().to(dtype), rows)
+            bias = None if m.bias is None else m.bias.detach().to(dtype)
+            m.forward = partial(_packed_linear, weight, bias, dtype)
         yield
     finally:
         for m in linears:
-            del m.forward
+            vars(m).pop("forward", None)

@@ -59,7 +59,7 @@ def generate_ar(
     # bf16, eager, on the CPU: weights reordered once for the decode step's few-row matmuls (elmgen.models.packed).
     # Not in fp32, where they would be 1.8x faster too but change the rounding enough that the KV-cached and the
     # recomputing sampler no longer always draw the same tokens (docs/performance.md).
-    pack = cfg.precision == "bf16" and not cfg.compile and can_pack(labels_B.device)
+    pack = cfg.precision == "bf16" and not cfg.compile and can_pack(labels_B.device, torch.bfloat16)
     packed = packed_linears(model, labels_in.shape[0], torch.bfloat16) if pack else nullcontext()
     # One autocast region for the whole loop: weights are cast to bfloat16 once, not at every step.
     with packed, autocast(labels_B.device, cfg.precision):
