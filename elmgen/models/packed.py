@@ -16,7 +16,8 @@ from elmgen.device import native_bf16
 
 def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
     """oneDNN's reordered-weight matmul exists in this build and runs on this device (CPU only) in `dtype`
-    (bfloat16 only where the CPU computes it natively: oneDNN refuses it elsewhere)."""
+    (bfloat16 only where the CPU computes it natively: torch's oneDNN bf16 matmuls check for those instructions,
+    and it was measured only there)."""
     device, ops = torch.device(device), torch.ops.mkldnn
     return (
         device.type == "cpu"
