@@ -5,7 +5,8 @@ MaskGIT decoding of a masked model.
 
 For each batch size, in this order: AR recomputing the whole prefix at every cell
 (`kv_cache=False`), AR with the KV cache (fp32, then bf16: bfloat16 linear weights under autocast, a
-bfloat16 cache), AR with the KV cache and `compile=True` (the one-cell decode step compiled, static shapes), then MLM
+bfloat16 cache, and on CPUs with native bf16 the weights reordered once, as `generate` does), AR with the
+KV cache and `compile=True` (the one-cell decode step compiled, static shapes), then MLM
 (`kind="mlm"`) at each number of MaskGIT steps. All cases use the same random weights (non-zero
 heads), labels, per-image seeds and sampling settings (CFG doubles the work of every case). Each
 case runs in a fresh process (peak memory: see benchmarks/common.py); it first warms up with one
