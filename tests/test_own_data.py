@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 import elmgen.train.budget
@@ -126,7 +127,7 @@ def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, ca
     base = "\n".join(
         f"  {line}"
         for line in [
-            f"tokenizer: {{data: {{source: {shapes}, channels: 3}}, tokenizer: {{base_width: 8, num_bits: 8}},",
+            f"tokenizer: {{data: {{source: {shapes}}}, tokenizer: {{base_width: 8, num_bits: 8}},",
             "            train: {steps: 2, batch_size: 8}, eval_images: 6}",
             "lm: {model: {n_layer: 1, d_model: 64, n_head: 2, vocab: 2-4}, train: {steps: 2, batch_size: 8}}",
             "num_per_class: 1",
@@ -137,6 +138,10 @@ def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, ca
     assert main(["sweep", str(sweep), "--out", str(tmp_path / "sw")]) == 0
     rows = (tmp_path / "sw" / "summary.csv").read_text().strip().splitlines()
     assert len(rows) == 3
+    # the colour folder is seen in colour, as `run --data` sees it, though the sweep file names no channels
+    assert "colour images at 32 px" in capsys.readouterr().err
+    (job,) = (tmp_path / "sw" / "stages" / "tokenizers").glob("*/job.yaml")  # the classifier's data is the tokenizer's
+    assert yaml.safe_load(job.read_text())["data"]["channels"] == 3
 
 
 @pytest.mark.slow

@@ -13,11 +13,12 @@ from omegaconf import MISSING
 
 from elmgen.checkpoint import load_config
 from elmgen.commands.base import NON_NEGATIVE, OUT, POSITIVE, Command, Option, defaults_of, job_of, named
-from elmgen.data import check_images, folder_images
+from elmgen.data import check_images, folder_images, inspect_folder
 from elmgen.data.shapes import make_shapes
 from elmgen.errors import ElmgenError
 from elmgen.models import ModelConfig, count_params, flops_per_token, preset, sampling_cost, training_memory_gb
 from elmgen.pipeline import PipelineConfig, SweepConfig, folder_config, quick_demo, run_demo, run_sweep
+from elmgen.pipeline.stages import RESOLUTION_LEVELS
 
 
 @dataclass
@@ -117,6 +118,25 @@ class SweepCommand(SweepConfig):
     out: str = field(default=MISSING, metadata=OUT)  # sweep folder (re-run to resume)
 
 
+def sweep_base(cmd: SweepCommand) -> dict:
+    """For a base on a class folder: its channels, detected as `run --data` detects them, and the tokenizer's levels
+    for the base's image size, below the sweep file (which may still set either)."""
+    data = cmd.base.tokenizer.data
+    if data.source == "fashion-mnist":
+        return {}
+    channels, _ = inspect_folder(data.source)
+    levels = RESOLUTION_LEVELS.get(data.image_size)  # a size without a recipe keeps the configured levels
+    print(
+        f"elmgen sweep: {data.source}: {'colour' if channels == 3 else 'grey'} images at {data.image_size} px",
+        file=sys.stderr,
+    )
+    return {
+        "base": {
+            "tokenizer": {"data": {"channels": channels}, **({"tokenizer": {"channel_mult": levels}} if levels else {})}
+        }
+    }
+
+
 def sweep_command(cmd: SweepCommand) -> None:
     rows = run_sweep(job_of(cmd, SweepConfig), cmd.out)
     print(f"{len(rows)} runs; wrote {cmd.out}/summary.md, summary.csv, differences.csv, runs.csv and plots")
@@ -204,6 +224,7 @@ COMMANDS = (
         "intervals and which settings differ significantly. Sweep files: configs/sweeps/.",
         (*named("out"), Option(("--replicates",), "replicates", metavar="N", min=1)),
         config_positional=True,
+        base=sweep_base,
     ),
     Command(
         "shapes",
