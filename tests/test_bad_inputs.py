@@ -69,6 +69,7 @@ ROWS = [
     ("demo --out {out} --minutes inf", "--minutes: must be a number > 0"),
     ("train-tokenizer --out {out} train.steps=1 train.save_every=0", "save_every"),
     ("train-classifier --out {out} train.steps=1 train.log_every=0", "log_every"),
+    ("train-tokenizer --out {out} train.steps=1 loss.edge_weight=-1", "loss weights and loss.gan_start must be >= 0"),
     ("train-classifier --out {out} train.steps=1 blur=-0.5", "blur=-0.5: both must be >= 0"),
     ("train-classifier --out {out} train.steps=1 blur=nan", "blur=nan: both must be >= 0"),
     ("demo --out {out} classifier.blur=-1", "blur=-1.0: both must be >= 0"),  # before any stage trains

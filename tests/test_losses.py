@@ -20,6 +20,7 @@ from elmgen.tokenizers.losses import (
     PatchDiscriminator,
     PerceptualLoss,
     adaptive_weight,
+    edge_weights,
     hinge_d_loss,
     load_perceptual,
     lpips_state_dict,
@@ -156,6 +157,37 @@ def test_generator_and_discriminator_losses_reach_only_their_own_network():
     hinge_d_loss(trainer.discriminator(x), trainer.discriminator(recon.detach())).backward()
     for g, p in zip(grads, trainer.discriminator.parameters(), strict=True):
         assert torch.allclose(g, p.grad, atol=1e-6)
+
+
+def test_edge_weights_single_out_the_pixels_beside_an_edge():
+    x = -torch.ones(2, 3, 8, 8)
+    x[0, 1, :, 5:] = 1.0  # image 0: a vertical edge between columns 4 and 5, in one channel
+    w = edge_weights(x, 4.0)
+    assert w.shape == (2, 1, 8, 8) and torch.allclose(w.mean(), torch.tensor(1.0))
+    beside = torch.zeros(8, 8, dtype=torch.bool)
+    beside[:, 4:6] = True
+    assert torch.allclose(w[0, 0][beside], 5 * w[1, 0, 0, 0])  # 1 + 4 against 1
+    assert (w[0, 0][~beside] == w[1, 0, 0, 0]).all() and (w[1] == w[1, 0, 0, 0]).all()  # flat image: all equal
+    x[1] += 6 / 127.5  # a step under 8 grey levels is no edge
+    x[1, :, :, :4] -= 6 / 127.5
+    assert (edge_weights(x, 4.0)[1] == w[1, 0, 0, 0]).all()
+
+
+def test_the_edge_weight_moves_the_loss_only_where_edges_are():
+    trainer = TokenizerTraining(job(1, 1))
+    x = -torch.ones(2, 1, 32, 32)
+    x[:, :, 8:24, 8:24] = 1.0  # a square
+    plain, weighted = LossConfig(), LossConfig(edge_weight=4.0)
+    torch.manual_seed(0)
+    loss_plain, logs_plain, recon = tokenizer_step(trainer.eval(), x, 0, plain, None)
+    torch.manual_seed(0)
+    loss_edge, logs_edge, _ = tokenizer_step(trainer, x, 0, weighted, None)
+    assert logs_edge["l1"] == logs_plain["l1"]  # the logs keep the plain errors
+    err = (recon.float() - x).abs()
+    w = edge_weights(x, 4.0)
+    expected = loss_plain + (w * err).mean() - err.mean() + (w * err.pow(2)).mean() - err.pow(2).mean()
+    assert torch.allclose(loss_edge, expected, atol=1e-5)
+    assert not torch.allclose(loss_edge, loss_plain)
 
 
 @pytest.mark.slow

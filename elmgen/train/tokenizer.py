@@ -25,6 +25,7 @@ from elmgen.tokenizers.losses import (
     PatchDiscriminator,
     PerceptualLoss,
     adaptive_weight,
+    edge_weights,
     hinge_d_loss,
     load_perceptual,
 )
@@ -80,14 +81,19 @@ class TokenizerTraining(nn.Module):
 def tokenizer_step(
     trainer: TokenizerTraining, x: torch.Tensor, step: int, loss_cfg: LossConfig, perceptual: PerceptualLoss | None
 ) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """The generator's objective on one batch: L1 + L2 (+ perceptual) + the quantizer's loss, and from
-    loss_cfg.gan_start the adaptive-weighted hinge generator term (the discriminator frozen: it gets no
-    gradient). Returns the loss, figures to log and the reconstructions (for `discriminator_step`)."""
+    """The generator's objective on one batch: L1 + L2 (pixels beside an edge weighted by loss_cfg.edge_weight)
+    (+ perceptual) + the quantizer's loss, and from loss_cfg.gan_start the adaptive-weighted hinge generator term
+    (the discriminator frozen: it gets no gradient). Returns the loss, figures to log and the reconstructions (for
+    `discriminator_step`)."""
     recon, q = trainer.tokenizer(x)
     recon = recon.float()
-    l1, l2 = (recon - x).abs().mean(), (recon - x).pow(2).mean()
+    err = recon - x
+    l1, l2 = err.abs().mean(), err.pow(2).mean()
+    logs = {"l1": l1.item(), "l2": l2.item()}  # unweighted: comparable across edge weights
+    if loss_cfg.edge_weight > 0:
+        w = edge_weights(x, loss_cfg.edge_weight)
+        l1, l2 = (w * err.abs()).mean(), (w * err.pow(2)).mean()
     rec = loss_cfg.l1 * l1 + loss_cfg.l2 * l2
-    logs = {"l1": l1.item(), "l2": l2.item()}
     if perceptual is not None:
         p = perceptual(recon, x).mean()
         rec = rec + loss_cfg.perceptual * p
