@@ -125,16 +125,14 @@ def sweep_base(cmd: SweepCommand) -> dict:
     if data.source == "fashion-mnist":
         return {}
     channels, _ = inspect_folder(data.source)
-    levels = RESOLUTION_LEVELS.get(data.image_size)  # a size without a recipe keeps the configured levels
+    tokenizer: dict = {"data": {"channels": channels}}
+    if data.image_size in RESOLUTION_LEVELS:  # a size without a recipe keeps the configured levels
+        tokenizer["tokenizer"] = {"channel_mult": RESOLUTION_LEVELS[data.image_size]}
     print(
         f"elmgen sweep: {data.source}: {'colour' if channels == 3 else 'grey'} images at {data.image_size} px",
         file=sys.stderr,
     )
-    return {
-        "base": {
-            "tokenizer": {"data": {"channels": channels}, **({"tokenizer": {"channel_mult": levels}} if levels else {})}
-        }
-    }
+    return {"base": {"tokenizer": tokenizer}}
 
 
 def sweep_command(cmd: SweepCommand) -> None:
