@@ -146,14 +146,15 @@ def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, ca
 
 @pytest.mark.slow
 def test_minutes_fits_each_training_stage_to_the_budget_and_a_rerun_keeps_it(shapes, tmp_path, capsys, monkeypatch):
-    # A training clock on which every reading is 100 s later: each stage's pace is 20 s a step and its first 6
-    # steps overrun a 0.1-minute budget, so each does one more (a count that does not depend on this machine)
+    # A training clock on which every reading is 100 s later (the budget reads it once a step while it times them):
+    # each stage's pace is 100 s a step and its first 6 steps overrun a 0.1-minute budget, so each does one more
+    # (a count that does not depend on this machine)
     readings = iter(range(0, 10**6, 100))
     monkeypatch.setattr(elmgen.train.budget, "clock", lambda device: next(readings))
     out = tmp_path / "run"
     assert main(["run", "--data", str(shapes), "--out", str(out), "--minutes", "0.1", *TINY]) == 0
     err = capsys.readouterr().err
-    assert err.count("20 s a step, so 7 steps fit the") == 3  # tokenizer, LM and classifier each said so
+    assert err.count("100 s a step, so 7 steps fit the") == 3  # tokenizer, LM and classifier each said so
     decided = {}
     for stage in ("tokenizer", "lm", "classifier"):
         config = json.loads(next((out / stage / "checkpoints").glob("step_*/config.json")).read_text())

@@ -236,6 +236,22 @@ def test_a_time_budget_decides_the_step_count_once_and_a_resumed_run_keeps_it(tm
     assert rows[-1]["lr"] == pytest.approx(lr_at(26, cfg, 27)) and lr_at(26, cfg, 27) < lr_at(26, cfg)
 
 
+def test_a_few_slow_steps_at_the_start_do_not_shorten_a_budgeted_run(tmp_path, monkeypatch, capsys):
+    """Steps 2-5 take 40 s (another program starting beside the run), the others 10 s."""
+    now = {"t": 0.0}
+    monkeypatch.setattr(elmgen.train.budget, "clock", lambda device: now["t"])
+
+    def step_fn(model, step, idx):
+        now["t"] += 40 if 1 <= step <= 4 else 10
+        return model(torch.ones(len(idx), 2)).pow(2).mean(), {}
+
+    cfg = TrainConfig(steps=5, batch_size=2, log_every=50, save_every=100, time_budget_s=3000)
+    rows = fit(torch.nn.Linear(2, 1), cfg, tmp_path, step_fn, num_items=8, meta=CheckpointMeta(kind="x"))
+    # the first count (step 6: median 40 s, 76 steps) is replaced at step 13 (median 10 s): 250 s spent, 275 more
+    assert rows[-1]["step"] == 288 and checkpoint.load_config(tmp_path)["total_steps"] == 288
+    assert capsys.readouterr().err.count("steps fit the") == 1
+
+
 def test_models_opt_in_to_recomputation_and_sharding():
     with pytest.raises(ElmgenError, match="activation_checkpointing is not supported"):
         prepare(torch.nn.Linear(2, 2), TrainConfig(activation_checkpointing=True), world=1)
