@@ -73,6 +73,11 @@ ROWS = [
     ("train-classifier --out {out} train.steps=1 blur=-0.5", "blur=-0.5: both must be >= 0"),
     ("train-classifier --out {out} train.steps=1 blur=nan", "blur=nan: both must be >= 0"),
     ("demo --out {out} classifier.blur=-1", "blur=-1.0: both must be >= 0"),  # before any stage trains
+    ("demo --out {out} views.draws=-1", "views.draws=-1: Bernoulli draws are a number >= 0"),
+    (
+        "demo --out {out} views.draws=2 tokenizer.tokenizer.quantizer=fsq",
+        "(this run's tokenizer: fsq); use views.draws=0",
+    ),
     ("eval-tokenizer --tokenizer {tok} --out {out} --device cuda:99", "CUDA"),
     ("train --codes {codes} --out {out} train.steps=1 train.device=cuda:99", "CUDA"),
     ("train --codes {codes} --out {out} --grad-accum 0", "--grad-accum"),

@@ -100,6 +100,7 @@ def test_run_on_a_class_folder_takes_everything_from_the_data(shapes, tmp_path, 
     codes = json.loads((out / "codes" / "meta.json").read_text())
     assert codes["num_classes"] == 3 and codes["class_names"] == ["circle", "square", "triangle"]
     assert codes["images"] == 54  # 20 a class, 2 of each held out
+    assert codes["flip"] and codes["draws"] == 4 and codes["count"] == 108  # the folder runs' views
     tok = json.loads((out / "tokenizer" / "eval.json").read_text())
     assert "held-out part: 10% of each class held out" in tok["dataset"] and tok["images"] == 6
     assert len(tok["psnr_per_class"]) == 3 and None not in tok["psnr_per_class"]
@@ -109,9 +110,11 @@ def test_run_on_a_class_folder_takes_everything_from_the_data(shapes, tmp_path, 
     assert "reconstructions of 6 held-out images" in report and f"| {ceiling['fid']:.2f} |" in report
     assert report.startswith("# elmgen: shapes/ (your images)") and "Fashion-MNIST" not in report
     assert "10% of each class" in report and "| triangle |" in report
+    assert "on 4 Bernoulli draws of the codes of each training image and its mirror image" in report
     assert np.load(out / "samples.npz")["arr_0"].shape == (6, 32, 32, 3)
     tokenizer_config = json.loads(next((out / "tokenizer" / "checkpoints").glob("step_*/config.json")).read_text())
     assert tokenizer_config["data"]["source"] == str(shapes.resolve())  # resolves from any working folder
+    assert yaml.safe_load((out / "tokenizer" / "job.yaml").read_text())["loss"]["edge_weight"] == 4  # folder recipe
 
 
 def test_a_config_that_contradicts_the_data_names_the_setting(shapes, tmp_path, capsys):
@@ -141,7 +144,8 @@ def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, ca
     # the colour folder is seen in colour, as `run --data` sees it, though the sweep file names no channels
     assert "colour images at 32 px" in capsys.readouterr().err
     (job,) = (tmp_path / "sw" / "stages" / "tokenizers").glob("*/job.yaml")  # the classifier's data is the tokenizer's
-    assert yaml.safe_load(job.read_text())["data"]["channels"] == 3
+    tokenizer_job = yaml.safe_load(job.read_text())
+    assert tokenizer_job["data"]["channels"] == 3 and tokenizer_job["loss"]["edge_weight"] == 4  # as `run --data`
 
 
 @pytest.mark.slow

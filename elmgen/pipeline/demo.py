@@ -88,9 +88,9 @@ reconstructions from deterministic codes below.
 ## 2. Language model
 Vocabulary design {lm["vocab"]}: each cell's code is split into {lm["vocab"].split("-")[0]} sub-codes of
 {lm["vocab"].split("-")[1]} bits, embedded and predicted separately. The transformer ({lm["layers"]} layers,
-width {lm["width"]}, {lm["params"] / 1e6:.2f}M parameters) trained {lm["steps"]} steps; final training loss
-{lm["final_loss"]:.3f} nats per sub-code, against {lm["uniform_loss"]:.3f} for a uniform guess. As the
-paper finds, the loss of an image-token LM stays far above zero even when samples look right:
+width {lm["width"]}, {lm["params"] / 1e6:.2f}M parameters) trained {lm["steps"]} steps{render_views(lm.get("views"))};
+final training loss {lm["final_loss"]:.3f} nats per sub-code, against {lm["uniform_loss"]:.3f} for a uniform guess.
+As the paper finds, the loss of an image-token LM stays far above zero even when samples look right:
 image tokens are close to random.
 
 ![loss](loss.png)
@@ -111,6 +111,14 @@ Sampling: classifier-free guidance scale {s["guidance_scale"]} ({s["guidance_sch
 ## Time
 {", ".join(f"{k}: {v:.0f} s" for k, v in m["seconds"].items())}
 {render_budget(m.get("budget"))}"""
+
+
+def render_views(v: dict | None) -> str:
+    """How the LM's training codes were made from the images, when not one deterministic code each."""
+    if not v or not (v["flip"] or v["draws"]):
+        return ""
+    views = "each training image and its mirror image" if v["flip"] else "each training image"
+    return f" on {v['draws']} Bernoulli draws of the codes of {views}" if v["draws"] else f" on the codes of {views}"
 
 
 def render_budget(b: dict | None) -> str:

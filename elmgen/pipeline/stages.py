@@ -29,6 +29,21 @@ from elmgen.vocab import Vocab
 
 
 @dataclass
+class Views:
+    """The codings of each training image the language model learns from (`elmgen tokenize --flip --draws`)."""
+
+    flip: bool = False  # also its mirror image
+    draws: int = 0  # > 0: this many Bernoulli draws of each view's code (BAE) instead of its deterministic code
+
+    def validate(self, quantizer: str) -> None:
+        if self.draws < 0 or (self.draws and quantizer != "bae"):
+            raise ElmgenError(
+                f"views.draws={self.draws}: Bernoulli draws are a number >= 0, and > 0 only with the binary "
+                f"autoencoder (this run's tokenizer: {quantizer}); use views.draws=0"
+            )
+
+
+@dataclass
 class PipelineConfig:
     """One full run. The defaults are the Fashion-MNIST demo (its time: README, docs/performance.md)."""
 
@@ -63,6 +78,7 @@ class PipelineConfig:
             ),
         )
     )
+    views: Views = field(default_factory=Views)  # folder runs: mirrored, 4 draws (`FOLDER_VIEWS`)
     sample: SampleConfig = field(default_factory=SampleConfig)
     num_per_class: int = 10  # samples of each class
     evaluate: bool = True  # FID, IS, precision/recall, class accuracy in the feature space of `classifier`
@@ -76,6 +92,12 @@ class PipelineConfig:
 # The tokenizer's levels at each image side: a downsampling factor that keeps the grid at 8x8 up to 128 px
 # (16x16 at 256 px, the paper's), so the LM's cost stays that of the 32 px demo.
 RESOLUTION_LEVELS = {32: [1, 2, 2], 64: [1, 2, 2, 2], 128: [1, 1, 2, 2, 4], 256: [1, 1, 2, 2, 4]}
+
+# What a class folder of one's own gets beyond its detected settings (measured: docs/own-data.md). It is small (a few
+# thousand images), so within a budget the language model would see each image dozens of times and memorise them; it
+# learns from eight codings of each instead: the image and its mirror image, four Bernoulli draws of each. And the
+# tokenizer weighs the pixels beside an edge 1 + 4 times: the judge of the samples looks at where the outlines are.
+FOLDER_VIEWS, FOLDER_EDGE_WEIGHT = {"flip": True, "draws": 4}, 4.0
 
 
 def folder_config(source: str | Path, image_size: int | None = None) -> tuple[dict, str]:
@@ -92,7 +114,8 @@ def folder_config(source: str | Path, image_size: int | None = None) -> tuple[di
         f"{source}: {'colour' if channels == 3 else 'grey'} images at {size} px "
         f"({'given' if image_size else 'detected'}), a {grid}x{grid} grid of codes"
     )
-    return {"tokenizer": {"data": data, "tokenizer": {"channel_mult": levels}}}, note
+    tokenizer = {"data": data, "tokenizer": {"channel_mult": levels}, "loss": {"edge_weight": FOLDER_EDGE_WEIGHT}}
+    return {"tokenizer": tokenizer, "views": FOLDER_VIEWS}, note
 
 
 @dataclass
@@ -126,11 +149,12 @@ def shared_dirs(cfg: PipelineConfig, root: str | Path, samples: str | Path) -> S
     the LM's vocabulary split, so every split shares one code folder)."""
     root = Path(root)
     budget = [cfg.minutes] if cfg.minutes else []  # a budgeted stage differs from one of the configured steps
+    views = [cfg.views] if cfg.views != Views() else []  # (the folders of runs made before views existed)
     tok = config_hash(cfg.tokenizer, *budget)
     return StageDirs(
         root / "tokenizers" / tok,
-        root / "codes" / tok,
-        root / "lms" / config_hash(cfg.tokenizer, cfg.lm, *budget),
+        root / "codes" / config_hash(cfg.tokenizer, *budget, *views),
+        root / "lms" / config_hash(cfg.tokenizer, cfg.lm, *budget, *views),
         Path(samples),
         root / "classifiers" / config_hash(classifier_job(cfg), *budget),
     )
@@ -265,6 +289,7 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
     """Run (or finish) every stage; returns the run's metrics, also written to samples/metrics.json."""
     timings: dict[str, float] = {}
     cfg.sample.validate(cfg.lm.model.vocabulary.size)  # now, not after the training stages
+    cfg.views.validate(cfg.tokenizer.tokenizer.quantizer)
     cfg.classifier.validate()
     budget_s = budget_seconds(cfg)
     deadline = time.perf_counter() + budget_s  # a resumed run plans its unfinished stages from its own start
@@ -287,6 +312,8 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
             load_dataset(cfg.tokenizer.data),
             dirs.codes,
             vocab,
+            flip=cfg.views.flip,
+            draws=cfg.views.draws,
             workers=cfg.tokenizer.train.workers,
         )
     timings["tokenize"] = time.perf_counter() - t
@@ -313,7 +340,7 @@ def run_pipeline(cfg: PipelineConfig, dirs: StageDirs) -> dict:
 
     metrics = {
         "tokenizer": {k: v for k, v in tok_eval.items() if k != "bit_mean"},
-        "lm": lm_summary(lm_job.model, rows[-1]),
+        "lm": {**lm_summary(lm_job.model, rows[-1]), "views": to_dict(cfg.views)},
         "sampling": sampling_summary(cfg, labels),
         "eval": evaluation,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
