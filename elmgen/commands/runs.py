@@ -18,7 +18,7 @@ from elmgen.data.shapes import make_shapes
 from elmgen.errors import ElmgenError
 from elmgen.models import ModelConfig, count_params, flops_per_token, preset, sampling_cost, training_memory_gb
 from elmgen.pipeline import PipelineConfig, SweepConfig, folder_config, quick_demo, run_demo, run_sweep
-from elmgen.pipeline.stages import FOLDER_EDGE_WEIGHT, FOLDER_VIEWS, RESOLUTION_LEVELS
+from elmgen.pipeline.stages import folder_recipe
 
 
 @dataclass
@@ -119,20 +119,17 @@ class SweepCommand(SweepConfig):
 
 
 def sweep_base(cmd: SweepCommand) -> dict:
-    """For a base on a class folder what `run --data` gives a folder: its channels, detected, the tokenizer's levels
-    for the base's image size, the edge weight and the views; all below the sweep file, which may set any of them."""
+    """For a base on a class folder what `run --data` gives a folder (`folder_recipe`: channels detected, tokenizer
+    levels for the base's image size, edge weight, views), below the sweep file, which may set any of them."""
     data = cmd.base.tokenizer.data
     if data.source == "fashion-mnist":
         return {}
     channels, _ = inspect_folder(data.source)
-    tokenizer: dict = {"data": {"channels": channels}, "loss": {"edge_weight": FOLDER_EDGE_WEIGHT}}
-    if data.image_size in RESOLUTION_LEVELS:  # a size without a recipe keeps the configured levels
-        tokenizer["tokenizer"] = {"channel_mult": RESOLUTION_LEVELS[data.image_size]}
     print(
         f"elmgen sweep: {data.source}: {'colour' if channels == 3 else 'grey'} images at {data.image_size} px",
         file=sys.stderr,
     )
-    return {"base": {"tokenizer": tokenizer, "views": FOLDER_VIEWS}}
+    return {"base": folder_recipe(channels, data.image_size)}
 
 
 def sweep_command(cmd: SweepCommand) -> None:

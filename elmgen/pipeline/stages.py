@@ -100,6 +100,15 @@ RESOLUTION_LEVELS = {32: [1, 2, 2], 64: [1, 2, 2, 2], 128: [1, 1, 2, 2, 4], 256:
 FOLDER_VIEWS, FOLDER_EDGE_WEIGHT = {"flip": True, "draws": 4}, 4.0
 
 
+def folder_recipe(channels: int, size: int) -> dict:
+    """What every pipeline on a class folder gets (`run --data`, a sweep over one): its channels, the tokenizer's
+    levels for its image side (when that side has a recipe), the edge weight and the views."""
+    tokenizer: dict = {"data": {"channels": channels}, "loss": {"edge_weight": FOLDER_EDGE_WEIGHT}}
+    if size in RESOLUTION_LEVELS:
+        tokenizer["tokenizer"] = {"channel_mult": RESOLUTION_LEVELS[size]}
+    return {"tokenizer": tokenizer, "views": dict(FOLDER_VIEWS)}
+
+
 def folder_config(source: str | Path, image_size: int | None = None) -> tuple[dict, str]:
     """Pipeline settings for a class folder (channels and image side detected, or the side given) and a
     line saying what was chosen."""
@@ -107,15 +116,14 @@ def folder_config(source: str | Path, image_size: int | None = None) -> tuple[di
     size = image_size or detected
     if size not in RESOLUTION_LEVELS:
         raise ElmgenError(f"--image-size {size} has no recipe; use one of {', '.join(map(str, RESOLUTION_LEVELS))}")
-    levels = RESOLUTION_LEVELS[size]
-    grid = size // 2 ** (len(levels) - 1)
-    data = {"source": str(Path(source).resolve()), "channels": channels, "image_size": size}
+    grid = size // 2 ** (len(RESOLUTION_LEVELS[size]) - 1)
+    recipe = folder_recipe(channels, size)
+    recipe["tokenizer"]["data"].update(source=str(Path(source).resolve()), image_size=size)
     note = (
         f"{source}: {'colour' if channels == 3 else 'grey'} images at {size} px "
         f"({'given' if image_size else 'detected'}), a {grid}x{grid} grid of codes"
     )
-    tokenizer = {"data": data, "tokenizer": {"channel_mult": levels}, "loss": {"edge_weight": FOLDER_EDGE_WEIGHT}}
-    return {"tokenizer": tokenizer, "views": FOLDER_VIEWS}, note
+    return recipe, note
 
 
 @dataclass
