@@ -42,6 +42,9 @@ def test_binarize_modes():
     assert binarize(probs, "deterministic").tolist() == [0.0, 1.0, 1.0, 0.0]
     draws = torch.stack([binarize(torch.full((1000,), 0.3), "bernoulli") for _ in range(20)])
     assert abs(draws.mean().item() - 0.3) < 0.02
+    channels_last = torch.rand(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)  # as a CPU conv may give
+    for mode in ("deterministic", "bernoulli"):  # the decoder gets the layout its group norms are fast in
+        assert binarize(channels_last, mode).is_contiguous()
 
 
 def test_bad_input_and_config_are_clear_errors():
