@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from elmgen.data import ImageDataset, to_float
 from elmgen.data.loader import decoded, default_workers, micro_batches
-from elmgen.data.transforms import CROPS, crop_source_size, crop_views
+from elmgen.data.transforms import CROPS, crop_source_size, crop_views, max_shift
 from elmgen.errors import ElmgenError
 from elmgen.io import TMP_PREFIX, atomic_save_npy, atomic_write_text, publish_folder, read_json
 from elmgen.rng import item_seed, uniforms_for
@@ -232,22 +232,29 @@ def _check_settings(
     Vocab.for_bits(str(vocab), K)
     if crops not in CROPS:
         raise ElmgenError(f"crops must be one of {', '.join(CROPS)}, not {crops!r}")
-    source = crop_source_size(size, crop_range)
-    if crops == "none" and crop_range != 1.0 or crops != "none" and source <= size:
+    source = crop_source_size(size, crop_range, crops)
+    if crops == "none" and crop_range != 1.0 or crops != "none" and round(size * crop_range) <= size:
         raise ElmgenError(
             f"crops need a crop_range that enlarges {size} px images (LlamaGen: 1.1) and no crops "
             f"need 1; got crops={crops}, crop_range={crop_range}"
         )
+    if crops == "shift" and max_shift(size, crop_range) < 1:
+        raise ElmgenError(
+            f"shift crops at crop_range={crop_range} move {size} px images by less than a pixel; "
+            f"pass a crop_range of at least {(size + 2) / size:.3g}"
+        )
     if num_crops < 1 or draws < 0 or batch_size < 1 or shard_size < 1:
         raise ElmgenError("num_crops, batch_size and shard_size must be >= 1 and draws >= 0")
-    if num_crops != 1 and crops != "random":
-        raise ElmgenError("num_crops applies to random crops only (crops=random)")
+    if num_crops != 1 and crops not in ("random", "shift"):
+        raise ElmgenError("num_crops applies to random and shift crops only (crops=random or crops=shift)")
     if draws and tokenizer_meta["kind"] != "bae":
         raise ElmgenError(f"Bernoulli draws need the binary autoencoder; this tokenizer is {tokenizer_meta['kind']}")
     if len(dataset) == 0:
         raise ElmgenError(f"the data set {dataset.name} holds no images; pass a data set with images")
     if dataset.images([0]).shape[-1] != source:
-        raise ElmgenError(f"tokenize needs the images at {source} px (image size {size} x crop range {crop_range})")
+        raise ElmgenError(
+            f"tokenize needs the images at {source} px (image size {size}, {crops} crops, crop range {crop_range})"
+        )
 
 
 def _shard_images(plan: dict, shard: int) -> np.ndarray:
@@ -272,7 +279,7 @@ def _encode_shard(
     for ids in _shard_batches(plan, shard, batch_size):
         start = int(ids[0]) - shard * plan["shard_size"]
         x = to_float(next(images)).to(device)
-        cut = crop_views(x, size, plan["crops"], plan["num_crops"], ids, seed)
+        cut = crop_views(x, size, plan["crops"], plan["num_crops"], ids, seed, plan["crop_range"])
         for v, view in enumerate(cut + [c.flip(-1) for c in cut] if plan["flip"] else cut):
             rows = v * n + start + np.arange(len(ids))
             if draws:

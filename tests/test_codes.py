@@ -123,6 +123,27 @@ def test_random_crops_are_seeded_crops_of_the_enlarged_image(tmp_path):
     assert "other" not in kinds and {"exact", "whole"} <= set(kinds)
 
 
+def test_shift_crops_are_seeded_translations_with_the_edge_repeated(tmp_path):
+    data = Pictures(6, SIZE)  # loaded at their own size: a shift pads, it never resamples
+    args = dict(crops="shift", num_crops=4, crop_range=1.25, flip=True)  # 8 px padded to 10: up to 1 px each way
+    tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "a", Vocab.parse("1-8"), seed=1, **args)
+    tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "b", Vocab.parse("1-8"), seed=1, batch_size=4, **args)
+    tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "c", Vocab.parse("1-8"), seed=2, **args)
+    a, b, c = (CodeDataset(tmp_path / x) for x in "abc")
+    assert len(a) == 6 * 8 and np.array_equal(a.codes[:], b.codes[:]) and not np.array_equal(a.codes[:], c.codes[:])
+    moves = set()
+    for image in range(6):
+        views = rows_of(a, image, 8192, 6)
+        assert np.array_equal(views[4:], views[:4, :, ::-1])  # the mirrored copies follow the shifts
+        padded = np.pad(data.pixels[image, 0].numpy(), 1, mode="edge")
+        shifted = {(dy, dx): padded[1 + dy : 9 + dy, 1 + dx : 9 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+        for v in views[:4]:
+            found = [move for move, expected in shifted.items() if np.array_equal(v, expected)]
+            assert found, "a shift crop is not a translation of its image by at most 1 px"
+            moves.add(found[0])
+    assert len(moves) >= 5  # 24 draws of 9 translations: several occur
+
+
 def test_interrupted_tokenization_resumes_to_identical_files(tmp_path):
     data = Pictures(11, crop_source_size(SIZE, 1.25))
     args = dict(flip=True, crops="five", crop_range=1.25, batch_size=2, shard_size=3)
@@ -205,8 +226,12 @@ def test_user_errors(tmp_path):
         tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "x", Vocab.parse("1-8"), crops="five")
     with pytest.raises(ElmgenError, match="needs the images at 10 px"):
         tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "x", Vocab.parse("1-8"), crops="five", crop_range=1.25)
-    with pytest.raises(ElmgenError, match="num_crops applies to random crops"):
+    with pytest.raises(ElmgenError, match="num_crops applies to random and shift crops"):
         tokenize(PixelTokenizer(), PIXEL_META, data, tmp_path / "x", Vocab.parse("1-8"), num_crops=2)
+    with pytest.raises(ElmgenError, match="less than a pixel; pass a crop_range of at least 1.25"):
+        tokenize(
+            PixelTokenizer(), PIXEL_META, data, tmp_path / "x", Vocab.parse("1-8"), crops="shift", crop_range=1.125
+        )
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "meta.json").write_text(json.dumps({"grid": 8}))
     with pytest.raises(ElmgenError, match="older elmgen"):

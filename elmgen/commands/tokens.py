@@ -61,8 +61,9 @@ class TokenizeCommand:
     split: str = "train"  # train or test
     vocab: str | None = None  # default vocabulary split N-C with N*C = K (default: 2-K/2 for BAE, 1-K else)
     flip: bool = TOKENIZE["flip"]  # also store codes of horizontally flipped images
-    crops: str = TOKENIZE["crops"]  # none; five: four corners + centre (with flip: LlamaGen's ten-crop); random
-    num_crops: int = field(default=TOKENIZE["num_crops"], metadata=POSITIVE)  # random crops per image
+    crops: str = TOKENIZE["crops"]  # none; five: four corners + centre (with flip: LlamaGen's ten-crop); random;
+    # shift: translated by up to (crop_range - 1) / 2 of the side each way, edge pixels repeated, nothing resampled
+    num_crops: int = field(default=TOKENIZE["num_crops"], metadata=POSITIVE)  # random or shift crops per image
     crop_range: float = TOKENIZE["crop_range"]  # crops are cut from images enlarged by this factor (LlamaGen: 1.1)
     draws: int = field(default=TOKENIZE["draws"], metadata=NON_NEGATIVE)  # BAE: N Bernoulli draws a view (0: none)
     seed: int = field(default=TOKENIZE["seed"], metadata=NON_NEGATIVE)  # seed of random crops and draws
@@ -81,7 +82,7 @@ def tokenize_command(cmd: TokenizeCommand) -> None:
         source=cmd.data or meta["data"]["source"],
         split=cmd.split,
         channels=meta["channels"],
-        image_size=crop_source_size(meta["image_size"], cmd.crop_range),
+        image_size=crop_source_size(meta["image_size"], cmd.crop_range, cmd.crops),
         limit=cmd.limit,
     )
     vocab = Vocab.parse(cmd.vocab) if cmd.vocab else tokenizer.default_vocab

@@ -51,21 +51,33 @@ def random_blur(x_BCHW: torch.Tensor, max_sigma: float, u_B: torch.Tensor) -> to
     return x_1NHW.reshape(B, C, H, W).round().clamp(0, 255).to(x_BCHW.dtype)
 
 
-CROPS = ("none", "five", "random")
+CROPS = ("none", "five", "random", "shift")
 
 
-def crop_source_size(image_size: int, crop_range: float) -> int:
-    """Side at which to load images so that crops of `image_size` cover a `crop_range` share of them."""
-    return round(image_size * crop_range)
+def crop_source_size(image_size: int, crop_range: float, crops: str = "random") -> int:
+    """Side at which to load images so that crops of `image_size` cover a `crop_range` share of them (shift crops
+    pad the image itself with its edge pixels instead of enlarging it)."""
+    return image_size if crops == "shift" else round(image_size * crop_range)
+
+
+def max_shift(image_size: int, crop_range: float) -> int:
+    """The largest translation, in pixels each way, of a shift crop: the padding that takes `image_size` to
+    `crop_range` times it."""
+    return (round(image_size * crop_range) - image_size) // 2
 
 
 def crop_views(
-    x_BCHW: torch.Tensor, size: int, crops: str, num_crops: int, image_ids: np.ndarray, seed: int
+    x_BCHW: torch.Tensor, size: int, crops: str, num_crops: int, image_ids: np.ndarray, seed: int, crop_range: float
 ) -> list[torch.Tensor]:
     """The crops of a batch of square images, one (B, C, size, size) tensor per crop."""
     S = x_BCHW.shape[-1]
     if crops == "none":
         return [x_BCHW]
+    if crops == "shift":  # translations, edge pixels repeated: nothing is resampled, so edges stay as sharp
+        u_BC2 = torch.as_tensor(
+            np.stack([np.random.default_rng([seed, int(i)]).random((num_crops, 2)) for i in image_ids])
+        )
+        return [random_shift(x_BCHW, max_shift(size, crop_range), u_BC2[:, c]) for c in range(num_crops)]
     if crops == "five":
         m = S - size
         return [
