@@ -74,6 +74,7 @@ ROWS = [
     ("train-classifier --out {out} train.steps=1 blur=nan", "blur=nan: both must be >= 0"),
     ("demo --out {out} classifier.blur=-1", "blur=-1.0: both must be >= 0"),  # before any stage trains
     ("demo --out {out} views.draws=-1", "views.draws=-1: Bernoulli draws are a number >= 0"),
+    ("demo --out {out} views.shifts=-2", "views.shifts=-2: shifted copies are a number >= 0"),
     (
         "demo --out {out} views.draws=2 tokenizer.tokenizer.quantizer=fsq",
         "(this run's tokenizer: fsq); use views.draws=0",

@@ -100,7 +100,8 @@ def test_run_on_a_class_folder_takes_everything_from_the_data(shapes, tmp_path, 
     codes = json.loads((out / "codes" / "meta.json").read_text())
     assert codes["num_classes"] == 3 and codes["class_names"] == ["circle", "square", "triangle"]
     assert codes["images"] == 54  # 20 a class, 2 of each held out
-    assert codes["flip"] and codes["draws"] == 4 and codes["count"] == 108  # the folder runs' views
+    assert codes["flip"] and codes["draws"] == 0 and codes["count"] == 54 * 8  # the folder runs' views: flip x 4 shifts
+    assert (codes["crops"], codes["num_crops"], codes["crop_range"]) == ("shift", 4, 1.125)
     tok = json.loads((out / "tokenizer" / "eval.json").read_text())
     assert "held-out part: 10% of each class held out" in tok["dataset"] and tok["images"] == 6
     assert len(tok["psnr_per_class"]) == 3 and None not in tok["psnr_per_class"]
@@ -110,11 +111,16 @@ def test_run_on_a_class_folder_takes_everything_from_the_data(shapes, tmp_path, 
     assert "reconstructions of 6 held-out images" in report and f"| {ceiling['fid']:.2f} |" in report
     assert report.startswith("# elmgen: shapes/ (your images)") and "Fashion-MNIST" not in report
     assert "10% of each class" in report and "| triangle |" in report
-    assert "on 4 Bernoulli draws of the codes of each training image and its mirror image" in report
+    assert (
+        "on the codes of 4 copies, shifted by up to 1/16 of the side each way, of each training image and its mirror"
+        in report
+    )
+    assert (metrics["sampling"]["guidance_scale"], metrics["sampling"]["top_k"]) == (5, 5)  # the folder runs' sampling
     assert np.load(out / "samples.npz")["arr_0"].shape == (6, 32, 32, 3)
     tokenizer_config = json.loads(next((out / "tokenizer" / "checkpoints").glob("step_*/config.json")).read_text())
     assert tokenizer_config["data"]["source"] == str(shapes.resolve())  # resolves from any working folder
-    assert yaml.safe_load((out / "tokenizer" / "job.yaml").read_text())["loss"]["edge_weight"] == 4  # folder recipe
+    tokenizer_job = yaml.safe_load((out / "tokenizer" / "job.yaml").read_text())  # the folder recipe
+    assert tokenizer_job["loss"]["edge_weight"] == 4 and tokenizer_job["tokenizer"]["binarization"] == "deterministic"
 
 
 def test_a_config_that_contradicts_the_data_names_the_setting(shapes, tmp_path, capsys):
@@ -146,6 +152,7 @@ def test_sweep_on_a_folder_needs_no_class_or_grid_overrides(shapes, tmp_path, ca
     (job,) = (tmp_path / "sw" / "stages" / "tokenizers").glob("*/job.yaml")  # the classifier's data is the tokenizer's
     tokenizer_job = yaml.safe_load(job.read_text())
     assert tokenizer_job["data"]["channels"] == 3 and tokenizer_job["loss"]["edge_weight"] == 4  # as `run --data`
+    assert tokenizer_job["tokenizer"]["binarization"] == "deterministic"
 
 
 @pytest.mark.slow

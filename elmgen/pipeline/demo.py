@@ -115,9 +115,12 @@ Sampling: classifier-free guidance scale {s["guidance_scale"]} ({s["guidance_sch
 
 def render_views(v: dict | None) -> str:
     """How the LM's training codes were made from the images, when not one deterministic code each."""
-    if not v or not (v["flip"] or v["draws"]):
+    shifts = (v or {}).get("shifts", 0)  # (runs made before shifted views have none)
+    if not v or not (v["flip"] or shifts or v["draws"]):
         return ""
-    views = "each training image and its mirror image" if v["flip"] else "each training image"
+    views = "each training image" + (" and its mirror image" if v["flip"] else "")
+    if shifts:
+        views = f"{shifts} copies, shifted by up to 1/16 of the side each way, of {views}"
     return f" on {v['draws']} Bernoulli draws of the codes of {views}" if v["draws"] else f" on the codes of {views}"
 
 
