@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 
 from elmgen.data import DataConfig, load_dataset
+from elmgen.errors import ElmgenError
 from elmgen.evaluation import Reconstructions, evaluate_samples, load_extractor
 from elmgen.tokenizers import load_tokenizer
 
@@ -36,4 +38,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ElmgenError as e:  # a wrong path or a mismatched run: one line, as elmgen's own commands say it
+        print(f"reconstruction_ceiling.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

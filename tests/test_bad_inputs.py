@@ -9,9 +9,13 @@ prints them as one line too.
 
 import gzip
 import json
+import os
 import shlex
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,3 +287,12 @@ def test_check_data_lists_every_bad_file(paths, tmp_path, capsys):
     assert out == f"{paths['images_broken']}/b/broken.png: {out.split(': ', 1)[1]}" and "3 files checked, 1 bad" in err
     assert main(["check-data", images(tmp_path / "ok", {"a": ["0.png", "1.png"], "b": ["2.png"]})]) == 0
     assert capsys.readouterr().out == "3 files checked, 0 bad\n"
+
+
+def test_the_ceiling_script_names_a_bad_path_in_one_line(tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "reconstruction_ceiling.py"
+    missing = str(tmp_path / "no-run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), missing, missing], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "reconstruction_ceiling.py: error: no checkpoint found at" in done.stderr

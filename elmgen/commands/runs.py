@@ -120,7 +120,8 @@ class SweepCommand(SweepConfig):
 
 def sweep_base(cmd: SweepCommand) -> dict:
     """For a base on a class folder what `run --data` gives a folder (`folder_recipe`: channels detected, tokenizer
-    levels for the base's image size, edge weight, views), below the sweep file, which may set any of them."""
+    levels for the base's image size, binarization, edge weight, views, sampling), below the sweep file, which may set
+    any of them."""
     data = cmd.base.tokenizer.data
     if data.source == "fashion-mnist":
         return {}
