@@ -8,7 +8,8 @@ A code folder holds
   split, the augmentation and the shard files.
 
 A row is one view of one image: the image itself, one of five fixed crops (four corners and the centre;
-with `flip`, LlamaGen's ten-crop) or a random crop, each optionally mirrored. Shard s holds the views of
+with `flip`, LlamaGen's ten-crop), a random crop or a shift crop (the image moved, its edge pixels repeated), each
+optionally mirrored. Shard s holds the views of
 images [s * shard_size, (s + 1) * shard_size), view by view: all its images' view 0, then view 1, ...
 The split into sub-codes happens at load time, so one folder serves every vocabulary with n dividing K.
 
