@@ -234,7 +234,7 @@ def _check_settings(
     if crops not in CROPS:
         raise ElmgenError(f"crops must be one of {', '.join(CROPS)}, not {crops!r}")
     source = crop_source_size(size, crop_range, crops)
-    if crops == "none" and crop_range != 1.0 or crops != "none" and round(size * crop_range) <= size:
+    if crops == "none" and crop_range != 1.0 or crops != "none" and crop_source_size(size, crop_range) <= size:
         raise ElmgenError(
             f"crops need a crop_range that enlarges {size} px images (LlamaGen: 1.1) and no crops "
             f"need 1; got crops={crops}, crop_range={crop_range}"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from fractions import Fraction
 from pathlib import Path
 
 from elmgen.data import DataConfig
 from elmgen.io import atomic_write_text, read_metrics, remove_temporaries
-from elmgen.pipeline.stages import PipelineConfig, StageDirs, run_pipeline
+from elmgen.pipeline.stages import SHIFT_RANGE, PipelineConfig, StageDirs, run_pipeline
 from elmgen.plots import loss_curve
 from elmgen.vocab import Vocab
 
@@ -120,7 +121,8 @@ def render_views(v: dict | None) -> str:
         return ""
     views = "each training image" + (" and its mirror image" if v["flip"] else "")
     if shifts:
-        views = f"{shifts} copies, shifted by up to 1/16 of the side each way, of {views}"
+        share = Fraction((SHIFT_RANGE - 1) / 2).limit_denominator(100)
+        views = f"{shifts} copies, shifted by up to {share} of the side each way, of {views}"
     return f" on {v['draws']} Bernoulli draws of the codes of {views}" if v["draws"] else f" on the codes of {views}"
 
 
